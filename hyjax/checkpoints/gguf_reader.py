@@ -55,6 +55,11 @@ def gguf_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the GGUF file at `path` (tokenizer vocabulary included)."""
+    return gguf_metadata(read_gguf(path))
+
+
 def load_gguf(path: str | os.PathLike, **config_overrides) -> tuple[LlamaConfig, Params]:
     """Reads a LLaMA-architecture GGUF file into `(config, params)`, dequantizing every tensor."""
     reader = read_gguf(path)

@@ -44,7 +44,7 @@ def _param(rngs: nnx.Rngs | None, shape, dtype, axes, ones: bool = False) -> nnx
         value = jnp.ones(shape, dtype)
     else:
         value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class Attention(nnx.Module):

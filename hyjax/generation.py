@@ -1,0 +1,117 @@
+"""Autoregressive generation with a KV cache: greedy, or temperature with nucleus (top-p) sampling.
+
+Prompts of different lengths are left-padded so that every row writes its next token into the same
+cache slot; padding is masked out of attention and rotary positions count real tokens only. The
+prefill and the whole decoding loop (`lax.while_loop`, stopping when every row has hit a stop token)
+are one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyjax.model.config import LlamaConfig
+from hyjax.model.llama import KVCache
+from hyjax.model.params import Params, decode
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token. `temperature == 0` is greedy; otherwise sample from the smallest
+    set of tokens whose probability reaches `top_p`, at the given temperature."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Next token for each row of `logits [batch, vocab]`: argmax when temperature is 0, else a
+    nucleus sample (tokens sorted by probability, kept while the probability before them is < top_p)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """`(tokens, valid)`, each `[batch, length]`, length rounded up to `multiple` to limit recompiles."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, length - len(prompt):] = prompt
+        valid[row, length - len(prompt):] = True
+    return tokens, valid
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate(config: LlamaConfig, params: Params, tokens, valid, stop_ids, key, temperature, top_p,
+              max_new_tokens: int):
+    batch, prompt_len = tokens.shape
+    cache = KVCache.empty(config, batch, prompt_len + max_new_tokens)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    logits, cache = decode(config, params, tokens, positions, valid, cache)
+    next_position = positions[:, -1] + 1
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, last_logits, cache, done, out, key = state
+        key, sub = jax.random.split(key)
+        token = sample_token(last_logits, sub, temperature, top_p)
+        token = jnp.where(done, stop_ids[0], token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = decode(config, params, token[:, None], (next_position + step)[:, None],
+                               jnp.ones((batch, 1), bool), cache)
+        return step + 1, logits[:, -1], cache, done, out, key
+
+    out = jnp.full((batch, max_new_tokens), stop_ids[0], jnp.int32)
+    state = (jnp.int32(0), logits[:, -1], cache, jnp.zeros((batch,), bool), out, key)
+    return jax.lax.while_loop(cond, body, state)[4]
+
+
+def generate(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int],
+             sampling: SamplingConfig = SamplingConfig(), pad_id: int | None = None) -> list[list[int]]:
+    """Continues each prompt (token ids) until a stop token or `max_new_tokens`.
+
+    Returns the new tokens of each prompt, without the stop token.
+    """
+    stop_ids = [int(s) for s in stop_ids]
+    if not stop_ids:
+        raise ValueError("generation needs at least one stop token id (the tokenizer's eos)")
+    tokens, valid = left_pad(prompts, stop_ids[0] if pad_id is None else pad_id)
+    out = _generate(config, params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(stop_ids, jnp.int32),
+                    jax.random.key(sampling.seed), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+                    max_new_tokens=sampling.max_new_tokens)
+    results = []
+    for row in np.asarray(out).tolist():
+        ends = [i for i, t in enumerate(row) if t in stop_ids]
+        results.append(row[: ends[0]] if ends else row)
+    return results
