@@ -39,11 +39,13 @@ def read_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
         return gguf.GGUFReader(path)
     except ValueError as err:
-        if "not a valid" in str(err) or "magic" in str(err).lower():
-            raise CheckpointError(f"{path} is not a GGUF file ({err})") from err
         raise CheckpointError(
             f"cannot read GGUF file {path} ({err}); it may be truncated, or use a tensor type this "
             f"version of the gguf package does not know"

@@ -206,13 +206,24 @@ _HF_FIELDS_REQUIRED_VALUE = {
     "pretraining_tp": (1,),
     "rope_interleaved": (False,),
     "sliding_window": (None,),
+    "is_encoder_decoder": (False,),
+    "add_cross_attention": (False,),
+    "tie_encoder_decoder": (False,),
 }
 # Bookkeeping fields that do not affect the computation.
 _HF_FIELDS_METADATA = {
     "architectures", "transformers_version", "_name_or_path", "initializer_range", "use_cache",
     "pad_token_id", "is_llama_config", "transformers.js_config", "tokenizer_class", "output_attentions",
     "output_hidden_states", "return_dict", "use_return_dict", "id2label", "label2id", "chunk_size_feed_forward",
-    "max_window_layers", "use_sliding_window",
+    "max_window_layers", "use_sliding_window", "problem_type", "is_decoder", "torchscript", "pruned_heads",
+    "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "tf_legacy_loss", "use_bfloat16", "cross_attention_hidden_size",
+    # generation defaults (they steer decoding, not the model)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
 }
 
 
@@ -220,11 +231,17 @@ def _read_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     """Rope base and scaling from either the legacy (`rope_theta`, `rope_scaling`) or the newer
     (`rope_parameters`) form of a Hugging Face config."""
     params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling")
-    if legacy:
-        params = {**legacy, **params}
+    legacy = dict(hf.get("rope_scaling") or {})
+    if "type" in legacy:
+        legacy["rope_type"] = legacy.pop("type")
+    conflicts = sorted(k for k in set(params) & set(legacy) if params[k] != legacy[k])
+    if conflicts:
+        raise UnsupportedConfigError(
+            f"rope_scaling and rope_parameters disagree on {conflicts}; keep one of them in config.json"
+        )
+    params.update(legacy)
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    rope_type = params.pop("rope_type", "default")
     if rope_type == "default":
         extra = sorted(k for k in params if params[k] is not None)
         if extra:
