@@ -15,6 +15,9 @@ class LinearOperator(Protocol):
     def apply_to(self, x: jax.Array) -> jax.Array:
         """`x [..., d_in] -> [..., d_out]`, in x's dtype."""
 
+    def merged(self) -> jax.Array:
+        """The equivalent plain weight array."""
+
 
 def linear(x: jax.Array, w) -> jax.Array:
     """`y = x @ w` for a `[d_in, d_out]` kernel; an adapted weight applies itself to `x` instead.
@@ -24,3 +27,11 @@ def linear(x: jax.Array, w) -> jax.Array:
     if isinstance(w, LinearOperator):
         return w.apply_to(x)
     return jnp.dot(x, w.astype(x.dtype))
+
+
+def dense(w) -> jax.Array:
+    """The weight as a plain array: itself, or an adapted weight's merged value (for weights that are
+    not projections, such as the embedding table and norm scales)."""
+    if isinstance(w, LinearOperator):
+        return w.merged()
+    return w

@@ -26,7 +26,7 @@ from flax import nnx, struct
 
 from hyjax.model.attention import attention, cached_mask, causal_segment_mask
 from hyjax.model.config import LlamaConfig
-from hyjax.model.linear import linear
+from hyjax.model.linear import dense, linear
 from hyjax.model.rope import apply_rope, inverse_frequencies
 
 _INIT_STD = 0.02
@@ -103,10 +103,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs)
 
     def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
-        h, kv = self.attn(rms_norm(x, self.attn_norm.get_value(), self.eps), positions, mask, inv_freq,
+        h, kv = self.attn(rms_norm(x, dense(self.attn_norm.get_value()), self.eps), positions, mask, inv_freq,
                           kv, cache_index)
         x = x + h
-        x = x + self.mlp(rms_norm(x, self.mlp_norm.get_value(), self.eps))
+        x = x + self.mlp(rms_norm(x, dense(self.mlp_norm.get_value()), self.eps))
         return x, kv
 
 
@@ -187,12 +187,12 @@ class Llama(nnx.Module):
         return self._logits(x), KVCache(k=k, v=v, valid=valid, index=cache.index + seq)
 
     def _embed(self, tokens):
-        return jnp.take(self.embed.get_value(), tokens, axis=0).astype(self.config.jnp_dtype)
+        return jnp.take(dense(self.embed.get_value()), tokens, axis=0).astype(self.config.jnp_dtype)
 
     def _logits(self, x):
-        x = rms_norm(x, self.final_norm.get_value(), self.config.rms_norm_eps)
+        x = rms_norm(x, dense(self.final_norm.get_value()), self.config.rms_norm_eps)
         if self.config.tie_embeddings:
-            head = self.embed.get_value().T
+            head = dense(self.embed.get_value()).T
         else:
             head = self.lm_head.get_value()
         return linear(x, head).astype(jnp.float32)

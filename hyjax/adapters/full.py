@@ -1,0 +1,37 @@
+"""Full fine-tuning: the whole weight is trainable (the baseline, and Hybrid-LoRA's selected modules)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from hyjax.adapters.node import AdaptedWeight
+
+
+class FullWeight(AdaptedWeight):
+    """A weight trained as it is. Works on any leaf (projections, embeddings, norm scales)."""
+
+    NAME: ClassVar[str] = "full"
+    TRAINABLE: ClassVar[tuple[str, ...]] = ("base",)
+
+    def apply_to(self, x):
+        return jnp.dot(x, self.base.astype(x.dtype))
+
+    def merged(self):
+        return self.base
+
+    def unmerge(self, merged):
+        return self.replace(base=merged)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullConfig:
+    """Train the targeted weights fully."""
+
+    name: ClassVar[str] = "full"
+
+    def init_stacked(self, base: jax.Array, key: jax.Array, gradient=None) -> FullWeight:
+        return FullWeight(base=base)

@@ -1,0 +1,87 @@
+"""LoRA: `y = x W0 + s (dropout(x) A) B`, A Kaiming-uniform, B zero, so training starts at W0.
+
+Shapes (our `[d_in, d_out]` kernel layout): A `[d_in, r]`, B `[r, d_out]`. Hugging Face PEFT stores
+`lora_A.weight = A^T` (`[r, d_in]`) and `lora_B.weight = B^T` (`[d_out, r]`). The scale s is `alpha / r`,
+or `alpha / sqrt(r)` with rsLoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from hyjax.adapters.node import AdaptedWeight
+from hyjax.adapters.stacking import StackedInit, split_keys
+
+
+class LoRAWeight(AdaptedWeight):
+    """A frozen weight plus a low-rank update applied to activations."""
+
+    a: jax.Array = None  # [d_in, r]
+    b: jax.Array = None  # [r, d_out]
+    dropout_key: jax.Array | None = None
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+    NAME: ClassVar[str] = "lora"
+    TRAINABLE: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def apply_to(self, x):
+        y = jnp.dot(x, self.base.astype(x.dtype))
+        h = x
+        if self.dropout > 0 and self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
+            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        update = jnp.dot(jnp.dot(h, self.a.astype(x.dtype)), self.b.astype(x.dtype))
+        return y + self.scale * update
+
+    def delta_2d(self):
+        return self.scale * jnp.dot(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+
+    def merged_2d(self):
+        return (self.base.astype(jnp.float32) + self.delta_2d()).astype(self.base.dtype)
+
+    def unmerge_2d(self, merged):
+        return (merged.astype(jnp.float32) - self.delta_2d()).astype(merged.dtype)
+
+    def with_rng(self, key):
+        if self.dropout == 0:
+            return self
+        if key is None:
+            return self.replace(dropout_key=None)
+        return self.replace(dropout_key=split_keys(key, self.leading_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(StackedInit):
+    """LoRA hyperparameters: rank r, alpha (scale alpha/r, or alpha/sqrt(r) with `rslora`), dropout on the
+    adapter's input, and the dtype of A and B."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    dtype: str = "float32"
+    name: ClassVar[str] = "lora"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank={self.rank} must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def init(self, base: jax.Array, key: jax.Array, gradient=None) -> LoRAWeight:
+        """A ~ Kaiming-uniform(a=sqrt(5)) as in PEFT (bound 1/sqrt(d_in)), B = 0."""
+        d_in, d_out = base.shape
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(key, (d_in, self.rank), jnp.float32, -bound, bound).astype(self.dtype)
+        return LoRAWeight(base=base, a=a, b=jnp.zeros((self.rank, d_out), self.dtype), scale=self.scale,
+                          dropout=self.dropout)
