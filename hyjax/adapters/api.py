@@ -15,7 +15,14 @@ from typing import Any, Sequence
 import jax
 
 from hyjax.adapters.node import AdaptedWeight
-from hyjax.adapters.targets import default_pattern, iter_paths, map_paths, match_rule, validate_patterns
+from hyjax.adapters.targets import (
+    default_pattern,
+    iter_paths,
+    map_paths,
+    match_rule,
+    stacked_axes,
+    validate_patterns,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +62,7 @@ def apply(spec: AdapterSpec, base_params: dict, key: jax.Array, gradients: dict 
             raise ValueError(f"{path} is already adapted ({leaf.NAME}); merge it before adapting again")
         matched.append(path)
         gradient = _lookup(gradients, path) if gradients is not None else None
-        return method.init_stacked(leaf, jax.random.fold_in(key, len(matched)), gradient)
+        return method.init_stacked(leaf, jax.random.fold_in(key, len(matched)), gradient, stacked_axes(path))
 
     adapted = map_paths(adapt, base_params)
     if not matched:

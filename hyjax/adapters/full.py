@@ -33,5 +33,5 @@ class FullConfig:
 
     name: ClassVar[str] = "full"
 
-    def init_stacked(self, base: jax.Array, key: jax.Array, gradient=None) -> FullWeight:
+    def init_stacked(self, base: jax.Array, key: jax.Array, gradient=None, stacked_axes: int = 0) -> FullWeight:
         return FullWeight(base=base)

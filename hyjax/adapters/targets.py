@@ -21,6 +21,11 @@ DEFAULT_TARGETS: dict[str, dict[str, str]] = {
 }
 
 
+def stacked_axes(path: str) -> int:
+    """How many leading axes of the leaf at `path` index layers (the scanned layers carry one)."""
+    return 1 if path.startswith("layers/") else 0
+
+
 def default_pattern(method_name: str, family: str = "llama") -> str:
     """The default target pattern of a method for a model family."""
     if family not in DEFAULT_TARGETS:
