@@ -7,6 +7,7 @@ model runs through the same model code as a safetensors one.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from typing import Any
@@ -35,10 +36,20 @@ _NEUTRAL_LLAMA_KEYS = {"expert_count": 0, "expert_used_count": 0, "rope.scaling.
 
 
 def read_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """Opens a GGUF file (memory-mapped), with clear errors for a missing or malformed file."""
+    """Opens a GGUF file (memory-mapped), with clear errors for a missing or malformed file.
+
+    Parsing the metadata of a large vocabulary takes seconds, so readers are cached per file (keyed on
+    its path, size and modification time): loading a model's weights and its tokenizer parses it once.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    return _open_gguf(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic != b"GGUF":
