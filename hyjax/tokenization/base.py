@@ -8,6 +8,7 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 
 from hyjax.tokenization.chat import render_chat_template
+from hyjax.tokenization.hf_config import TokenizerConfig
 
 # Special tokens that end a turn in the chat formats we know. Any of them that the vocabulary marks
 # as special joins `stop_ids`, beside `eos_id` (llama.cpp's "end of generation" set does the same).
@@ -170,6 +171,17 @@ class Tokenizer(abc.ABC):
         other = copy.copy(self)
         other._chat_template = chat_template
         return other
+
+    def _hf_tokenizer_config(self) -> TokenizerConfig:
+        """Special tokens, BOS policy and chat template as `tokenizer_config.json` records them."""
+        return TokenizerConfig(
+            bos_token=self._token_text(self.bos_id),
+            eos_token=self._token_text(self.eos_id),
+            pad_token=self._token_text(self._pad_id),
+            unk_token=self._token_text(self.unk_id),
+            add_bos_token=self.add_bos_default,
+            chat_template=self.chat_template,
+        )
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.id_to_token(token_id)

@@ -9,7 +9,7 @@ import tokenizers
 from tokenizers import processors
 
 from hyjax.tokenization.base import Tokenizer
-from hyjax.tokenization.hf_config import TokenizerConfig, read_tokenizer_config, write_tokenizer_config
+from hyjax.tokenization.hf_config import read_tokenizer_config, write_tokenizer_config
 
 _PROBE_TEXT = "Hello world"
 
@@ -125,13 +125,6 @@ class HFTokenizer(Tokenizer):
         write_tokenizer_config(
             folder,
             "PreTrainedTokenizerFast",
-            TokenizerConfig(
-                bos_token=self._token_text(self.bos_id),
-                eos_token=self._token_text(self.eos_id),
-                pad_token=self._token_text(self._pad_id),
-                unk_token=self._token_text(self.unk_id),
-                add_bos_token=self.add_bos_default,
-                chat_template=self.chat_template,
-            ),
+            self._hf_tokenizer_config(),
         )
         return folder
