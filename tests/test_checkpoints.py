@@ -76,21 +76,16 @@ def test_gguf_llama31_rope_factors_become_llama3_scaling(tmp_path):
                                atol=2e-5, rtol=1e-5)
 
 
-def test_gguf_unknown_quant_type_is_refused(tmp_path):
+@pytest.mark.parametrize("type_id, size, message", [
+    (int(QT.TQ1_0), 256 * 54, r"blk\.0\.attn_q\.weight .* type TQ1_0.*supported"),  # gguf knows it, we do not
+    (99, 256 * 256, r"cannot read GGUF file.*99\) is not a valid"),                  # nobody knows it
+])
+def test_gguf_unknown_quant_types_are_refused(tmp_path, type_id, size, message):
     _, hf_config, state = _torch_model()
-    raw = RawTensor(type_id=int(QT.TQ1_0), shape=(256, 256), data=bytes(256 * 54))  # a type we do not read
+    raw = RawTensor(type_id=type_id, shape=(256, 256), data=bytes(size))
     write_llama_gguf(tmp_path / "m.gguf", state, hf_config,
                      raw_tensors={"model.layers.0.self_attn.q_proj.weight": raw})
-    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_q\.weight .* type TQ1_0.*supported"):
-        load_gguf(tmp_path / "m.gguf")
-
-
-def test_gguf_type_unknown_to_the_gguf_package_is_refused(tmp_path):
-    _, hf_config, state = _torch_model()
-    raw = RawTensor(type_id=99, shape=(256, 256), data=bytes(256 * 256))
-    write_llama_gguf(tmp_path / "m.gguf", state, hf_config,
-                     raw_tensors={"model.layers.0.self_attn.q_proj.weight": raw})
-    with pytest.raises(CheckpointError, match=r"cannot read GGUF file.*99\) is not a valid"):
+    with pytest.raises(CheckpointError, match=message):
         load_gguf(tmp_path / "m.gguf")
 
 
