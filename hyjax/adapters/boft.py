@@ -1,0 +1,164 @@
+"""OFT / BOFT: rotate the input of a frozen weight by an orthogonal butterfly matrix, then scale outputs.
+
+For `d_in` inputs, block size b and m butterfly factors, the trainable parameters are, as in Hugging
+Face PEFT (`tuners/boft/layer.py`), `r` `[m, d_in / b, b, b]` (PEFT's `boft_R`, zero init) and a
+per-output scale `s` `[d_out]` (PEFT's `boft_s`, stored there as `[d_out, 1]`, init 1). Each b x b
+block becomes orthogonal through PEFT's Cayley transform
+
+    S = (r - r^T) / 2,   C(r) = (I - S)(I + S)^-1   (computed in float32),
+
+and the m factors, interleaved with PEFT's butterfly permutations, form an orthogonal `R` (see
+`pallas_kernels.butterfly`). For row-vector tokens x and our `[d_in, d_out]` kernel W0 the layer is
+
+    y = ((x @ R) @ W0) * s,
+
+exactly PEFT's `Linear.forward` (no bias in LLaMA). m = 1 is OFT (block-diagonal R). The rotation is
+applied to the activations factor by factor (`butterfly_apply`), never as a dense d_in x d_in matrix;
+`merged_2d` builds `(R @ W0) * s` only for export. The parameters exchange with PEFT's one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from hyjax.adapters.node import AdaptedWeight
+from hyjax.adapters.stacking import StackedInit, split_keys
+from pallas_kernels.butterfly import butterfly_apply, butterfly_apply_transposed
+
+
+def cayley(r: jax.Array, neumann_terms: int = 0) -> jax.Array:
+    """Orthogonal `(I - S)(I + S)^-1` of `S = (r - r^T) / 2` for a batch `[..., b, b]`, in float32.
+
+    neumann_terms = 0 solves exactly (PEFT's `cayley_batch`); k > 0 replaces `(I + S)^-1` by the first k
+    terms of its Neumann series `sum_j (-S)^j` (no solve, as in OFTv2; accurate for small ||S|| only, and
+    then orthogonal only up to a term of order ||S||^k).
+    """
+    r = r.astype(jnp.float32)
+    skew = 0.5 * (r - jnp.swapaxes(r, -1, -2))
+    eye = jnp.broadcast_to(jnp.eye(r.shape[-1], dtype=jnp.float32), r.shape)
+    if neumann_terms == 0:
+        # (I + S)^-1 and (I - S) commute, so this equals PEFT's right-division (I - S)(I + S)^-1.
+        return jnp.linalg.solve(eye + skew, eye - skew)
+    series, power = eye, eye
+    for _ in range(1, neumann_terms):
+        power = -power @ skew
+        series = series + power
+    return (eye - skew) @ series
+
+
+class BOFTWeight(AdaptedWeight):
+    """A frozen weight whose input is rotated by an orthogonal butterfly and whose outputs are scaled."""
+
+    r: jax.Array = None  # [m, d_in / b, b, b], PEFT's boft_R
+    s: jax.Array = None  # [d_out], PEFT's boft_s[:, 0]
+    dropout_key: jax.Array | None = None
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+    neumann_terms: int = struct.field(pytree_node=False, default=0)
+    impl: str = struct.field(pytree_node=False, default="auto")
+    interpret: bool = struct.field(pytree_node=False, default=False)
+    NAME: ClassVar[str] = "boft"
+    TRAINABLE: ClassVar[tuple[str, ...]] = ("r", "s")
+
+    def blocks(self) -> jax.Array:
+        """The orthogonal `[m, d_in / b, b, b]` blocks, with block dropout when a dropout key is set."""
+        blocks = cayley(self.r, self.neumann_terms)
+        if self.dropout > 0 and self.dropout_key is not None:
+            blocks = _block_dropout(blocks, self.dropout, self.dropout_key)
+        return blocks
+
+    def apply_to(self, x):
+        lead, d_in = x.shape[:-1], x.shape[-1]
+        rotated = butterfly_apply(x.reshape(-1, d_in), self.blocks(), impl=self.impl, interpret=self.interpret)
+        y = jnp.dot(rotated, self.base.astype(x.dtype)) * self.s.astype(x.dtype)
+        return y.reshape(*lead, y.shape[-1])
+
+    def rotate_rows(self, w: jax.Array, inverse: bool = False) -> jax.Array:
+        """`R @ w` (or `R^T @ w`) for a `[d_in, n]` matrix, in float32 (export only)."""
+        blocks = cayley(self.r, self.neumann_terms)
+        op = butterfly_apply if inverse else butterfly_apply_transposed  # (w^T R^T)^T = R w
+        return op(w.astype(jnp.float32).T, blocks, impl="xla").T
+
+    def merged_2d(self):
+        merged = self.rotate_rows(self.base) * self.s.astype(jnp.float32)
+        return merged.astype(self.base.dtype)
+
+    def unmerge_2d(self, merged):
+        unscaled = merged.astype(jnp.float32) / self.s.astype(jnp.float32)
+        return self.rotate_rows(unscaled, inverse=True).astype(merged.dtype)
+
+    def with_rng(self, key):
+        if self.dropout == 0:
+            return self
+        if key is None:
+            return self.replace(dropout_key=None)
+        return self.replace(dropout_key=split_keys(key, self.leading_shape))
+
+
+def _block_dropout(blocks: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """PEFT's multiplicative dropout: in one randomly chosen factor, `int(rate * n_blocks)` randomly
+    chosen blocks become the identity (the rotation stays orthogonal)."""
+    m, n_blocks, b, _ = blocks.shape
+    factor_key, block_key = jax.random.split(key)
+    factor = jax.random.randint(factor_key, (), 0, m)
+    dropped = jax.random.permutation(block_key, n_blocks) < int(rate * n_blocks)  # [n_blocks]
+    mask = (jnp.arange(m)[:, None] == factor) & dropped[None, :]  # [m, n_blocks]
+    return jnp.where(mask[:, :, None, None], jnp.eye(b, dtype=blocks.dtype), blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class BOFTConfig(StackedInit):
+    """BOFT hyperparameters (PEFT's names in brackets).
+
+    block_size: b, the size of each orthogonal block [boft_block_size]; must divide d_in.
+    n_factors: m, butterfly factors [boft_n_butterfly_factor]; 1 is OFT. b * 2**(m-1) must divide d_in.
+    dropout: multiplicative dropout [boft_dropout]: during training blocks of one random factor are
+        replaced by the identity with this rate (needs `adapters.with_rng`).
+    neumann_terms: 0 for the exact Cayley transform, k > 0 for a k-term Neumann series (faster, approximate).
+    impl: butterfly kernel, "auto" | "xla" | "pallas"; interpret: run the Pallas kernel in interpret mode.
+    """
+
+    block_size: int = 8
+    n_factors: int = 1
+    dropout: float = 0.0
+    neumann_terms: int = 0
+    impl: str = "auto"
+    interpret: bool = False
+    name: ClassVar[str] = "boft"
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"BOFT block_size={self.block_size} must be at least 1")
+        if self.n_factors < 1:
+            raise ValueError(f"BOFT n_factors={self.n_factors} must be at least 1 (1 is OFT)")
+        if self.n_factors > 1 and self.block_size % 2:
+            raise ValueError(f"BOFT block_size={self.block_size} must be even when n_factors={self.n_factors} > 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"BOFT dropout={self.dropout} must be in [0, 1)")
+        if self.neumann_terms < 0:
+            raise ValueError(f"BOFT neumann_terms={self.neumann_terms} must be 0 (exact Cayley) or positive")
+        if self.impl not in ("auto", "xla", "pallas"):
+            raise ValueError(f"BOFT impl={self.impl!r} must be one of 'auto', 'xla', 'pallas'")
+
+    def validate(self, d_in: int) -> None:
+        """Raises unless the butterfly fits `d_in` inputs (PEFT's own conditions)."""
+        b, m = self.block_size, self.n_factors
+        if d_in % b:
+            raise ValueError(f"BOFT block_size={b} must divide the weight's d_in={d_in}; choose a divisor of {d_in}")
+        window = b * 2 ** (m - 1)
+        if d_in % window:
+            raise ValueError(f"BOFT needs block_size * 2**(n_factors - 1) = {b} * 2**{m - 1} = {window} to divide "
+                             f"d_in={d_in}; lower n_factors or block_size")
+
+    def init(self, base: jax.Array, key: jax.Array, gradient=None) -> BOFTWeight:
+        """r = 0 (R = I) and s = 1, so training starts at W0."""
+        d_in, d_out = base.shape
+        self.validate(d_in)
+        b = self.block_size
+        return BOFTWeight(base=base, r=jnp.zeros((self.n_factors, d_in // b, b, b), jnp.float32),
+                          s=jnp.ones((d_out,), jnp.float32), dropout=self.dropout,
+                          neumann_terms=self.neumann_terms, impl=self.impl, interpret=self.interpret)

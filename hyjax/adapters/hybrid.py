@@ -1,0 +1,174 @@
+"""Hybrid BOFT + LoRA-GA (arXiv 2507.18076): every targeted weight carries both branches, mixed per layer.
+
+For row-vector tokens x, our `[d_in, d_out]` kernel W0, the BOFT rotation R and scale s
+(`hyjax.adapters.boft`) and LoRA-GA factors a, b with their frozen initial values a0, b0 and scale eta
+(`hyjax.adapters.lora_ga`), with `base = x @ W0`:
+
+    mix="weight":  y = base + lam * (((x @ R) @ W0) * s - base) + (1 - lam) * eta * ((x a) b - (x a0) b0)
+    mix="update":  y = ((x @ R) @ W0) * s + eta * ((x a) b - (x a0) b0)
+
+At init R = I, s = 1, a = a0, b = b0, so y = x @ W0 exactly. The hybrid keeps W0 itself (not LoRA-GA's
+offset weight): its BOFT branch rotates W0, and the LoRA-GA offset `-eta a0 b0` is applied to the
+activations, so nothing of the gradient-based init is folded into the frozen weight.
+
+`lam` (one scalar per 2-D weight, `[layers]` when stacked, init 0.5) is a frozen leaf: it is never
+trained. The `hyjax.optim.hybrid_weights` Optax transform computes it from the two branches' gradient
+norms and keeps it in the optimizer state; `set_lambdas` writes it into the nodes before each forward
+pass. With mix="update" the forward ignores lam (it only scales the branches' updates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from hyjax.adapters.boft import BOFTConfig, BOFTWeight, cayley
+from hyjax.adapters.lora_ga import MISSING_GRADIENT, LoRAGAConfig
+from hyjax.adapters.node import AdaptedWeight
+from hyjax.adapters.stacking import StackedInit, split_keys
+from hyjax.adapters.targets import iter_paths, map_paths
+from pallas_kernels.butterfly import superblocks
+
+MIXES = ("weight", "update")
+
+
+class HybridWeight(AdaptedWeight):
+    """A frozen weight W0 with a BOFT branch (`boft_r`, `boft_s`) and a LoRA-GA branch (`lora_a`,
+    `lora_b`, frozen `lora_a0`, `lora_b0`), mixed by the frozen per-layer weight `lam`."""
+
+    boft_r: jax.Array = None   # [m, d_in / b, b, b]  PEFT's boft_R (skew part used)
+    boft_s: jax.Array = None   # [d_out]              PEFT's boft_s
+    lora_a: jax.Array = None   # [d_in, r]
+    lora_b: jax.Array = None   # [r, d_out]
+    lora_a0: jax.Array = None  # [d_in, r]   frozen initial a
+    lora_b0: jax.Array = None  # [r, d_out]  frozen initial b
+    lam: jax.Array = None      # []  share of the BOFT branch (frozen; set by the optimizer transform)
+    dropout_key: jax.Array | None = None  # BOFT's block dropout, when `dropout` > 0 (see `with_rng`)
+    eta: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+    mix: str = struct.field(pytree_node=False, default="weight")
+    neumann_terms: int = struct.field(pytree_node=False, default=0)
+    impl: str = struct.field(pytree_node=False, default="auto")
+    interpret: bool = struct.field(pytree_node=False, default=False)
+    NAME: ClassVar[str] = "hybrid"
+    BRANCHES: ClassVar[dict[str, tuple[str, ...]]] = {"boft": ("boft_r", "boft_s"), "lora": ("lora_a", "lora_b")}
+    TRAINABLE: ClassVar[tuple[str, ...]] = ("boft_r", "boft_s", "lora_a", "lora_b")
+    # Rank of each trainable field for one 2-D weight; axes before these are stacked-layer axes.
+    CORE_NDIM: ClassVar[dict[str, int]] = {"boft_r": 4, "boft_s": 1, "lora_a": 2, "lora_b": 2}
+
+    def boft(self) -> BOFTWeight:
+        """The BOFT branch as a node of its own, `((x @ R) @ W0) * s`."""
+        return BOFTWeight(base=self.base, r=self.boft_r, s=self.boft_s, dropout_key=self.dropout_key,
+                          dropout=self.dropout, neumann_terms=self.neumann_terms, impl=self.impl,
+                          interpret=self.interpret)
+
+    def with_rng(self, key):
+        if self.dropout == 0:
+            return self
+        if key is None:
+            return self.replace(dropout_key=None)
+        return self.replace(dropout_key=split_keys(key, self.leading_shape))
+
+    def _lora_delta(self, x):
+        def low_rank(a, b):
+            return jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
+        return self.eta * (low_rank(self.lora_a, self.lora_b) - low_rank(self.lora_a0, self.lora_b0))
+
+    def apply_to(self, x):
+        rotated = self.boft().apply_to(x)
+        lora = self._lora_delta(x)
+        if self.mix == "update":
+            return rotated + lora
+        lam = self.lam.astype(x.dtype)
+        base = jnp.dot(x, self.base.astype(x.dtype))
+        return base + lam * (rotated - base) + (1 - lam) * lora
+
+    def _lora_delta_2d(self):
+        f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+        return self.eta * (f32(self.lora_a) @ f32(self.lora_b) - f32(self.lora_a0) @ f32(self.lora_b0))
+
+    def merged_2d(self):
+        rotated = self.boft().merged_2d().astype(jnp.float32)  # (R @ W0) * s
+        if self.mix == "update":
+            merged = rotated + self._lora_delta_2d()
+        else:
+            lam, w0 = self.lam.astype(jnp.float32), self.base.astype(jnp.float32)
+            merged = (1 - lam) * w0 + lam * rotated + (1 - lam) * self._lora_delta_2d()
+        return merged.astype(self.base.dtype)
+
+    def unmerge_2d(self, merged):
+        """W0 from a merged weight. mix="update": `R^T (M - C) / s`. mix="weight": `M - C = (1 - lam) W0
+        + lam (R W0) diag(s)` is solved column by column inside each s x s window of the butterfly (R is
+        block diagonal in windows of `b 2^(m-1)` features), `[windows, d_out, w, w]` small systems."""
+        lam = self.lam.astype(jnp.float32)
+        target = merged.astype(jnp.float32) - (1 if self.mix == "update" else 1 - lam) * self._lora_delta_2d()
+        if self.mix == "update":
+            return self.boft().unmerge_2d(target).astype(merged.dtype)
+        d_in, d_out = target.shape
+        sup = superblocks(cayley(self.boft_r, self.neumann_terms), d_in)  # [m, windows, w, w], x @ R order
+        windows = sup[0]
+        for factor in sup[1:]:
+            windows = windows @ factor  # R's diagonal blocks: x @ R = x @ sup[0] @ sup[1] @ ...
+        n, w = windows.shape[0], windows.shape[-1]
+        eye = jnp.eye(w, dtype=jnp.float32)
+        systems = (1 - lam) * eye + lam * self.boft_s.astype(jnp.float32)[None, :, None, None] * windows[:, None]
+        rhs = target.reshape(n, w, d_out).transpose(0, 2, 1)[..., None]  # [windows, d_out, w, 1]
+        w0 = jnp.linalg.solve(systems, rhs)[..., 0].transpose(0, 2, 1).reshape(d_in, d_out)
+        return w0.astype(merged.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig(StackedInit):
+    """The hybrid's two branches and how they mix: mix="weight" (lam weights the branches' outputs) or
+    "update" (both outputs unweighted; lam scales the branches' optimizer updates). lam starts at 0.5.
+
+    Initialisation needs each target's averaged full gradient (LoRA-GA; see `estimate_gradients`)."""
+
+    boft: BOFTConfig = BOFTConfig()
+    lora_ga: LoRAGAConfig = LoRAGAConfig()
+    mix: str = "weight"
+    name: ClassVar[str] = "hybrid"
+
+    def __post_init__(self):
+        if self.mix not in MIXES:
+            raise ValueError(f"hybrid mix={self.mix!r} must be one of {MIXES}")
+
+    def init(self, base: jax.Array, key: jax.Array, gradient: jax.Array | None = None) -> HybridWeight:
+        if gradient is None:
+            raise ValueError(MISSING_GRADIENT)
+        if gradient.shape != base.shape:
+            raise ValueError(f"hybrid gradient shape {gradient.shape} differs from its weight's {base.shape}")
+        boft_key, lora_key = jax.random.split(key)
+        rotation = self.boft.init(base, boft_key)
+        a0, b0 = self.lora_ga.factors(gradient, lora_key)
+        return HybridWeight(base=base, boft_r=rotation.r, boft_s=rotation.s, lora_a=a0, lora_b=b0, lora_a0=a0,
+                            lora_b0=b0, lam=jnp.full((), 0.5, jnp.float32), eta=self.lora_ga.scale, mix=self.mix,
+                            dropout=self.boft.dropout,
+                            neumann_terms=self.boft.neumann_terms, impl=self.boft.impl,
+                            interpret=self.boft.interpret)
+
+
+def set_lambdas(params: dict, lambdas: Mapping) -> dict:
+    """`params` with each hybrid node's `lam` replaced by its value in `lambdas`: nested like the
+    parameters (as `hyjax.optim.current_lambdas(opt_state)` gives them) or flat `{path: value}`, each
+    shaped like the weight's layer axes."""
+    values = dict(iter_paths(dict(lambdas)))
+    hybrid_paths = [path for path, leaf in iter_paths(params) if isinstance(leaf, HybridWeight)]
+    missing = sorted(set(hybrid_paths) - set(values))
+    if missing:
+        raise KeyError(f"no lambda for hybrid weights {missing}; lambdas are given for {sorted(values)}")
+
+    def put(path, leaf):
+        if not isinstance(leaf, HybridWeight):
+            return leaf
+        lam = jnp.asarray(values[path], jnp.float32)
+        if lam.shape != leaf.leading_shape:
+            raise ValueError(f"lambda for {path} has shape {lam.shape}; its weight's layer axes are "
+                             f"{leaf.leading_shape}")
+        return leaf.replace(lam=lam)
+
+    return map_paths(put, params)

@@ -1,0 +1,196 @@
+"""The hybrid-weights Optax transform: lambda from branch gradient norms, and real training with it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hyjax import adapters
+from hyjax import model as M
+from hyjax.adapters import BOFTConfig, HybridConfig, LoRAGAConfig, set_lambdas
+from hyjax.adapters.lora_ga import estimate_gradients, next_token_loss
+from hyjax.optim import HybridWeightsState, current_lambdas, hybrid_weights
+
+
+
+def _lam(state):
+    return current_lambdas(state)["layers"]["attn"]["q_proj"]
+
+
+def _grads(boft_norms, lora_norms):
+    """A trainable tree with one stacked hybrid weight whose per-layer branch norms are given."""
+    def field(shape, norms, key):
+        x = jax.random.normal(jax.random.key(key), (len(norms),) + shape)
+        x = x / jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
+        return x * jnp.asarray(norms, jnp.float32).reshape((-1,) + (1,) * len(shape))
+
+    # Each branch's norm split evenly over its two fields (sqrt(1/2) each).
+    half = np.sqrt(0.5)
+    group = {"boft_r": field((2, 4, 4, 4), np.asarray(boft_norms) * half, 0),
+             "boft_s": field((16,), np.asarray(boft_norms) * half, 1),
+             "lora_a": field((16, 2), np.asarray(lora_norms) * half, 2),
+             "lora_b": field((2, 16), np.asarray(lora_norms) * half, 3)}
+    return {"layers": {"attn": {"q_proj": group}}}
+
+
+def _run(transform, grads_seq):
+    state = transform.init(grads_seq[0])
+    history = []
+    for g in grads_seq:
+        _, state = transform.update(g, state)
+        history.append(np.asarray(_lam(state)))
+    return state, history
+
+
+@pytest.mark.parametrize("direction", ["proportional", "inverse"])
+def test_lambda_moves_toward_the_larger_corrected_norm(direction):
+    g = _grads([3.0, 1.0, 2.0], [1.0, 3.0, 2.0])  # layer 0: BOFT larger; 1: LoRA larger; 2: equal
+    _, history = _run(hybrid_weights(direction=direction, warmup_steps=0), [g] * 5)
+    lam = history[-1]
+    if direction == "proportional":
+        assert lam[0] > 0.55 and lam[1] < 0.45
+    else:
+        assert lam[0] < 0.45 and lam[1] > 0.55
+    assert lam[2] == pytest.approx(0.5, abs=1e-6)
+    assert np.all(np.diff([h[0] for h in history]) != 0)  # it keeps moving (EMA)
+
+
+def test_ema_temperature_and_share_correction_by_hand():
+    norms = [([2.0], [1.0]), ([1.0], [4.0]), ([5.0], [0.5])]
+    beta, tau = 0.8, 2.0
+    transform = hybrid_weights(temperature=tau, ema=beta, clip=(0.0, 1.0), warmup_steps=0)
+    _, history = _run(transform, [_grads(b, l) for b, l in norms])
+    lam, ema = 0.5, 0.5
+    for (nb, nl), got in zip(norms, history):
+        cb, cl = nb[0] / lam, nl[0] / (1 - lam)  # share-corrected norms
+        target = cb ** (1 / tau) / (cb ** (1 / tau) + cl ** (1 / tau))
+        ema = beta * ema + (1 - beta) * target
+        lam = ema
+        np.testing.assert_allclose(got, [lam], rtol=1e-5)
+    assert abs(lam - 0.5) > 0.02
+
+
+def test_no_share_correction_for_update_mix_and_updates_scaled():
+    transform = hybrid_weights(mix="update", inner=optax.identity(), ema=0.0, clip=(0.0, 1.0), warmup_steps=0)
+    g = _grads([3.0], [1.0])
+    state = transform.init(g)
+    updates, state = transform.update(g, state)
+    lam = float(_lam(state)[0])
+    assert lam == pytest.approx(0.75, rel=1e-5)  # 3 / (3 + 1): no division by the shares
+    u, g0 = updates["layers"]["attn"]["q_proj"], g["layers"]["attn"]["q_proj"]
+    np.testing.assert_allclose(u["boft_r"], lam * g0["boft_r"], rtol=1e-6)
+    np.testing.assert_allclose(u["lora_b"], (1 - lam) * g0["lora_b"], rtol=1e-6)
+    with pytest.raises(ValueError, match="inner="):
+        hybrid_weights(mix="update")
+
+
+def test_weight_mix_passes_gradients_through():
+    g = _grads([3.0, 1.0], [1.0, 2.0])
+    transform = hybrid_weights(warmup_steps=0)
+    updates, _ = transform.update(g, transform.init(g))
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(g)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_warmup_holds_one_half():
+    _, history = _run(hybrid_weights(warmup_steps=3), [_grads([5.0], [1.0])] * 4)
+    assert [float(h[0]) for h in history[:2]] == [0.5, 0.5]
+    assert history[2][0] > 0.5 and history[3][0] > history[2][0]
+
+
+def test_clip_bounds():
+    _, history = _run(hybrid_weights(ema=0.0, clip=(0.1, 0.8), warmup_steps=0), [_grads([1e6, 1e-6], [1e-6, 1e6])])
+    np.testing.assert_allclose(history[-1], [0.8, 0.1])
+
+
+def test_state_is_a_pytree_that_survives_jit_and_flattening():
+    transform = optax.chain(hybrid_weights(warmup_steps=1, ema=0.5), optax.sgd(0.1))
+    g = _grads([2.0, 1.0], [1.0, 1.0])
+    state = transform.init(g)
+    step = jax.jit(transform.update)
+    _, jitted = step(g, state)
+    _, eager = transform.update(g, state)
+    leaves, treedef = jax.tree.flatten(jitted)
+    rebuilt = jax.tree.unflatten(treedef, leaves)
+    assert isinstance(rebuilt[0], HybridWeightsState) and int(rebuilt[0].step) == 1
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(eager)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert float(_lam(rebuilt)[0]) > 0.5
+    with pytest.raises(ValueError, match="no hybrid_weights state"):
+        current_lambdas(optax.sgd(0.1).init(g))
+
+
+def test_bad_settings_are_refused():
+    for kwargs, match in [(dict(direction="up"), "direction"), (dict(temperature=0.0), "temperature"),
+                          (dict(ema=1.0), "ema"), (dict(clip=(0.9, 0.1)), "clip"), (dict(mix="sum"), "mix")]:
+        with pytest.raises(ValueError, match=match):
+            hybrid_weights(**kwargs)
+    with pytest.raises(ValueError, match="no hybrid adapter"):
+        hybrid_weights().init({"w": jnp.zeros(3)})
+
+
+def _train(config, params, batch, grads, n_steps, mix="weight", lr=3e-3, warmup=2, ema=0.5, targets=None):
+    hybrid = HybridConfig(boft=BOFTConfig(block_size=8, n_factors=2, impl="xla"), lora_ga=LoRAGAConfig(rank=4),
+                          mix=mix)
+    spec = adapters.AdapterSpec.for_method(hybrid, targets=targets)
+    trainable, frozen = adapters.split_trainable(adapters.apply(spec, params, jax.random.key(1), gradients=grads))
+    mixer = dict(direction="proportional", warmup_steps=warmup, ema=ema)
+    if mix == "weight":
+        opt = optax.chain(hybrid_weights(**mixer), optax.adamw(lr))
+    else:
+        opt = hybrid_weights(mix="update", inner=optax.adamw(lr), **mixer)
+    opt_state = opt.init(trainable)
+
+    @jax.jit
+    def step(trainable, frozen, opt_state):
+        fz = set_lambdas(frozen, current_lambdas(opt_state))  # the optimizer's lambdas into the forward
+        loss, g = jax.value_and_grad(lambda t: next_token_loss(config, adapters.combine(t, fz), batch))(trainable)
+        updates, opt_state = opt.update(g, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    losses = []
+    for _ in range(n_steps):
+        trainable, opt_state, loss = step(trainable, frozen, opt_state)
+        losses.append(float(loss))
+    return losses, current_lambdas(opt_state)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = M.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                           num_kv_heads=2)
+    params = M.init_params(config, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(2), (2, 16), 0, config.vocab_size)
+    return config, params, batch, estimate_gradients(config, params, [batch], n_batches=1)
+
+
+@pytest.mark.parametrize("mix", ["weight", "update"])
+def test_training_a_tiny_model_lowers_the_loss_and_moves_lambdas(tiny, mix):
+    losses, lambdas = _train(*tiny, n_steps=6, mix=mix, lr=1e-2,
+                             targets="layers/(attn/(q|v)|mlp/down)_proj")
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert len(jax.tree.leaves(lambdas)) == 3 and lambdas["layers"]["mlp"]["down_proj"].shape == (2,)
+    moved = [float(jnp.abs(lam - 0.5).max()) for lam in jax.tree.leaves(lambdas)]
+    assert min(moved) > 1e-3, moved
+
+
+@pytest.mark.slow
+def test_training_smollm2_lowers_the_loss(smollm2_gguf):
+    from hyjax.checkpoints import load_gguf
+    from hyjax.tokenization import load_tokenizer
+
+    config, params = load_gguf(smollm2_gguf)
+    tokenizer = load_tokenizer(smollm2_gguf)
+    text = ("the film is a charming and often affecting journey . it is a gorgeous , witty , seductive movie . "
+            "a masterpiece four years in the making . the acting , costumes , music and cinematography are superb .")
+    ids = tokenizer.encode(text)[:48]
+    batch = jnp.asarray([ids, ids[::-1]], jnp.int32)
+    grads = estimate_gradients(config, params, [batch], n_batches=1, targets="layers/attn/(q|v)_proj")
+    losses, lambdas = _train(config, params, batch, grads, n_steps=6, lr=1e-3, warmup=2, ema=0.9,
+                             targets="layers/attn/(q|v)_proj")
+    # Measured: 6.02, 4.85, 3.99, 3.19, 2.35, 1.87 (memorising the one batch); lambdas ~0.25-0.33.
+    assert np.all(np.diff(losses) < 0) and losses[-1] < losses[0] - 1.0, losses
+    assert all(float(jnp.abs(lam - 0.5).max()) > 1e-3 for lam in jax.tree.leaves(lambdas)), lambdas
