@@ -1,0 +1,29 @@
+"""Run configuration of `python -m hyjax.train`: YAML files in configs/ + `key=value` overrides, validated
+into frozen typed sections before anything is loaded or compiled.
+
+    config = load_config("quickstart", ["train.learning_rate=3e-4", "method.lora.rank=16"])
+    spec = config.to_adapter_spec()          # hyjax.adapters.AdapterSpec of the chosen method
+    config.save(f"{config.logging.output_dir}/config.yaml")   # load_config(that file) == config
+"""
+
+from hyjax.config.loading import ENV_CONFIGS, apply_override, configs_dir, find_config, load_config, parse_value
+from hyjax.config.methods import METHODS, HybridSection, MethodSection, UnitarySection
+from hyjax.config.run import RunConfig
+from hyjax.config.sections import (
+    CheckpointSection,
+    DataSection,
+    EvalSection,
+    ExportSection,
+    HybridWeightsSection,
+    LoggingSection,
+    ModelSection,
+    TrainSection,
+)
+from hyjax.config.typed import ConfigError
+
+__all__ = [
+    "ENV_CONFIGS", "METHODS", "CheckpointSection", "ConfigError", "DataSection", "EvalSection", "ExportSection",
+    "HybridSection", "HybridWeightsSection", "LoggingSection", "MethodSection", "ModelSection", "RunConfig",
+    "TrainSection", "UnitarySection", "apply_override", "configs_dir", "find_config", "load_config",
+    "parse_value",
+]

@@ -1,0 +1,184 @@
+"""`load_config`: configs/base.yaml, then a run's YAML (with its includes), then `key=value` overrides.
+
+Where YAML files are found (`configs_dir()`):
+  1. `$HYJAX_CONFIGS`, if set;
+  2. `configs/` beside the `hyjax` package: a source checkout or an editable install (`pip install -e .`).
+A non-editable install does not carry configs/: set HYJAX_CONFIGS to a copy of the folder, or pass
+file paths. Without a configs folder base.yaml is skipped (the dataclass defaults are base.yaml's
+values; a test keeps them equal) and only absolute or working-directory-relative files can be named.
+
+A config file argument may be a path (absolute, or relative to the working directory) or a name inside
+the configs folder, with or without `.yaml` (`quickstart`, `methods/lora.yaml`). A file's `include:`
+(or `defaults:`) list names other files, resolved in the configs folder, then beside the including
+file; they are merged in order, then the file itself on top. Mappings merge key by key; lists and
+scalars replace. Paths *inside* a config (data.path, logging.output_dir, ...) are used as given, i.e.
+relative to the working directory of the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from hyjax.config.run import RunConfig
+from hyjax.config.typed import ConfigError, build, check_keys, check_path, convert
+
+ENV_CONFIGS = "HYJAX_CONFIGS"
+INCLUDE_KEYS = ("include", "defaults")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, plus floats without a dot (`3e-4`), which PyYAML reads as strings,
+    and a duplicated key is an error (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read with YAML scalar rules: `16` int, `3e-4` float, `true` bool, `null`,
+    `[a, b]` list, anything else a string."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+def configs_dir() -> pathlib.Path | None:
+    """The folder of the shipped YAML configs (see the module docstring), or None."""
+    env = os.environ.get(ENV_CONFIGS)
+    if env:
+        path = pathlib.Path(env).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{ENV_CONFIGS}={env!r} is not a folder")
+        return path
+    beside = pathlib.Path(__file__).resolve().parents[2] / "configs"
+    return beside if (beside / "base.yaml").is_file() else None
+
+
+def load_config(config_path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """The validated `RunConfig` of base.yaml + `config_path` (and its includes) + `overrides`.
+
+    overrides: `dotted.key=value` strings, e.g. `["train.learning_rate=3e-4", "method.lora.rank=16"]`;
+    a value naming a whole section is a YAML mapping (`method.lora={rank: 16, alpha: 32}`).
+    Raises `ConfigError` naming the offending key (and the closest valid keys when it is unknown).
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    tree: dict = {}
+    folder = configs_dir()
+    if folder is not None and (folder / "base.yaml").is_file():
+        deep_merge(tree, read_yaml(folder / "base.yaml"))
+    if config_path is not None:
+        deep_merge(tree, read_yaml(find_config(config_path)))
+    for override in overrides:
+        apply_override(tree, override)
+    return build(RunConfig, tree)
+
+
+def find_config(name: str | os.PathLike, beside: pathlib.Path | None = None) -> pathlib.Path:
+    """A config file by path, or by name in the configs folder (then beside `beside`), `.yaml` optional."""
+    name = pathlib.Path(name).expanduser()
+    candidates = [name] if name.is_absolute() else []
+    if not name.is_absolute():
+        roots = [pathlib.Path.cwd()] if beside is None else []
+        folder = configs_dir()
+        roots += [folder] if folder is not None else []
+        roots += [beside] if beside is not None else []
+        candidates = [root / name for root in roots]
+    candidates += [c.with_name(c.name + ".yaml") for c in candidates if c.suffix not in (".yaml", ".yml")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    hint = "" if configs_dir() is not None else (
+        f"; no configs folder was found (set {ENV_CONFIGS} for a non-editable install)")
+    raise ConfigError(f"config file {str(name)!r} not found; tried {[str(c) for c in candidates]}{hint}")
+
+
+def read_yaml(path: pathlib.Path, _stack: tuple[pathlib.Path, ...] = ()) -> dict:
+    """The config tree of one file: its includes merged in order, then its own keys (checked)."""
+    path = path.resolve()
+    if path in _stack:
+        chain = " -> ".join(str(p) for p in _stack + (path,))
+        raise ConfigError(f"config files include each other in a cycle: {chain}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, train:, ...), got {type(data).__name__}")
+    data = dict(data)
+    includes = []
+    for key in INCLUDE_KEYS:
+        value = data.pop(key, None)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} in {path} must be a file name or a list of them, got {value!r}")
+        includes += value
+    check_keys(data, RunConfig, source=str(path))
+    tree: dict = {}
+    for name in includes:
+        deep_merge(tree, read_yaml(find_config(name, beside=path.parent), _stack + (path,)))
+    deep_merge(tree, data)
+    return tree
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Sets `dotted.key=value` in `tree` (value parsed by `parse_value`), checking the key first."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like dotted.key=value (e.g. train.learning_rate=3e-4)")
+    source = f"override {override!r}"
+    tp = check_path(RunConfig, key, source=source)
+    value = parse_value(text)
+    try:
+        convert(tp, value, key)
+    except ConfigError:
+        try:  # e.g. `data.template=Review: {text}` is a YAML mapping but meant as the string
+            value = convert(tp, text, key)
+        except ConfigError:
+            pass  # `build` reports the type error
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        deep_merge(node[last], value)
+    else:
+        node[last] = value
+
+
+def deep_merge(into: dict, update: Mapping) -> dict:
+    """Merges `update` into `into`: mappings key by key, everything else replaced."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+    return into

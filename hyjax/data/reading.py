@@ -1,0 +1,206 @@
+"""`load_rows`: local tsv/csv/jsonl/parquet files and `save_to_disk` folders as rows with line numbers."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import datasets
+import numpy as np
+
+# Format name -> file suffixes it is inferred from. A folder is always "disk" (`Dataset.save_to_disk`).
+FORMATS = {
+    "tsv": (".tsv",),
+    "csv": (".csv",),
+    "jsonl": (".jsonl", ".json"),
+    "parquet": (".parquet", ".pq"),
+    "disk": (),
+}
+_DELIMITERS = {"tsv": "\t", "csv": ","}
+
+
+def _accepted() -> str:
+    return "tsv, csv, jsonl (json lines), parquet, or a folder written by Dataset.save_to_disk"
+
+
+@dataclasses.dataclass
+class Rows:
+    """Rows of one file, each a dict, with the line each came from.
+
+    `line(i)` is the 1-based line of row `i` in the file, counting the header for tsv/csv and skipping
+    blank lines for jsonl; for parquet and `save_to_disk` folders it is the 1-based row number.
+
+    Attributes:
+      dataset: the `datasets.Dataset` holding the rows (tsv/csv cells are read as text).
+      path: the file or folder read.
+      format: one of `FORMATS`.
+      index: original row number (0-based) of each row; differs from `range(len)` after `select`.
+    """
+
+    dataset: datasets.Dataset
+    path: pathlib.Path
+    format: str
+    index: np.ndarray
+    _lines: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[int(self.index[i])]
+
+    def __iter__(self) -> Iterator[dict]:
+        if len(self.index) == len(self.dataset) and np.array_equal(self.index, np.arange(len(self.dataset))):
+            yield from self.dataset
+        else:
+            for i in self.index:
+                yield self.dataset[int(i)]
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.dataset.column_names)
+
+    def select(self, indices: Sequence[int]) -> Rows:
+        """The rows at `indices` (positions in this `Rows`), keeping their original line numbers."""
+        return dataclasses.replace(self, index=self.index[np.asarray(indices, dtype=np.int64)])
+
+    def line(self, i: int) -> int:
+        """1-based line in the file of row `i` (see the class docstring)."""
+        if self._lines is None:
+            self._lines = _line_numbers(self.path, self.format, len(self.dataset))
+        return int(self._lines[self.index[i]])
+
+
+def _line_numbers(path: pathlib.Path, fmt: str, n: int) -> np.ndarray:
+    """Line where each of the `n` rows starts (records spanning lines start at their first line)."""
+    if fmt in _DELIMITERS:
+        starts = []
+        with open(path, newline="", encoding="utf-8") as f:
+            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            reader = csv.reader(f, delimiter=_DELIMITERS[fmt], quoting=quoting)
+            start = 1
+            for _ in reader:
+                starts.append(start)
+                start = reader.line_num + 1
+        lines = np.asarray(starts[1:], dtype=np.int64)  # the header is line 1
+    elif fmt == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            lines = np.asarray([k for k, text in enumerate(f, start=1) if text.strip()], dtype=np.int64)
+    else:
+        lines = np.arange(1, n + 1, dtype=np.int64)
+    if len(lines) != n:  # should not happen; never report a wrong line
+        return np.arange(1, n + 1, dtype=np.int64)
+    return lines
+
+
+def infer_format(path: str | pathlib.Path) -> str:
+    """The format of `path` from its suffix ("disk" for a folder)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return "disk"
+    suffix = path.suffix.lower()
+    for name, suffixes in FORMATS.items():
+        if suffix in suffixes:
+            return name
+    raise ValueError(
+        f"cannot tell the format of {path} from its suffix {suffix!r}; pass format= one of {sorted(FORMATS)}."
+    )
+
+
+def load_rows(
+    path: str | pathlib.Path,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    cache_dir: str | pathlib.Path | None = None,
+) -> Rows:
+    """Read a local data file or a `save_to_disk` folder with `datasets`.
+
+    Args:
+      path: a `.tsv`, `.csv`, `.jsonl`/`.json` (one JSON object a line), `.parquet` file, or a folder
+        written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+      format: one of `FORMATS`; None infers it from the suffix.
+      split: for a saved `DatasetDict`, the split to read (required when it has several).
+      cache_dir: where `datasets` keeps its Arrow cache (default: its own).
+
+    tsv/csv cells are read as text (a tsv has no quoting; blank lines become empty rows so line numbers
+    stay right); the task formats parse labels and numbers from them.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist; accepted: {_accepted()}.")
+    fmt = format or infer_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {sorted(FORMATS)}.")
+    datasets.disable_progress_bars()
+    cache = None if cache_dir is None else str(cache_dir)
+    if fmt == "disk":
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None:
+                if len(ds) != 1:
+                    raise ValueError(f"{path} holds splits {sorted(ds)}; pass split= one of them.")
+                split = next(iter(ds))
+            if split not in ds:
+                raise ValueError(f"{path} has no split {split!r}; it holds {sorted(ds)}.")
+            ds = ds[split]
+    elif fmt in _DELIMITERS:
+        with open(path, newline="", encoding="utf-8") as f:
+            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            header = next(csv.reader(f, delimiter=_DELIMITERS[fmt], quoting=quoting), None)
+        if not header:
+            raise ValueError(f"{path} is empty; a {fmt} file needs a header line naming its columns.")
+        features = datasets.Features({name: datasets.Value("string") for name in header})
+        ds = datasets.load_dataset(
+            "csv",
+            data_files=str(path),
+            split="train",
+            delimiter=_DELIMITERS[fmt],
+            quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            features=features,
+            cache_dir=cache,
+        )
+    else:
+        builder = "json" if fmt == "jsonl" else "parquet"
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as err:  # ArrowInvalid is a ValueError
+            cause = err.__cause__ or err
+            hint = (
+                " (datasets 5.2 reads a column whose type changes between rows only when the file has no "
+                "blank lines: remove them)"
+                if fmt == "jsonl"
+                else ""
+            )
+            raise ValueError(f"cannot read {path} as {fmt}: {type(cause).__name__}: {cause}{hint}") from err
+    if split is not None and fmt != "disk" and split != "train":
+        raise ValueError(f"{path} is a single {fmt} file; split={split!r} applies only to save_to_disk folders.")
+    return Rows(dataset=ds, path=path, format=fmt, index=np.arange(len(ds), dtype=np.int64))
+
+
+def pick_column(columns: Sequence[str], wanted: str | None, known: Sequence[str], what: str, path=None) -> str:
+    """The column to read `what` from: `wanted` if given, else the one name of `known` present.
+
+    Raises ValueError naming the columns present when `wanted` is absent, or when none or several of
+    `known` are present.
+    """
+    where = f" in {path}" if path is not None else ""
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"no {what} column {wanted!r}{where}; columns present: {list(columns)}.")
+        return wanted
+    found = [name for name in known if name in columns]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(
+            f"cannot find the {what} column{where}: none of {list(known)} is present (columns: {list(columns)}); "
+            f"name it in the config."
+        )
+    raise ValueError(
+        f"ambiguous {what} column{where}: {found} are all present (columns: {list(columns)}); name one in the config."
+    )

@@ -1,0 +1,364 @@
+"""Run configuration: YAML files + overrides -> typed, validated RunConfig, and back."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+import pytest
+import yaml
+
+from hyjax import adapters
+from hyjax.config import (
+    METHODS,
+    ConfigError,
+    RunConfig,
+    UnitarySection,
+    configs_dir,
+    load_config,
+    parse_value,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ALL_YAML = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+def test_configs_dir_is_the_source_tree_folder():
+    assert configs_dir() == CONFIGS
+
+
+def test_base_equals_the_dataclass_defaults():
+    assert load_config() == RunConfig()
+    assert load_config(CONFIGS / "base.yaml") == RunConfig()
+
+
+def test_every_knob_in_base_yaml_is_commented():
+    lines = (CONFIGS / "base.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip() or line.lstrip().startswith("#") or re.fullmatch(r"[a-z_]+:", line):
+            continue  # blank, comment, or a top-level section header
+        assert "#" in line or lines[i - 1].lstrip().startswith("#"), f"base.yaml line {i + 1} has no comment: {line}"
+
+
+def test_base_yaml_lists_every_field():
+    def keys(tree, prefix=""):
+        for k, v in tree.items():
+            yield f"{prefix}{k}"
+            if isinstance(v, dict):
+                yield from keys(v, f"{prefix}{k}.")
+
+    written = set(keys(yaml.safe_load((CONFIGS / "base.yaml").read_text())))
+    assert written == set(keys(RunConfig().to_dict()))
+
+
+@pytest.mark.parametrize("name", ALL_YAML)
+def test_every_yaml_loads(name):
+    config = load_config(name)
+    assert isinstance(config, RunConfig)
+    config.to_adapter_spec()
+
+
+def test_quickstart():
+    config = load_config("quickstart")
+    assert config.method.name == "hybrid"
+    assert config.model.preset == "smollm2-135m" and config.model.path == "smollm2-135m-instruct"
+    assert config.method.boft.n_factors == 2  # from methods/hybrid.yaml
+    assert config.data.path == "../shared/data/sst2/train.tsv"
+    assert config.data.eval_path == "../shared/data/sst2/dev.tsv"
+    assert (ROOT / config.data.path).is_file() or not (ROOT.parent / "shared").exists()
+    assert config.train.steps * config.train.global_batch_size <= 2000
+    assert config.data.max_length == 64
+    spec = config.to_adapter_spec()
+    ((pattern, method),) = spec.rules
+    assert isinstance(method, adapters.HybridConfig)
+    assert method.boft.n_factors == 2 and method.lora_ga.n_batches == 4
+    data = config.to_data_config()
+    assert data.global_batch_size == 8 and dict(data.task_options)["answers"] == ((0, " negative"), (1, " positive"))
+
+
+def test_config_named_without_suffix_or_by_path(monkeypatch, tmp_path):
+    assert load_config("methods/lora") == load_config(CONFIGS / "methods" / "lora.yaml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("train: {steps: 5}\n")
+    assert load_config("mine.yaml").train.steps == 5
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' not found"):
+        load_config("nope.yaml")
+
+
+def test_includes_merge_in_order_then_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {steps: 7, seed: 3}\nmethod: {lora: {rank: 4}}\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\ntrain: {steps: 9}\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("defaults: [models/llama3.1-8b.yaml, b.yaml]\nmethod: {lora: {alpha: 4.0}}\n")
+    config = load_config(run)
+    assert config.model.preset == "llama3.1-8b" and config.model.dtype == "bfloat16"
+    assert (config.train.steps, config.train.seed) == (9, 3)
+    assert (config.method.lora.rank, config.method.lora.alpha) == (4, 4.0)
+
+
+def test_include_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("include: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match="'missing.yaml' not found"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("include: {x: 1}\n")
+    with pytest.raises(ConfigError, match="include in .* must be a file name or a list"):
+        load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.steps=250", "train.steps", 250),
+    ("train.learning_rate=3e-4", "train.learning_rate", 3e-4),
+    ("train.learning_rate=1", "train.learning_rate", 1.0),
+    ("train.weight_decay=0.01", "train.weight_decay", 0.01),
+    ("data.packing=true", "data.packing", True),
+    ("checkpoint.async_save=no", "checkpoint.async_save", False),
+    ("train.grad_clip_norm=null", "train.grad_clip_norm", None),
+    ("model.remat=dots", "model.remat", "dots"),
+    ("model.path=/ckpt/model.gguf", "model.path", "/ckpt/model.gguf"),
+    ("model.path=123", "model.path", "123"),
+    ("data.template=Review: {text} Sentiment:", "data.template", "Review: {text} Sentiment:"),
+    ("data.chat=false", "data.chat", False),
+    ("method.targets=[layers/attn/q_proj, layers/attn/v_proj]", "method.targets",
+     ("layers/attn/q_proj", "layers/attn/v_proj")),
+    ("method.targets=layers/attn/q_proj", "method.targets", ("layers/attn/q_proj",)),
+    ("train.lr_multipliers=[[layers/.*, 2.0], [embed.*, 0]]", "train.lr_multipliers",
+     (("layers/.*", 2.0), ("embed.*", 0.0))),
+    ("train.hybrid_weights.clip=[0.1, 0.9]", "train.hybrid_weights.clip", (0.1, 0.9)),
+    ("data.verbalizer=[[neg, ' no'], [pos, ' yes']]", "data.verbalizer", (("neg", " no"), ("pos", " yes"))),
+    ("method.lora={rank: 4, dropout: 0.1}", "method.lora.rank", 4),
+    ("method.lora={rank: 4, dropout: 0.1}", "method.lora.alpha", 16.0),
+    ("method.lora_ga.svd_oversample=8", "method.lora_ga.svd_oversample", 8),
+])
+def test_override_types(override, key, expected):
+    config = load_config(None, [override])
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_overrides_apply_after_files_and_in_order():
+    config = load_config("quickstart", ["train.steps=10", "train.steps=20", "method.boft.block_size=4"])
+    assert config.train.steps == 20 and config.method.boft.block_size == 4
+    assert config.method.lora_ga.n_batches == 4  # untouched siblings keep the file's values
+
+
+def test_parse_value_follows_yaml_scalars():
+    assert parse_value("1e-5") == 1e-5 and parse_value("-2E3") == -2000.0
+    assert parse_value("16") == 16 and parse_value("true") is True and parse_value("null") is None
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("") is None and parse_value("a:b") == "a:b"
+
+
+def test_unknown_key_in_override_names_the_closest():
+    with pytest.raises(ConfigError, match=re.escape(
+            "unknown key 'train.learnig_rate'; did you mean 'train.learning_rate'?")) as err:
+        load_config(None, ["train.learnig_rate=3e-4"])
+    assert "override 'train.learnig_rate=3e-4'" in str(err.value)
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'method.lora.rnak'; did you mean 'method.lora.rank'?")):
+        load_config(None, ["method.lora.rnak=4"])
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'trian'; did you mean 'train'?")):
+        load_config(None, ["trian.steps=4"])
+    with pytest.raises(ConfigError, match="'train.steps' is a value, not a section"):
+        load_config(None, ["train.steps.x=4"])
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'method.lora.rnak'")):
+        load_config(None, ["method.lora={rnak: 4}"])
+
+
+def test_unknown_key_in_file_names_the_file_and_the_closest(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  micro_batch: 4\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            "unknown key 'train.micro_batch'; did you mean 'train.micro_batch_size'")) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    path.write_text("method:\n  boft: {blocksize: 4}\n")
+    with pytest.raises(ConfigError, match=re.escape("'method.boft.blocksize'; did you mean 'method.boft.block_size'")):
+        load_config(path)
+    path.write_text("train:\n  steps: 4\n  steps: 5\n")
+    with pytest.raises(ConfigError, match="duplicate key 'steps'"):
+        load_config(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "train.steps must be int or null, got 'abc' (str)"),
+    ("train.steps=2.5", "train.steps must be int or null, got 2.5 (float)"),
+    ("data.packing=3", "data.packing must be bool, got 3 (int)"),
+    ("train.learning_rate=true", "train.learning_rate must be float, got True (bool)"),
+    ("train.learning_rate=fast", "train.learning_rate must be float, got 'fast' (str)"),
+    ("method.lora.rank=[4]", "method.lora.rank must be int, got [4] (list)"),
+    ("train.hybrid_weights.clip=[0.1]", "train.hybrid_weights.clip must have 2 items"),
+    ("train.lr_multipliers=[[layers, x]]", "train.lr_multipliers[0][1] must be float, got 'x' (str)"),
+    ("method.lora=3", "method.lora must be a mapping"),
+])
+def test_type_errors_name_key_type_and_value(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.global_batch_size=8", "train.micro_batch_size=3"],
+     "train.micro_batch_size=3 must divide global_batch_size=8"),
+    (["train.schedule=cosin"], "train.schedule='cosin' must be one of ['cosine', 'linear', 'constant']; "
+                               "did you mean 'cosine'?"),
+    (["train.optimizer=adam"], "train.optimizer='adam' must be one of"),
+    (["train.epochs=2"], "train.steps=1000 and epochs=2.0: give exactly one"),
+    (["train.steps=10", "train.warmup_steps=20"], "train.warmup_steps=20 must be <= steps=10"),
+    (["train.learning_rate=0"], "train.learning_rate=0.0 must be > 0"),
+    (["train.b2=1.0"], "train.b2=1.0 must be in [0, 1)"),
+    (["train.lr_multipliers=[['(', 1.0]]"], "train.lr_multipliers[0]='(' is not a valid regular expression"),
+    (["train.hybrid_weights.clip=[0.9, 0.1]"], "train.hybrid_weights.clip=[0.9, 0.1] must satisfy"),
+    (["train.hybrid_weights.direction=inverted"], "did you mean 'inverse'?"),
+    (["data.eval_fraction=1.5"], "data.eval_fraction=1.5 must be in (0, 1)"),
+    (["data.task=classify"], "data.task='classify' must be one of"),
+    (["data.task=math", "data.verbalizer=[[0, a]]"], "only applies to task=classification"),
+    (["checkpoint.keep=0"], "checkpoint.keep=0 must be >= 1 (or null)"),
+    (["model.remat=everything"], "model.remat='everything' must be one of"),
+    (["model.preset=llama3-8B-typo"], "model.preset='llama3-8b-typo' must be one of"),
+    (["model.preset=null", "model.path=null"], "give a preset, a checkpoint path, or both"),
+    (["method.name=lorra"], "method.name='lorra' must be one of ['full', 'lora', 'lora_ga', 'oft', 'boft', "
+                            "'unitary', 'hybrid']; did you mean 'lora'?"),
+    (["method.lora.rank=0"], "method.lora: LoRA rank=0 must be at least 1"),
+    (["method.boft.impl=cuda"], "method.boft: BOFT impl='cuda'"),
+    (["method.unitary.impl=cuda"], "method.unitary.impl='cuda' must be one of"),
+    (["method.name=oft", "method.boft.n_factors=2", "export.peft_adapter=false"],
+     "name='oft' is BOFT with one butterfly factor"),
+    (["method.name=hybrid"], "export.peft_adapter=true, but method.name='hybrid' cannot be written"),
+    (["method.name=lora_ga", "export.peft_adapter=false", "model.path=null"], "model.path is null"),
+])
+def test_validation_names_field_value_and_range(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_data_section_feeds_the_data_pipeline():
+    from hyjax.data import MathWordProblems, make_task
+
+    with pytest.raises(ConfigError, match="data.path is not set"):
+        RunConfig().to_data_config()
+    config = load_config(None, ["data.path=gsm8k.jsonl", "data.task=math", "data.text_column=q",
+                                "data.label_column=a", "data.packing=true", "train.global_batch_size=16"])
+    data = config.to_data_config()
+    assert (data.pack, data.global_batch_size, data.task) == (True, 16, "math")
+    task = make_task(data)
+    assert isinstance(task, MathWordProblems) and (task.question_column, task.answer_column) == ("q", "a")
+
+
+def test_grad_accumulation_and_derived_values():
+    config = load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=8"])
+    assert config.train.grad_accum_steps == 4 and config.train.micro_batch == 8
+    assert RunConfig().train.grad_accum_steps == 1
+    assert RunConfig().checkpoint_dir == "runs/default/checkpoints"
+    assert RunConfig().model.preset_config().num_layers == 30
+
+
+def test_lora_spec_from_override():
+    spec = load_config("methods/lora", ["method.lora.rank=16", "method.lora.rslora=true"]).to_adapter_spec()
+    assert spec == adapters.AdapterSpec.for_method(adapters.LoRAConfig(rank=16, alpha=16.0, rslora=True))
+
+
+def test_targets_and_frozen_reach_the_spec():
+    spec = load_config(None, ["method.targets=[layers/attn/(q|v)_proj]", "method.frozen=[layers/attn/v_proj]"]
+                       ).to_adapter_spec()
+    assert spec.rules == (("layers/attn/v_proj", None), ("layers/attn/(q|v)_proj", adapters.LoRAConfig()))
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("full", adapters.FullConfig), ("lora", adapters.LoRAConfig), ("lora_ga", adapters.LoRAGAConfig),
+    ("oft", adapters.BOFTConfig), ("boft", adapters.BOFTConfig), ("unitary", adapters.UnitaryConfig),
+    ("hybrid", adapters.HybridConfig),
+])
+def test_each_method_builds_its_adapter_config(name, cls):
+    config = load_config(f"methods/{name}")
+    ((pattern, method),) = config.to_adapter_spec().rules
+    assert type(method) is cls
+    assert pattern == (".*" if name == "full" else adapters.targets.PROJECTIONS)
+
+
+def test_hybrid_takes_its_branches_from_the_boft_and_lora_ga_sections():
+    config = load_config("methods/hybrid", ["method.boft.block_size=4", "method.lora_ga.rank=2",
+                                            "method.hybrid.mix=update"])
+    method = config.method.adapter_config()
+    assert method == adapters.HybridConfig(boft=config.method.boft, lora_ga=config.method.lora_ga, mix="update")
+    assert method.boft.block_size == 4 and method.lora_ga.rank == 2
+
+
+def test_hybrid_weights_kwargs_build_the_transform():
+    from hyjax.optim import hybrid_weights
+
+    config = load_config("quickstart", ["method.hybrid.mix=update"])
+    kwargs = config.hybrid_weights_kwargs()
+    assert kwargs["mix"] == "update" and kwargs["clip"] == (0.05, 0.95)
+    import optax
+    hybrid_weights(**kwargs, inner=optax.sgd(1e-3))
+
+
+def test_unitary_section_mirrors_unitary_config():
+    mine = {f.name: f.default for f in dataclasses.fields(UnitarySection)}
+    theirs = {f.name: f.default for f in dataclasses.fields(adapters.UnitaryConfig)}
+    assert mine == theirs
+
+
+def test_methods_exist_in_adapters_and_have_a_yaml():
+    assert set(METHODS) == {"full", "lora", "lora_ga", "oft", "boft", "unitary", "hybrid"}
+    for name in METHODS:
+        assert (CONFIGS / "methods" / f"{name}.yaml").is_file()
+
+
+def test_choices_match_the_modules_they_configure():
+    from hyjax import data
+    from hyjax.config import sections
+    import importlib
+    hw = importlib.import_module("hyjax.optim.hybrid_weights")
+
+    assert set(sections.TASKS) == set(data.TASKS)
+    assert set(sections.FORMATS) == set(data.FORMATS)
+    assert sections.DIRECTIONS == hw.DIRECTIONS
+
+
+@pytest.mark.parametrize("name", ["quickstart", "methods/hybrid", "models/llama3.1-405b"])
+def test_save_and_load_round_trip(tmp_path, name):
+    config = load_config(name, ["data.verbalizer=[[0, ' bad'], [1, ' good']]", "train.lr_multipliers=[[x.*, 0.5]]",
+                                "train.learning_rate=3e-5", "method.targets=[layers/attn/q_proj]"])
+    path = config.save(tmp_path / "run" / "config.yaml")
+    assert load_config(path) == config
+    assert yaml.safe_load(path.read_text()) == config.to_dict()
+
+
+def test_configs_dir_from_environment(monkeypatch, tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {steps: 3}\n")
+    (tmp_path / "x.yaml").write_text("train: {seed: 5}\n")
+    monkeypatch.setenv("HYJAX_CONFIGS", str(tmp_path))
+    assert configs_dir() == tmp_path
+    config = load_config("x")
+    assert (config.train.steps, config.train.seed) == (3, 5)
+    monkeypatch.setenv("HYJAX_CONFIGS", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="HYJAX_CONFIGS"):
+        load_config()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_check_model_applies_the_spec_to_abstract_params(name):
+    config = load_config(f"methods/{name}")
+    counts = adapters.count_trainable(config.check_model())
+    assert counts["total"] > 0
+
+
+def test_check_model_reports_what_does_not_fit():
+    with pytest.raises(ConfigError, match=re.escape("method.name='oft' does not fit model.preset='smollm2-135m': "
+                                                    "BOFT block_size=7 must divide the weight's d_in=576")):
+        load_config("methods/oft", ["method.boft.block_size=7"]).check_model()
+    with pytest.raises(ConfigError, match="targets \\['nothing'\\] match no parameter"):
+        load_config(None, ["method.targets=[nothing]"]).check_model()
+    with pytest.raises(ConfigError, match="pass the checkpoint's LlamaConfig"):
+        load_config(None, ["model.preset=null"]).check_model()

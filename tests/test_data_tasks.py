@@ -1,0 +1,356 @@
+"""Task formats: rows to (prompt, answer) examples, malformed-row reports, masks token by token, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import AddedToken, models, pre_tokenizers
+
+from hyjax.data import (
+    BadRowLimit,
+    Example,
+    Instructions,
+    MalformedDataError,
+    PromptStyle,
+    build_examples,
+    classification_accuracy,
+    gsm8k,
+    load_rows,
+    math_exact_match,
+    pad_batch,
+    sst2,
+)
+from hyjax.tokenization import HFTokenizer, builtin_chat_template
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = (
+    "Review Sentiment positive or negative Question Answer a gorgeous witty film he said dull twice plain words "
+    "good bad movie system user assistant You are helpful How many is 2 3 5 \\ \" : ( ) , . # $ ü ï é 🎬"
+).split()
+
+
+def tiny_tokenizer(chat: bool = False) -> HFTokenizer:
+    """A word-level tokenizer (ids 0-5 special, then one id per word), optionally with a ChatML template."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    return HFTokenizer(
+        backend,
+        bos_id=1,
+        eos_id=5 if chat else 2,
+        pad_id=0,
+        unk_id=3,
+        add_bos=True,
+        chat_template=builtin_chat_template("chatml") if chat else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    from hyjax.tokenization import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf)
+
+
+def build(path, task, tok, limit=BadRowLimit(None, None)):
+    """Examples and report of the file at `path`, with no limit on malformed rows unless given."""
+    return build_examples(load_rows(path, cache_dir=path.parent / "cache"), task, tok, limit=limit)
+
+
+def ids(tok, text):
+    return tuple(tok.encode(text, add_bos=False))
+
+
+# ---- task formats ------------------------------------------------------------------------------
+
+
+def test_classification_plain_prompt_and_verbalized_answer():
+    tok = tiny_tokenizer()
+    ex = sst2().resolve(["label", "sentence"]).example({"label": "1", "sentence": " good movie "}, tok)
+    assert ex.prompt_ids == (1, *ids(tok, "Review: good movie\nSentiment (positive or negative):"))
+    assert ex.answer_ids == (*ids(tok, " positive"), tok.eos_id)
+    neg = sst2().resolve(["label", "content"]).example({"label": 0, "content": "bad"}, tok)
+    assert neg.answer_ids == (*ids(tok, "negative"), 2)
+
+
+def test_classification_with_chat_template():
+    tok = tiny_tokenizer(chat=True)
+    task = sst2(prompt=PromptStyle(system="You are helpful")).resolve(["label", "sentence"])
+    ex = task.example({"label": 1, "sentence": "good"}, tok)
+    want = tok.apply_chat_template(
+        [
+            {"role": "system", "content": "You are helpful"},
+            {"role": "user", "content": "Review: good\nSentiment (positive or negative):"},
+        ]
+    )
+    assert ex.prompt_ids == (1, *ids(tok, want))  # BOS once (chatml has none in the text)
+    assert ex.answer_ids == (*ids(tok, "positive"), 5)  # answer ends the assistant turn
+    row = {"label": 1, "sentence": "good"}
+    plain = sst2(prompt=PromptStyle(chat=False)).resolve(["label", "sentence"]).example(row, tok)
+    assert 4 not in plain.prompt_ids
+    with pytest.raises(ValueError, match="no chat template"):
+        sst2(prompt=PromptStyle(chat=True)).resolve(["label", "sentence"]).example(row, tiny_tokenizer())
+
+
+def test_gsm8k_example_and_options():
+    tok = tiny_tokenizer()
+    row = {"question": "How many ?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}
+    ex = gsm8k().example(row, tok)
+    assert ex.prompt_ids == (1, *ids(tok, "Question: How many ?\nAnswer:"))
+    assert ex.answer_ids == (*ids(tok, row["answer"]), 2)
+    assert gsm8k(final_only=True).target(row) == ("#### 5", "5")
+    assert gsm8k(keep_calculator=False).target(row)[0] == "2 + 3 = 5\n#### 5"
+
+
+def test_instructions_prompt_completion_and_messages():
+    tok = tiny_tokenizer(chat=True)
+    task = Instructions().resolve(["prompt", "completion"])
+    assert task.mode == "prompt_completion"
+    ex = task.example({"prompt": "How many ?", "completion": " 5"}, tok)
+    assert ex.prompt_ids == (1, *ids(tok, tok.apply_chat_template([{"role": "user", "content": "How many ?"}])))
+    assert ex.answer_ids == (*ids(tok, "5"), 5)
+    messages = [
+        {"role": "user", "content": "How many ?"},
+        {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "is 2 ?"},
+        {"role": "assistant", "content": "5"},
+    ]
+    task = Instructions().resolve(["messages", "prompt"])
+    assert task.mode == "messages"
+    ex = task.example({"messages": messages}, tok)
+    assert ex.prompt_ids == (1, *ids(tok, tok.apply_chat_template(messages[:-1])))
+    assert ex.answer_ids == (*ids(tok, "5"), 5)
+    with pytest.raises(ValueError, match=r"columns present: \['text'\]"):
+        Instructions().resolve(["text"])
+
+
+def test_instructions_from_jsonl_with_bad_messages(tmp_path):
+    good = [{"role": "user", "content": "How many ?"}, {"role": "assistant", "content": "5"}]
+    rows = [
+        {"messages": good},
+        {"messages": good[:1]},  # ends with the user
+        {"messages": [{"role": "user", "content": "How many ?"}, {"role": "assistant", "content": ""}]},
+        {"messages": good},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, report = build(path, Instructions(), tiny_tokenizer(chat=True))
+    assert len(examples) == 2 and report.bad_lines == [2, 3]
+    assert "assistant" in report.bad[0].reason and "no text" in report.bad[1].reason
+
+
+# ---- malformed rows ----------------------------------------------------------------------------
+
+
+def test_malformed_tsv_rows_are_reported_with_their_lines(tmp_path):
+    path = tmp_path / "bad.tsv"
+    lines = ["label\tsentence", "1\tgood movie", "2\tbad label", "0\t", "", "x\tgood", "1\tgood", "0"]
+    path.write_text("\n".join(lines) + "\n")
+    examples, report = build(path, sst2(), tiny_tokenizer())
+    assert report.rows == 7 and report.examples == 2 == len(examples)
+    assert [e.line for e in examples] == [2, 7]
+    assert report.bad_lines == [3, 4, 5, 6, 8]
+    reasons = [b.reason for b in report.bad]
+    assert "bad label '2'" in reasons[0] and "empty 'sentence'" in reasons[1] and reasons[2] == "blank row"
+    assert "bad label 'x'" in reasons[3] and "empty 'sentence'" in reasons[4]
+
+
+def test_malformed_jsonl_rows_non_string_text_and_missing_fields(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    rows = [
+        {"question": "How many ?", "answer": "#### 5"},
+        {"question": 5, "answer": "#### 5"},
+        {"answer": "#### 3"},
+        {"question": "How many ?", "answer": "no final number"},
+        {"question": "How many ?", "answer": "3 #### 3"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, report = build(path, gsm8k(), tiny_tokenizer())
+    assert [e.line for e in examples] == [1, 5]
+    assert report.bad_lines == [2, 3, 4]
+    reasons = [b.reason for b in report.bad]
+    assert reasons == ["'question' is int, not text", "missing 'question'", "no '#### <number>' in 'answer'"]
+
+
+def test_jsonl_blank_lines_keep_line_numbers(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    good, bad = '{"question": "How many ?", "answer": "#### 5"}', '{"question": "How many ?", "answer": "none"}'
+    path.write_text(f"\n{good}\n\n{bad}\n")
+    examples, report = build(path, gsm8k(), tiny_tokenizer())
+    assert [e.line for e in examples] == [2] and report.bad_lines == [4]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"question": "How many ?"}\n\n{"question": 5}\n')
+    with pytest.raises(ValueError, match=r"cannot read .*mixed\.jsonl.*blank lines"):
+        load_rows(mixed, cache_dir=tmp_path / "c")
+
+
+def test_too_many_malformed_rows_stop_the_run(tmp_path):
+    path = tmp_path / "many.tsv"
+    path.write_text("label\tsentence\n" + "".join("1\tgood\n" if i % 10 else "7\tgood\n" for i in range(300)))
+    rows = load_rows(path, cache_dir=tmp_path / "c")  # 30 bad of 300: 10%
+    message = r"30 of 300 rows are malformed.*first: line 2: bad label '7'.*; line 12: bad label"
+    with pytest.raises(MalformedDataError, match=message):
+        build_examples(rows, sst2(), tiny_tokenizer())
+    _, report = build_examples(rows, sst2(), tiny_tokenizer(), limit=BadRowLimit(max_fraction=0.2, max_rows=100))
+    assert len(report.bad) == 30
+    with pytest.raises(MalformedDataError):
+        build_examples(rows, sst2(), tiny_tokenizer(), limit=BadRowLimit(max_fraction=None, max_rows=29))
+
+
+def test_one_bad_row_in_a_large_file_passes_the_default(shared_data, tmp_path):
+    lines = (shared_data / "sst2" / "dev.tsv").read_text().splitlines()
+    lines[10] = "1\t"
+    path = tmp_path / "dev.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    examples, report = build_examples(load_rows(path, cache_dir=tmp_path / "c"), sst2(), tiny_tokenizer())
+    assert report.bad_lines == [11] and len(examples) == 871
+
+
+# ---- masks, token by token ---------------------------------------------------------------------
+
+
+def check_mask(tok, example: Example):
+    batch = pad_batch([example], len(example) + 3, tok.pad_id)
+    seq = example.prompt_ids + example.answer_ids
+    n_prompt = len(example.prompt_ids)
+    for j in range(batch["tokens"].shape[1]):
+        if j < len(seq) - 1:
+            assert batch["tokens"][0, j] == seq[j] and batch["targets"][0, j] == seq[j + 1]
+            assert batch["loss_mask"][0, j] == float(j + 1 >= n_prompt), j
+            assert batch["segment_ids"][0, j] == 1 and batch["positions"][0, j] == j
+        else:
+            assert batch["loss_mask"][0, j] == 0 and batch["segment_ids"][0, j] == 0
+    masked_targets = batch["targets"][0][batch["loss_mask"][0] == 1]
+    assert tuple(masked_targets) == example.answer_ids
+    return masked_targets
+
+
+def test_loss_mask_covers_exactly_the_answer_tiny():
+    tok = tiny_tokenizer()
+    ex = sst2().resolve(["label", "sentence"]).example({"label": 0, "sentence": "dull film"}, tok)
+    assert tuple(check_mask(tok, ex)) == (tok.token_to_id("negative"), tok.eos_id)
+
+
+def test_loss_mask_covers_exactly_the_answer_smollm2(smollm2, shared_data, tmp_path):
+    rows = load_rows(shared_data / "sst2" / "dev.tsv", cache_dir=tmp_path).select(range(3))
+    examples, _ = build_examples(rows, sst2(), smollm2)
+    for ex in examples:
+        answer = check_mask(smollm2, ex)
+        assert smollm2.decode(answer, skip_special_tokens=False) in ("negative<|im_end|>", "positive<|im_end|>")
+        assert smollm2.decode(ex.prompt_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    gsm = load_rows(shared_data / "gsm8k" / "train.jsonl", cache_dir=tmp_path).select([0])
+    (ex,), _ = build_examples(gsm, gsm8k(prompt=PromptStyle(chat=False)), smollm2)
+    answer = check_mask(smollm2, ex)
+    assert smollm2.decode(answer, skip_special_tokens=False) == " " + gsm[0]["answer"] + "<|im_end|>"
+
+
+# ---- evaluation helpers ------------------------------------------------------------------------
+
+
+def test_classification_accuracy_picks_the_higher_scoring_answer():
+    tok = tiny_tokenizer()
+    rows = [{"label": i % 2, "sentence": w} for i, w in enumerate(["good", "good", "bad", "dull", "film"])]
+    rows.append({"label": 9, "sentence": "good"})  # malformed: skipped
+    positive = tok.token_to_id("positive")
+
+    def score(examples):  # "good" favours positive, everything else negative
+        return [float((tok.token_to_id("good") in e.prompt_ids) == (positive in e.answer_ids)) for e in examples]
+
+    result = classification_accuracy(rows, sst2(), tok, score, batch_size=2)
+    assert result.predictions == (1, 1, 0, 0, 0) and result.skipped == 1
+    assert (result.correct, result.total) == (3, 5) and result.accuracy == pytest.approx(0.6)
+
+
+def test_math_exact_match_uses_the_extractor():
+    tok = tiny_tokenizer()
+    rows = [
+        {"question": "How many ?", "answer": "#### 1,000"},
+        {"question": "How many ?", "answer": "#### 5"},
+        {"question": "How many ?", "answer": "#### -2"},
+        {"question": "How many ?", "answer": "no number"},
+    ]
+    outputs = iter(["so #### $1000.00", "#### 6", "I think -2"])
+    seen = []
+
+    def generate(prompts):
+        seen.extend(prompts)
+        return [next(outputs) for _ in prompts]
+
+    result = math_exact_match(rows, gsm8k(), tok, generate, batch_size=2)
+    assert seen[0] == (1, *ids(tok, "Question: How many ?\nAnswer:"))
+    assert result.predictions == ("1000", "6", None)
+    assert (result.correct, result.total, result.skipped) == (1, 3, 1)
+
+
+def test_scoring_with_masked_log_likelihood_matches_numpy():
+    from hyjax.data import masked_log_likelihood
+
+    tok = tiny_tokenizer()
+    ex = sst2().resolve(["label", "sentence"]).example({"label": 0, "sentence": "dull"}, tok)
+    batch = pad_batch([ex, ex], len(ex), tok.pad_id)
+    logits = np.random.default_rng(0).normal(size=(*batch["tokens"].shape, tok.vocab_size)).astype(np.float32)
+    got = np.asarray(masked_log_likelihood(logits, batch["targets"], batch["loss_mask"]))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(got, (picked * batch["loss_mask"]).sum(-1), rtol=1e-5)
+
+
+# ---- the whole pipeline ------------------------------------------------------------------------
+
+
+def test_prepare_reads_holds_out_and_batches(tmp_path):
+    from hyjax.data import DataConfig, prepare
+
+    path = tmp_path / "reviews.tsv"
+    path.write_text("label\tcontent\n" + "".join(f"{i % 2}\t{'good' if i % 2 else 'bad'} movie\n" for i in range(40)))
+    config = DataConfig(path=str(path), task="sst2", eval_count=8, global_batch_size=4, max_length=32, bucket=8, seed=1)
+    data = prepare(config, tiny_tokenizer(), process_index=0, process_count=1, cache_dir=str(tmp_path / "c"))
+    assert len(data.eval_rows) == 8 and data.report.examples == 32 and data.train.steps_per_epoch() == 8
+    batch = next(data.train)
+    assert batch["tokens"].shape == (4, 16) and batch["loss_mask"].sum() == 8  # answer word + EOS per row
+    assert data.task.text_column == "content"
+    result = classification_accuracy(data.eval_rows, data.task, tiny_tokenizer(), lambda exs: [0.0] * len(exs))
+    assert result.total == 8
+
+
+def test_data_config_errors_name_the_closest_choices():
+    from hyjax.data import DataConfig, make_task
+
+    with pytest.raises(ValueError, match=r"unknown task 'gsm8'.*closest: \['gsm8k'\]"):
+        make_task(DataConfig(path="x", task="gsm8"))
+    with pytest.raises(ValueError, match=r"unknown option 'text_colum'.*closest: \['text_column'"):
+        make_task(DataConfig(path="x", task_options={"text_colum": "content"}))
+    assert make_task(DataConfig(path="x", task="gsm8k", task_options={"final_only": True})).final_only
+
+
+def test_sst2_accuracy_with_a_tiny_model_scores_each_answer_by_its_log_likelihood():
+    import functools
+
+    import jax
+
+    from hyjax import model as M
+    from hyjax.data import answer_log_likelihood, masked_log_likelihood
+
+    tok = tiny_tokenizer()
+    config = M.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2
+    )
+    params = M.init_params(config, jax.random.key(0))
+    logits_fn = jax.jit(functools.partial(M.apply, config, params))
+    score = answer_log_likelihood(logits_fn, tok.pad_id, max_length=64, bucket=16)
+    rows = [{"label": i % 2, "sentence": w} for i, w in enumerate(["good movie", "bad", "dull film", "witty"])]
+    task = sst2().resolve(["label", "sentence"])
+    result = classification_accuracy(rows, task, tok, score)
+    for row, predicted in zip(rows, result.predictions):
+        candidates, _ = task.candidates(row, tok)
+        alone = []
+        for ex in candidates:  # each answer scored alone, unpadded
+            batch = pad_batch([ex], len(ex), tok.pad_id)
+            logits = M.apply(config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+            alone.append(float(masked_log_likelihood(logits, batch["targets"], batch["loss_mask"])[0]))
+        np.testing.assert_allclose(score(candidates), alone, rtol=1e-4, atol=1e-5)
+        assert predicted == int(np.argmax(alone))
