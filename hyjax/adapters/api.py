@@ -20,6 +20,7 @@ from hyjax.adapters.targets import (
     iter_paths,
     map_paths,
     match_rule,
+    nest,
     stacked_axes,
     validate_patterns,
 )
@@ -89,10 +90,8 @@ def unmerge(merged_params: dict, adapted: dict) -> dict:
 
 def split_trainable(tree: dict) -> tuple[dict, dict]:
     """`(trainable, frozen)`: trainable holds only adapter parameters (by path), frozen everything else."""
-    trainable: dict = {}
-    for path, leaf in iter_paths(tree):
-        if isinstance(leaf, AdaptedWeight) and leaf.TRAINABLE:
-            _assign(trainable, path, leaf.trainable())
+    trainable = nest({path: leaf.trainable() for path, leaf in iter_paths(tree)
+                      if isinstance(leaf, AdaptedWeight) and leaf.TRAINABLE})
     frozen = map_paths(lambda _, leaf: leaf.frozen() if isinstance(leaf, AdaptedWeight) else leaf, tree)
     return trainable, frozen
 
@@ -134,10 +133,3 @@ def _lookup(tree: dict, path: str):
     for key in path.split("/"):
         tree = tree[key]
     return tree
-
-
-def _assign(tree: dict, path: str, value) -> None:
-    *parents, last = path.split("/")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[last] = value

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from hyjax.adapters.node import AdaptedWeight
-from hyjax.adapters.stacking import StackedInit, split_keys
+from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
+from hyjax.adapters.stacking import StackedInit
 from pallas_kernels.butterfly import butterfly_apply, butterfly_apply_transposed
 
 
@@ -51,7 +51,7 @@ def cayley(r: jax.Array, neumann_terms: int = 0) -> jax.Array:
     return (eye - skew) @ series
 
 
-class BOFTWeight(AdaptedWeight):
+class BOFTWeight(DropoutKeyed, AdaptedWeight):
     """A frozen weight whose input is rotated by an orthogonal butterfly and whose outputs are scaled."""
 
     r: jax.Array = None  # [m, d_in / b, b, b], PEFT's boft_R
@@ -90,13 +90,6 @@ class BOFTWeight(AdaptedWeight):
     def unmerge_2d(self, merged):
         unscaled = merged.astype(jnp.float32) / self.s.astype(jnp.float32)
         return self.rotate_rows(unscaled, inverse=True).astype(merged.dtype)
-
-    def with_rng(self, key):
-        if self.dropout == 0:
-            return self
-        if key is None:
-            return self.replace(dropout_key=None)
-        return self.replace(dropout_key=split_keys(key, self.leading_shape))
 
 
 def _block_dropout(blocks: jax.Array, rate: float, key: jax.Array) -> jax.Array:

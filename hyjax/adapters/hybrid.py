@@ -28,15 +28,15 @@ from flax import struct
 
 from hyjax.adapters.boft import BOFTConfig, BOFTWeight, cayley
 from hyjax.adapters.lora_ga import MISSING_GRADIENT, LoRAGAConfig
-from hyjax.adapters.node import AdaptedWeight
-from hyjax.adapters.stacking import StackedInit, split_keys
+from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
+from hyjax.adapters.stacking import StackedInit
 from hyjax.adapters.targets import iter_paths, map_paths
 from pallas_kernels.butterfly import superblocks
 
 MIXES = ("weight", "update")
 
 
-class HybridWeight(AdaptedWeight):
+class HybridWeight(DropoutKeyed, AdaptedWeight):
     """A frozen weight W0 with a BOFT branch (`boft_r`, `boft_s`) and a LoRA-GA branch (`lora_a`,
     `lora_b`, frozen `lora_a0`, `lora_b0`), mixed by the frozen per-layer weight `lam`."""
 
@@ -65,13 +65,6 @@ class HybridWeight(AdaptedWeight):
         return BOFTWeight(base=self.base, r=self.boft_r, s=self.boft_s, dropout_key=self.dropout_key,
                           dropout=self.dropout, neumann_terms=self.neumann_terms, impl=self.impl,
                           interpret=self.interpret)
-
-    def with_rng(self, key):
-        if self.dropout == 0:
-            return self
-        if key is None:
-            return self.replace(dropout_key=None)
-        return self.replace(dropout_key=split_keys(key, self.leading_shape))
 
     def _lora_delta(self, x):
         def low_rank(a, b):

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from hyjax.adapters.node import AdaptedWeight
-from hyjax.adapters.stacking import StackedInit, split_keys
+from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
+from hyjax.adapters.stacking import StackedInit
 
 
-class LoRAWeight(AdaptedWeight):
+class LoRAWeight(DropoutKeyed, AdaptedWeight):
     """A frozen weight plus a low-rank update applied to activations."""
 
     a: jax.Array = None  # [d_in, r]
@@ -47,13 +47,6 @@ class LoRAWeight(AdaptedWeight):
 
     def unmerge_2d(self, merged):
         return (merged.astype(jnp.float32) - self.delta_2d()).astype(merged.dtype)
-
-    def with_rng(self, key):
-        if self.dropout == 0:
-            return self
-        if key is None:
-            return self.replace(dropout_key=None)
-        return self.replace(dropout_key=split_keys(key, self.leading_shape))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ import optax
 
 from hyjax.adapters.lora import LoRAWeight
 from hyjax.adapters.stacking import StackedInit
-from hyjax.adapters.targets import default_pattern, iter_paths, map_paths, match_rule
+from hyjax.adapters.targets import default_pattern, iter_paths, map_paths, match_rule, nest
 
 # --------------------------------------------------------------------------------- the node
 
@@ -210,7 +210,7 @@ def estimate_gradients(model_config, params: dict, batches: Iterable[Any], *,
         count += 1
     if count == 0:
         raise ValueError("estimate_gradients got no batches; pass an iterable of token batches")
-    return _nest({path: g / count for path, g in total.items()})
+    return nest({path: g / count for path, g in total.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,14 +251,4 @@ def _target_paths(params: dict, targets) -> set[str]:
 def _with_weights(params: dict, weights: dict[str, jax.Array]) -> dict:
     return map_paths(lambda path, leaf: weights.get(path, leaf), params)
 
-
-def _nest(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        *parents, last = path.split("/")
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return out
 

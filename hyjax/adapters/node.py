@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import jax
 from flax import struct
 
+from hyjax.adapters.stacking import split_keys
+
 
 class AdaptedWeight(struct.PyTreeNode):
     """Base class of adapted weights. `base` is the frozen `[..., d_in, d_out]` weight.
@@ -58,6 +60,18 @@ class AdaptedWeight(struct.PyTreeNode):
 
     def frozen(self) -> "AdaptedWeight":
         return self.replace(**{name: None for name in self.TRAINABLE})
+
+
+class DropoutKeyed:
+    """`with_rng` for adapted weights with a static `dropout` rate and a `dropout_key` leaf: one key per
+    stacked layer while training, none (dropout off) for evaluation."""
+
+    def with_rng(self, key):
+        if self.dropout == 0:
+            return self
+        if key is None:
+            return self.replace(dropout_key=None)
+        return self.replace(dropout_key=split_keys(key, self.leading_shape))
 
 
 def _vmap_leading(fn, n: int):

@@ -53,6 +53,18 @@ def map_paths(fn: Callable[[str, Any], Any], tree: dict, prefix: str = "") -> di
     return out
 
 
+def nest(flat: dict[str, Any]) -> dict:
+    """`{"a/b": x}` -> `{"a": {"b": x}}`: a nested dict from path-keyed values."""
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, last = path.split("/")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return out
+
+
 def match_rule(rules, path: str):
     """The method of the first rule whose pattern matches all of `path` (None when no rule does)."""
     for pattern, method in rules:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from hyjax.adapters.hybrid import MIXES, HybridWeight
-from hyjax.adapters.targets import iter_paths
+from hyjax.adapters.targets import iter_paths, nest
 
 DIRECTIONS = ("proportional", "inverse")
 _TINY = 1e-30
@@ -93,7 +93,7 @@ def hybrid_weights(direction: str = "proportional", temperature: float = 1.0, em
             raise ValueError("hybrid_weights found no hybrid adapter (a dict with keys "
                              f"{HybridWeight.TRAINABLE}) in the parameters it was initialised with")
         half = {path: jnp.full(_layer_shape(g), 0.5, jnp.float32) for path, g in groups.items()}
-        return HybridWeightsState(step=jnp.zeros((), jnp.int32), ema=_nest(half), lambdas=_nest(half),
+        return HybridWeightsState(step=jnp.zeros((), jnp.int32), ema=nest(half), lambdas=nest(half),
                                   inner=() if inner is None else inner.init(params))
 
     def update_fn(updates, state, params=None):
@@ -114,7 +114,7 @@ def hybrid_weights(direction: str = "proportional", temperature: float = 1.0, em
             updates, inner_state = inner.update(updates, inner_state, params)
         if mix == "update":
             updates = _scale_branches(updates, lambdas)
-        return updates, HybridWeightsState(step=state.step + 1, ema=_nest(ema_new), lambdas=_nest(lambdas),
+        return updates, HybridWeightsState(step=state.step + 1, ema=nest(ema_new), lambdas=nest(lambdas),
                                            inner=inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -140,16 +140,6 @@ def _find_state(state):
             return found
     return None
 
-
-def _nest(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        *parents, last = path.split("/")
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return out
 
 
 def _is_group(x) -> bool:
