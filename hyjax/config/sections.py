@@ -66,6 +66,8 @@ class ModelSection:
     # itself ("smollm2-135m-instruct": the real SmolLM2-135M-Instruct, see hyjax.pretrained). null:
     # random initialisation from the preset (for compile and memory checks).
     path: str | None = "smollm2-135m-instruct"
+    # Tokenizer file or folder (.gguf, sentencepiece .model, tokenizer.json); null: the checkpoint's own.
+    tokenizer: str | None = None
     # Model family, for the default adapter targets (hyjax.adapters.targets.DEFAULT_TARGETS).
     family: str = "llama"
     param_dtype: str = "float32"  # storage dtype of the frozen weights
@@ -177,7 +179,7 @@ class DataSection:
                           max_bad_fraction=self.max_bad_fraction, max_bad_rows=self.max_bad_rows,
                           max_length=self.max_length, bucket=self.bucket, pack=self.packing,
                           global_batch_size=global_batch_size, seed=self.shuffle_seed,
-                          eval_fraction=self.eval_fraction, eval_count=self.eval_count)
+                          eval_fraction=self.eval_fraction, eval_count=self.eval_count, max_rows=self.max_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +227,8 @@ class TrainSection:
     # multiplier 0 freezes. E.g. [["layers/.*/boft_.*", 10.0]]. Unmatched parameters: 1.
     lr_multipliers: tuple[tuple[str, float], ...] = ()
     seed: int = 0  # parameter initialisation, dropout
+    # A step whose gradient is not finite (NaN/inf) is skipped and reported; this many in a row stop the run.
+    max_skipped_steps: int = 10
     hybrid_weights: HybridWeightsSection = HybridWeightsSection()
 
     def __post_init__(self):
@@ -253,6 +257,7 @@ class TrainSection:
             raise ValueError(f"eps={self.eps} must be > 0")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm={self.grad_clip_norm} must be > 0 (or null: no clipping)")
+        at_least("max_skipped_steps", self.max_skipped_steps, 1)
         for i, (pattern, multiplier) in enumerate(self.lr_multipliers):
             valid_regex(f"lr_multipliers[{i}]", pattern)
             at_least(f"lr_multipliers[{i}]", multiplier, 0)
@@ -287,12 +292,15 @@ class EvalSection:
     """Evaluation on the held-out data during and after training."""
 
     every_steps: int = 0  # evaluate every N steps (and at the end); 0: only at the end
+    before_training: bool = True  # also evaluate the model before the first step (not when resuming)
+    batch_size: int = 16  # held-out sequences per forward pass
     num_examples: int | None = 200  # held-out examples per evaluation; null: all
     generation_samples: int = 2  # examples whose generated answer is logged
     max_new_tokens: int = 32  # tokens generated per sample (math exact match, logged samples)
 
     def __post_init__(self):
         at_least("every_steps", self.every_steps, 0)
+        at_least("batch_size", self.batch_size, 1)
         at_least("num_examples", self.num_examples, 1, allow_none=True)
         at_least("generation_samples", self.generation_samples, 0)
         at_least("max_new_tokens", self.max_new_tokens, 1)

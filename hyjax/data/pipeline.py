@@ -45,6 +45,7 @@ class DataConfig:
     seed: int = 0  # shuffling (per epoch) and held-out split
     eval_fraction: float | None = None  # hold out this share of the file for evaluation...
     eval_count: int | None = None  # ...or this many rows
+    max_rows: int | None = None  # use only the first N rows of the file (before holding out)
 
 
 def make_task(config: DataConfig):
@@ -83,6 +84,8 @@ def prepare(
     """Read, hold out, tokenize and batch the data of `config` (every process does the same, cheaply)."""
     task = make_task(config)
     rows = load_rows(config.path, format=config.format, split=config.split, cache_dir=cache_dir)
+    if config.max_rows is not None and len(rows) > config.max_rows:
+        rows = rows.select(range(config.max_rows))
     eval_rows = None
     if config.eval_fraction is not None or config.eval_count is not None:
         rows, eval_rows = train_eval_split(

@@ -1,0 +1,89 @@
+"""Orbax checkpoints of training runs: `restore(path)` brings a run back into Python.
+
+    run = hyjax.checkpoint.restore("runs/quickstart")       # the run folder or its checkpoints folder
+    run.step, run.config.method.name
+    logits = hyjax.model.apply(run.model_config, run.adapted, tokens)
+    plain = hyjax.adapters.merge(run.adapted)                # a plain parameter tree, for serving
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+from hyjax.checkpoint.manager import CheckpointMismatchError, RunCheckpointer
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A run as its checkpoint left it: config, model, tokenizer, the restored state and frozen tree."""
+
+    config: Any  # RunConfig
+    setup: Any  # hyjax.training.RunSetup
+    state: Any  # hyjax.training.TrainState
+    frozen: dict
+    step: int
+    meta: dict  # data position, metrics of the step, fingerprint
+
+    @property
+    def model_config(self):
+        return self.setup.model_config
+
+    @property
+    def tokenizer(self):
+        return self.setup.tokenizer
+
+    @property
+    def adapted(self) -> dict:
+        """The adapted parameter tree at the checkpointed step (hybrid lambdas set, dropout off)."""
+        from hyjax.training.step import forward_params
+
+        return forward_params(self.state.trainable, self.frozen, self.state.opt_state, None, self.setup.hybrid)
+
+
+def checkpoint_folder(path: str | os.PathLike) -> pathlib.Path:
+    """The checkpoint folder of `path`: a run's output folder (holding `checkpoints/`) or the folder itself."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a run's output folder or its checkpoint folder")
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def restore(path: str | os.PathLike, step: int | None = None) -> RestoredRun:
+    """The run checkpointed in `path` at `step` (default: the latest).
+
+    Rebuilds the run from the config stored in the checkpoint (so the model checkpoint and the data
+    files it names must still be there: LoRA-GA and hybrid runs re-derive their frozen initial factors
+    from them, deterministically), then restores adapters, optimizer state, step and rng into it.
+    """
+    import jax
+
+    from hyjax.config import RunConfig
+    from hyjax.config.typed import build
+    from hyjax.training.loop import initial_state
+    from hyjax.training.distributed import data_mesh
+    from hyjax.training.setup import fingerprint, prepare_run
+
+    folder = checkpoint_folder(path)
+    probe = RunCheckpointer(folder, keep=None, async_save=False, fingerprint={})
+    available = probe.manager.all_steps()
+    if not available:
+        raise FileNotFoundError(f"{folder} holds no checkpoints")
+    step = max(available) if step is None else step
+    if step not in available:
+        raise FileNotFoundError(f"{folder} has no checkpoint of step {step}; it has steps {sorted(available)}")
+    meta = probe.read_meta(step)
+    probe.close()
+    config = build(RunConfig, meta["config"])
+    setup = prepare_run(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                        data_position=meta["data_position"], log=lambda text: None)
+    state, frozen = initial_state(setup, data_mesh())
+    checkpointer = RunCheckpointer(folder, keep=None, async_save=False, fingerprint=fingerprint(config))
+    state, meta = checkpointer.restore(step, state)
+    checkpointer.close()
+    return RestoredRun(config=config, setup=setup, state=state, frozen=frozen, step=step, meta=meta)
+
+
+__all__ = ["CheckpointMismatchError", "RestoredRun", "RunCheckpointer", "checkpoint_folder", "restore"]

@@ -1,0 +1,116 @@
+"""Evaluation of a run on its held-out rows: answer-token loss and perplexity, the task's own metric
+(classification accuracy by answer log-likelihood, math exact match by greedy generation), and a few
+generated samples to read."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from hyjax.data import (
+    BatchIterator,
+    Classification,
+    MathWordProblems,
+    answer_log_likelihood,
+    build_examples,
+    classification_accuracy,
+    math_exact_match,
+)
+from hyjax.data.report import BadRowLimit, MalformedRow
+from hyjax.generation import SamplingConfig, generate
+from hyjax.model import apply as model_apply
+from hyjax.training.step import forward_params
+
+
+class Evaluator:
+    """Evaluates states of one run on `setup.eval_rows` (built once: examples, compiled functions)."""
+
+    def __init__(self, setup, eval_step):
+        self.setup = setup
+        self.eval_step = eval_step
+        config = setup.config
+        self.rows = setup.eval_rows
+        self.task = setup.eval_task
+        self.examples = None
+        if self.rows is not None:
+            no_limit = BadRowLimit(max_fraction=None, max_rows=None)  # evaluation skips and counts bad rows
+            self.examples, _ = build_examples(self.rows, self.task, setup.tokenizer, limit=no_limit)
+        self.max_length = config.data.max_length
+        self.bucket = config.data.bucket
+        self._logits = jax.jit(lambda params, tokens, positions, segments: model_apply(
+            setup.model_config, params, tokens, positions, segments))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.examples)
+
+    def __call__(self, state, frozen) -> dict[str, Any]:
+        """Metrics (`eval/loss`, `eval/perplexity`, `eval/accuracy` or `eval/exact_match`, `eval/examples`)
+        and `samples`: generated answers of the first `eval.generation_samples` rows."""
+        if not self.enabled:
+            return {}
+        setup, config = self.setup, self.setup.config
+        batches = BatchIterator(self.examples, global_batch_size=config.eval.batch_size, max_length=self.max_length,
+                                pad_id=setup.tokenizer.pad_id, bucket=self.bucket, shuffle=False,
+                                drop_remainder=False, process_index=0, process_count=1)
+        total = count = 0.0
+        for step in range(batches.steps_per_epoch(0)):
+            nll, tokens = self.eval_step(state, frozen, batches.global_batch(0, step))
+            total, count = total + float(nll), count + float(tokens)
+        loss = total / max(count, 1.0)
+        metrics: dict[str, Any] = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)),
+                                   "eval/examples": len(self.examples)}
+        params = forward_params(state.trainable, frozen, state.opt_state, None, setup.hybrid)
+        if isinstance(self.task, Classification):
+            score = answer_log_likelihood(lambda *batch: self._logits(params, *batch), setup.tokenizer.pad_id,
+                                          self.max_length, self.bucket)
+            result = classification_accuracy(self.rows, self.task, setup.tokenizer, score,
+                                             batch_size=config.eval.batch_size)
+            metrics["eval/accuracy"] = result.accuracy
+        elif isinstance(self.task, MathWordProblems):
+            result = math_exact_match(self.rows, self.task, setup.tokenizer, self._generator(params),
+                                      batch_size=config.eval.batch_size)
+            metrics["eval/exact_match"] = result.accuracy
+        metrics["samples"] = self.samples(params)
+        return metrics
+
+    def _generator(self, params):
+        setup, config = self.setup, self.setup.config
+        sampling = SamplingConfig(max_new_tokens=config.eval.max_new_tokens)
+
+        def generate_text(prompts):
+            outputs = generate(setup.model_config, params, [list(p) for p in prompts], sorted(setup.tokenizer.stop_ids),
+                               sampling, pad_id=setup.tokenizer.pad_id)
+            return [setup.tokenizer.decode(tokens) for tokens in outputs]
+
+        return generate_text
+
+    def samples(self, params) -> list[dict[str, str]]:
+        """`{prompt, generated, reference}` for the first `eval.generation_samples` usable rows."""
+        wanted = self.setup.config.eval.generation_samples
+        tokenizer = self.setup.tokenizer
+        prompts, references = [], []
+        for row in self.rows:
+            if len(prompts) == wanted:
+                break
+            try:
+                example = self.task.example(row, tokenizer)
+            except MalformedRow:
+                continue
+            prompts.append(example.prompt_ids[-self.max_length:])
+            references.append(tokenizer.decode(example.answer_ids))
+        if not prompts:
+            return []
+        generated = self._generator(params)(prompts)
+        return [{"prompt": tokenizer.decode(p), "generated": g, "reference": r}
+                for p, g, r in zip(prompts, generated, references)]
+
+
+def mean_lambdas(lambdas: dict) -> dict[str, float]:
+    """Per hybrid weight path, the mean lambda over its layers (for logging)."""
+    from hyjax.adapters.targets import iter_paths
+
+    return {path: float(np.mean(np.asarray(value))) for path, value in iter_paths(lambdas)}

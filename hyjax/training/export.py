@@ -1,0 +1,32 @@
+"""What a finished run exports into `<output_dir>/export`: the adapter in Hugging Face PEFT's format
+where PEFT can hold the method, and optionally the merged model as a Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+
+from hyjax import adapters
+
+# The Hugging Face id of the checkpoint `model.path: smollm2-135m-instruct` holds, for PEFT's config.
+PRETRAINED_HF_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def export_run(result, log) -> dict[str, str]:
+    """Writes the exports `config.export` asks for; returns `{kind: folder}`."""
+    setup = result.setup
+    config = setup.config
+    folder = pathlib.Path(config.logging.output_dir) / "export"
+    adapted = jax.device_get(result.adapted)
+    written = {}
+    if config.export.peft_adapter:
+        base = PRETRAINED_HF_IDS.get(config.model.path, str(setup.model_path or config.model.preset))
+        path = adapters.export_peft(folder / "peft_adapter", setup.model_config, adapted, base_model_name_or_path=base)
+        written["peft_adapter"] = str(path)
+        log(f"exported the adapter in PEFT's format to {path} (base model {base})")
+    if config.export.merged_model:
+        path = adapters.export_merged(folder / "merged_model", setup.model_config, adapted, tokenizer=setup.tokenizer)
+        written["merged_model"] = str(path)
+        log(f"exported the merged model (Hugging Face safetensors) to {path}")
+    return written

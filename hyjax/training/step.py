@@ -1,0 +1,125 @@
+"""The jitted training step: loss over the answer tokens, gradients of the trainable leaves only,
+gradient accumulation over micro-batches, and the optimizer update.
+
+The loss of a step is the mean cross-entropy over every answer token of the global batch:
+
+    loss = sum_{micro-batches m} sum_{tokens t in m} mask_t * nll_t  /  sum_m sum_t mask_t
+
+so accumulating over micro-batches, or splitting the batch over devices and processes, computes the
+same quantity as one pass over the whole batch (only the summation order differs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from hyjax import adapters
+from hyjax.adapters.hybrid import set_lambdas
+from hyjax.data.loss import masked_log_likelihood
+from hyjax.model import apply as model_apply
+from hyjax.optim import current_lambdas
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes: the optimizer steps taken, the trainable adapter parameters, the
+    optimizer state (hybrid lambdas included) and the run's base random key (raw uint32[2])."""
+
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, trainable, optimizer: optax.GradientTransformation, seed: int) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable),
+                   rng=jax.random.PRNGKey(seed))
+
+
+def forward_params(trainable, frozen, opt_state, key: jax.Array | None, hybrid: bool) -> dict:
+    """The adapted parameter tree the model runs with: trainable and frozen parts joined, fresh dropout
+    randomness (`key`; None: dropout off) and, for hybrid runs, the lambdas held in the optimizer state."""
+    params = adapters.with_rng(adapters.combine(trainable, frozen), key)
+    if hybrid:
+        params = set_lambdas(params, current_lambdas(opt_state))
+    return params
+
+
+def answer_nll_sum(model_config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """`(sum of -log p over answer tokens, number of answer tokens)` of one batch."""
+    logits = model_apply(model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    total = -jnp.sum(masked_log_likelihood(logits, batch["targets"], batch["loss_mask"]))
+    return total, jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerLoss:
+    """Mean cross-entropy over the answer tokens of a batch, as a hashable callable (the loss of
+    `adapters.estimate_gradients`, which compiles once per loss function)."""
+
+    model_config: Any
+
+    def __call__(self, params: dict, batch: dict) -> jax.Array:
+        total, count = answer_nll_sum(self.model_config, params, batch)
+        return total / jnp.maximum(count, 1.0)
+
+
+def make_train_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    hybrid: bool):
+    """`step(state, frozen, batch) -> (state, metrics)`, not yet jitted.
+
+    `batch` holds `[accumulation, micro_batch, T]` arrays (tokens, targets, loss_mask, segment_ids,
+    positions). Metrics: loss, grad_norm (before clipping), learning_rate, answer_tokens, and
+    `skipped` (1 when the gradient was not finite and the update was skipped).
+    """
+
+    def micro_loss(trainable, frozen, opt_state, batch, key):
+        params = forward_params(trainable, frozen, opt_state, key, hybrid)
+        return answer_nll_sum(model_config, params, batch)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        step_key = jax.random.fold_in(state.rng, state.step)
+
+        def accumulate(carry, inputs):
+            grads, total, count = carry
+            index, micro_batch = inputs
+            (nll, tokens), micro_grads = grad_fn(state.trainable, frozen, state.opt_state, micro_batch,
+                                                 jax.random.fold_in(step_key, index))
+            return (jax.tree.map(jnp.add, grads, micro_grads), total + nll, count + tokens), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        accumulation = batch["tokens"].shape[0]
+        (grads, total, count), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accumulation), batch))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {
+            "loss": total / count,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+            "answer_tokens": count,
+            "skipped": jnp.logical_not(opt_state.last_finite).astype(jnp.int32),
+        }
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model_config, hybrid: bool):
+    """`eval_step(state, frozen, batch) -> (sum of answer-token nll, answer tokens)` on `[B, T]` arrays,
+    dropout off."""
+
+    def eval_step(state: TrainState, frozen: dict, batch: dict):
+        params = forward_params(state.trainable, frozen, state.opt_state, None, hybrid)
+        return answer_nll_sum(model_config, params, batch)
+
+    return eval_step

@@ -1,0 +1,124 @@
+"""The run's optimizer: schedules, per-group learning rates, non-finite skipping, hybrid and unitary pieces."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hyjax import adapters as A
+from hyjax import model as M
+from hyjax.config import load_config
+from hyjax.optim import current_lambdas
+from hyjax.training.optimizer import build_optimizer, group_labels, learning_rate_schedule
+
+CONFIG = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _config(*overrides):
+    return load_config(None, ["model.path=null", "export.peft_adapter=false", *overrides])
+
+
+def test_warmup_then_cosine_to_the_final_fraction():
+    train = _config("train.learning_rate=1e-3", "train.warmup_steps=10", "train.final_lr_fraction=0.1").train
+    schedule = learning_rate_schedule(train, total_steps=110)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(5)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(60)), 1e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)  # half-way down
+    np.testing.assert_allclose(float(schedule(110)), 1e-4, rtol=1e-5)
+
+
+def test_linear_and_constant_schedules():
+    linear = learning_rate_schedule(_config("train.schedule=linear", "train.learning_rate=2.0").train, 4)
+    np.testing.assert_allclose([float(linear(s)) for s in range(5)], [2.0, 1.5, 1.0, 0.5, 0.0], rtol=1e-6)
+    constant = learning_rate_schedule(_config("train.schedule=constant").train, 4)
+    assert {float(constant(s)) for s in range(6)} == {1e-4}
+
+
+def _lora_trainable():
+    params = M.init_params(CONFIG, jax.random.key(0))
+    adapted = A.apply(A.AdapterSpec.for_method(A.LoRAConfig(rank=2)), params, jax.random.key(1))
+    return A.split_trainable(adapted)[0]
+
+
+def test_first_matching_multiplier_pattern_labels_each_leaf():
+    labels = group_labels(_lora_trainable(), [("q_proj", 10.0), ("attn/.*_proj", 0.0)])
+    assert labels["layers"]["attn"]["q_proj"]["a"] == "group0"
+    assert labels["layers"]["attn"]["k_proj"]["b"] == "group1"
+    assert labels["layers"]["mlp"]["up_proj"]["a"] == "default"
+
+
+def test_lr_multipliers_scale_and_freeze_groups():
+    trainable = _lora_trainable()
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    config = _config("method.name=lora", "train.optimizer=sgd", "train.b1=0", "train.schedule=constant",
+                     "train.learning_rate=0.1", "train.grad_clip_norm=null",
+                     "train.lr_multipliers=[[q_proj, 10.0], [k_proj, 0.0]]")
+    optimizer, _ = build_optimizer(config, total_steps=10)
+    updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
+    attn = updates["layers"]["attn"]
+    np.testing.assert_allclose(attn["q_proj"]["a"], -1.0, rtol=1e-6)
+    np.testing.assert_allclose(attn["k_proj"]["a"], 0.0)
+    np.testing.assert_allclose(attn["v_proj"]["a"], -0.1, rtol=1e-6)
+
+
+def test_non_finite_gradient_skips_the_update_and_keeps_the_state():
+    trainable = _lora_trainable()
+    optimizer, _ = build_optimizer(_config("method.name=lora"), total_steps=10)
+    state = optimizer.init(trainable)
+    good = jax.tree.map(jnp.ones_like, trainable)
+    _, state = optimizer.update(good, state, trainable)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), good)
+    updates, after = optimizer.update(bad, state, trainable)
+    assert not bool(after.last_finite) and int(after.total_notfinite) == 1
+    assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+    for kept, old in zip(jax.tree.leaves(after.inner_state), jax.tree.leaves(state.inner_state)):
+        np.testing.assert_array_equal(kept, old)
+
+
+def test_hybrid_runs_carry_lambdas_in_the_optimizer_state():
+    params = M.init_params(CONFIG, jax.random.key(0))
+    config = _config("model.path=x.gguf", "method.name=hybrid", "method.boft.block_size=4",
+                     "method.lora_ga.rank=2", "train.hybrid_weights.warmup_steps=0")
+    spec = config.to_adapter_spec()
+    gradients = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+    trainable = A.split_trainable(A.apply(spec, params, jax.random.key(1), gradients=gradients))[0]
+    optimizer, _ = build_optimizer(config, total_steps=10)
+    state = optimizer.init(trainable)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    _, state = optimizer.update(grads, state, trainable)
+    lambdas = current_lambdas(state)
+    lam = lambdas["layers"]["attn"]["q_proj"]
+    assert lam.shape == (CONFIG.num_layers,) and not np.allclose(lam, 0.5)
+
+
+def test_unitary_runs_keep_reflection_vectors_unit_norm():
+    params = M.init_params(CONFIG, jax.random.key(0))
+    config = _config("method.name=unitary", "train.learning_rate=0.5")
+    trainable = A.split_trainable(A.apply(config.to_adapter_spec(), params, jax.random.key(1)))[0]
+    optimizer, _ = build_optimizer(config, total_steps=10)
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), trainable)
+    updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
+    after = optax.apply_updates(trainable, updates)
+    vectors = [n for n in jax.tree.leaves(after, is_leaf=lambda n: isinstance(n, A.UnitVectors))
+               if isinstance(n, A.UnitVectors)]
+    assert vectors
+    for node in vectors:
+        np.testing.assert_allclose(node.norms(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd"])
+def test_each_optimizer_reduces_a_quadratic(optimizer):
+    config = _config("method.name=lora", f"train.optimizer={optimizer}", "train.learning_rate=0.05",
+                     "train.schedule=constant", "train.weight_decay=0.01")
+    optimizer, _ = build_optimizer(config, total_steps=50)
+    params = {"w": jnp.full((4, 4), 2.0)}
+    state = optimizer.init(params)
+    for _ in range(30):
+        grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert float(jnp.sum(params["w"] ** 2)) < 0.5 * 64

@@ -1,0 +1,78 @@
+"""`hyjax.training.train` end to end on a tiny LLaMA with the real SmolLM2 tokenizer: what a run leaves
+behind, step semantics (accumulation), evaluation, export, and `hyjax.checkpoint.restore`."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from hyjax import checkpoint
+from hyjax.config import load_config
+from hyjax.training import train
+
+
+def tiny_run_overrides(tiny_checkpoint, sentiment_data, output_dir, *extra) -> list[str]:
+    """Overrides of a few-step run of the tiny model on the sentiment files."""
+    return ["model.preset=null", f"model.path={tiny_checkpoint}", f"data.path={sentiment_data['train']}",
+            f"data.eval_path={sentiment_data['dev']}", "data.chat=false", "data.max_length=32", "data.bucket=16",
+            "train.steps=6", "train.global_batch_size=4", "train.learning_rate=1e-2", "train.schedule=constant",
+            "checkpoint.every_steps=2", "eval.num_examples=16", "eval.generation_samples=1",
+            "eval.max_new_tokens=3", f"logging.output_dir={output_dir}", "logging.every_steps=1",
+            "logging.progress_bar=false", "export.peft_adapter=false", *extra]
+
+
+def _losses(output_dir) -> dict[int, float]:
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_checkpoint, sentiment_data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("lora_run")
+    config = load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, output, "method.name=lora",
+                                                  "export.peft_adapter=true", "export.merged_model=true",
+                                                  "logging.tensorboard=true"))
+    return output, train(config, log=lambda text: None)
+
+
+def test_a_run_leaves_metrics_checkpoints_plots_exports_and_a_summary(lora_run):
+    output, result = lora_run
+    losses = _losses(output)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values())))
+    assert sorted(int(p.name) for p in (output / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6][-3:]
+    for name in ("config.yaml", "summary.json", "loss_curve.png", "export/peft_adapter/adapter_config.json",
+                 "export/merged_model/config.json"):
+        assert (output / name).is_file(), name
+    assert list((output / "tensorboard").iterdir())
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["trainable_parameters"] == result.setup.trainable_counts["total"]
+    assert set(summary["eval_before"]) >= {"accuracy", "loss", "perplexity"}
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    assert summary["peak_host_memory_mib"] > 0 and summary["wall_time_seconds"] > 0
+
+
+def test_restore_gives_back_the_final_adapters(lora_run):
+    output, result = lora_run
+    restored = checkpoint.restore(output)
+    assert restored.step == 6 and restored.config.method.name == "lora"
+    for ours, theirs in zip(jax.tree.leaves(result.state.trainable), jax.tree.leaves(restored.state.trainable)):
+        np.testing.assert_array_equal(ours, theirs)
+    earlier = checkpoint.restore(output / "checkpoints", step=4)
+    assert earlier.step == 4 and int(earlier.state.step) == 4
+
+
+def test_gradient_accumulation_gives_the_same_step(tiny_checkpoint, sentiment_data, tmp_path):
+    common = ["train.steps=2", "checkpoint.every_steps=0", "eval.before_training=false", "eval.num_examples=1",
+              "method.name=lora", "train.optimizer=sgd", "train.b1=0", "train.grad_clip_norm=null"]
+    whole = train(load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, tmp_path / "a", *common)),
+                  log=lambda text: None)
+    accumulated = train(load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, tmp_path / "b",
+                                                             *common, "train.micro_batch_size=2")),
+                        log=lambda text: None)
+    np.testing.assert_allclose(list(_losses(tmp_path / "b").values()), list(_losses(tmp_path / "a").values()),
+                               rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(whole.state.trainable), jax.tree.leaves(accumulated.state.trainable)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
