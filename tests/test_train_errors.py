@@ -70,3 +70,15 @@ def test_existing_checkpoints_without_resume_are_refused_untouched(capsys, finis
     code, err = _run(capsys, *overrides, "checkpoint.resume=false")
     assert code == 2 and "already holds checkpoints" in err
     assert _digest(output / "checkpoints") == before
+
+
+def test_diverging_steps_are_skipped_reported_and_stop_the_run(capsys, tmp_path, tiny_checkpoint, sentiment_data):
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, tmp_path / "run", "method.name=lora",
+                                   "train.optimizer=sgd", "train.b1=0", "train.learning_rate=1e30",
+                                   "train.grad_clip_norm=null", "train.max_skipped_steps=2",
+                                   "eval.before_training=false")
+    code = cli.main(["base", *overrides])
+    captured = capsys.readouterr()
+    assert code == 2 and "2 steps in a row had a non-finite gradient" in captured.err
+    assert "the update was skipped" in captured.out
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]

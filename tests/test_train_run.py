@@ -76,3 +76,17 @@ def test_gradient_accumulation_gives_the_same_step(tiny_checkpoint, sentiment_da
                                rtol=1e-6)
     for a, b in zip(jax.tree.leaves(whole.state.trainable), jax.tree.leaves(accumulated.state.trainable)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_math_runs_report_exact_match(tiny_checkpoint, sentiment_data, tmp_path):
+    problems = tmp_path / "math.jsonl"
+    rows = [{"question": f"What is {a} plus {a}?", "answer": f"{a} and {a} make <<{a}+{a}={2 * a}>>{2 * a}.\n#### {2 * a}"}
+            for a in range(1, 13)]
+    problems.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, tmp_path / "run", "method.name=lora",
+                                   f"data.path={problems}", "data.eval_path=null", "data.eval_count=4",
+                                   "data.task=math", "data.max_length=64", "train.steps=2")
+    result = train(load_config(None, overrides), log=lambda text: None)
+    after = result.eval_after
+    assert 0.0 <= after["eval/exact_match"] <= 1.0 and after["eval/examples"] == 4
+    assert len(after["samples"]) == 1 and "####" in after["samples"][0]["reference"]

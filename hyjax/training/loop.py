@@ -135,46 +135,48 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     bar = reporting.progress_bar(setup.total_steps, start_step, config.logging.progress_bar and main_process)
     skipped_in_a_row, skipped_total, last_eval = 0, 0, {}
     interrupted = None
-    with _StopRequests() as stops:
-        for step in range(start_step, setup.total_steps):
-            tick = time.perf_counter()
-            local = next(setup.data.train)
-            state, metrics = train_step(state, frozen, distributed.global_batch(local, mesh, accumulation))
-            metrics = {key: value.item() for key, value in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - tick
-            done = step + 1
-            tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
-            if metrics["skipped"]:
-                skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
-                log(f"step {done}: non-finite loss or gradient (loss {metrics['loss']}, grad norm "
-                    f"{metrics['grad_norm']}); the update was skipped")
-                if skipped_in_a_row >= config.train.max_skipped_steps:
-                    raise NonFiniteError(f"{skipped_in_a_row} steps in a row had a non-finite gradient (last: step "
-                                         f"{done}); lower train.learning_rate or check the data. The last "
-                                         "checkpoint is untouched")
-            else:
-                skipped_in_a_row = 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
-                            tok_s=f"{tokens / seconds:,.0f}")
-            if done % config.logging.every_steps == 0 or done == setup.total_steps:
-                record = {**metrics, "tokens_per_second": tokens / seconds, "step_seconds": seconds}
-                if setup.hybrid:
-                    record["lambda"] = mean_lambdas(current_lambdas(state.opt_state))
-                metrics_log.write(done, record)
-            final = done == setup.total_steps
-            every = config.checkpoint.every_steps
-            stop = distributed.any_process(stops.requested is not None)
-            if stop or final or (every and done % every == 0):
-                checkpointer.save(done, state, {"data_position": setup.data.train.position, "metrics": metrics,
-                                                "config": config.to_dict()}, force=True)
-            if config.eval.every_steps and done % config.eval.every_steps == 0 and not final and not stop:
-                last_eval = _evaluate(evaluator, state, frozen, done, metrics_log, log, f"step {done}")
-            if stop:
-                interrupted = stops.requested or "another process"
-                break
-    bar.close()
-    checkpointer.wait()
+    try:  # whatever stops the loop, checkpoints already started are finished, never abandoned
+        with _StopRequests() as stops:
+            for step in range(start_step, setup.total_steps):
+                tick = time.perf_counter()
+                local = next(setup.data.train)
+                state, metrics = train_step(state, frozen, distributed.global_batch(local, mesh, accumulation))
+                metrics = {key: value.item() for key, value in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - tick
+                done = step + 1
+                tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+                if metrics["skipped"]:
+                    skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
+                    log(f"step {done}: non-finite loss or gradient (loss {metrics['loss']}, grad norm "
+                        f"{metrics['grad_norm']}); the update was skipped")
+                    if skipped_in_a_row >= config.train.max_skipped_steps:
+                        raise NonFiniteError(f"{skipped_in_a_row} steps in a row had a non-finite gradient (last: step "
+                                             f"{done}); lower train.learning_rate or check the data. The last "
+                                             "checkpoint is untouched")
+                else:
+                    skipped_in_a_row = 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                                tok_s=f"{tokens / seconds:,.0f}")
+                if done % config.logging.every_steps == 0 or done == setup.total_steps:
+                    record = {**metrics, "tokens_per_second": tokens / seconds, "step_seconds": seconds}
+                    if setup.hybrid:
+                        record["lambda"] = mean_lambdas(current_lambdas(state.opt_state))
+                    metrics_log.write(done, record)
+                final = done == setup.total_steps
+                every = config.checkpoint.every_steps
+                stop = distributed.any_process(stops.requested is not None)
+                if stop or final or (every and done % every == 0):
+                    checkpointer.save(done, state, {"data_position": setup.data.train.position, "metrics": metrics,
+                                                    "config": config.to_dict()}, force=True)
+                if config.eval.every_steps and done % config.eval.every_steps == 0 and not final and not stop:
+                    last_eval = _evaluate(evaluator, state, frozen, done, metrics_log, log, f"step {done}")
+                if stop:
+                    interrupted = stops.requested or "another process"
+                    break
+    finally:
+        bar.close()
+        checkpointer.wait()
     steps_done = int(state.step)
     if interrupted:
         log(f"stopped by {interrupted} after step {steps_done}: checkpoint saved in {checkpointer.directory}; "
