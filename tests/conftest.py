@@ -24,6 +24,21 @@ def smollm2_gguf() -> pathlib.Path:
     return pretrained.smollm2_135m_instruct()
 
 
+@pytest.fixture
+def peft_butterfly(monkeypatch):
+    """HF PEFT's BOFT with m > 1 on CPU: PEFT needs its CUDA extension `fbd_cuda` for the block-diagonal
+    assembly and otherwise forces m = 1; this stands in for it (forward only) with `torch.block_diag`."""
+    torch = pytest.importorskip("torch")
+    boft_layer = pytest.importorskip("peft.tuners.boft.layer")
+
+    class BlockDiag:
+        @staticmethod
+        def forward(blocks):
+            return (torch.stack([torch.block_diag(*blocks[n]) for n in range(blocks.shape[0])]),)
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", BlockDiag)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """The shared data folder (SST-2, GSM8K); tests using it skip when it is absent."""

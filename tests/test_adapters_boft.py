@@ -21,19 +21,6 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 10), 0, 64)
 _apply = jax.jit(M.apply, static_argnums=0)
 
 
-class _BlockDiag:
-    """Stand-in for PEFT's CUDA extension `fbd_cuda` (forward only): without it PEFT forces m = 1."""
-
-    @staticmethod
-    def forward(blocks):
-        return (torch.stack([torch.block_diag(*blocks[n]) for n in range(blocks.shape[0])]),)
-
-
-@pytest.fixture
-def peft_butterfly(monkeypatch):
-    monkeypatch.setattr(boft_layer, "_FBD_CUDA", _BlockDiag)
-
-
 @pytest.fixture(scope="module")
 def base():
     return M.init_params(CONFIG, jax.random.key(0))

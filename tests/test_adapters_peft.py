@@ -24,19 +24,6 @@ TOKENS = np.random.default_rng(1).integers(0, 64, (2, 10))
 _apply = jax.jit(M.apply, static_argnums=0)
 
 
-class _BlockDiag:
-    """Stand-in for PEFT's CUDA extension `fbd_cuda` (forward only): without it PEFT forces m = 1."""
-
-    @staticmethod
-    def forward(blocks):
-        return (torch.stack([torch.block_diag(*blocks[n]) for n in range(blocks.shape[0])]),)
-
-
-@pytest.fixture
-def peft_butterfly(monkeypatch):
-    monkeypatch.setattr(boft_layer, "_FBD_CUDA", _BlockDiag)
-
-
 def _randomize(adapted, seed, std):
     """Random nonzero adapter parameters: LoRA A, B ~ N(0, std); BOFT r ~ N(0, std), s ~ N(1, std / 4)."""
     rng = np.random.default_rng(seed)

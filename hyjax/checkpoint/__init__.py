@@ -64,23 +64,21 @@ def restore(path: str | os.PathLike, step: int | None = None) -> RestoredRun:
     from hyjax.config.typed import build
     from hyjax.training.loop import initial_state
     from hyjax.training.distributed import data_mesh
-    from hyjax.training.setup import fingerprint, prepare_run
+    from hyjax.training.setup import prepare_run
 
     folder = checkpoint_folder(path)
-    probe = RunCheckpointer(folder, keep=None, async_save=False, fingerprint={})
-    available = probe.manager.all_steps()
+    checkpointer = RunCheckpointer(folder, keep=None, async_save=False, fingerprint={})  # reads, never saves
+    available = checkpointer.manager.all_steps()
     if not available:
         raise FileNotFoundError(f"{folder} holds no checkpoints")
     step = max(available) if step is None else step
     if step not in available:
         raise FileNotFoundError(f"{folder} has no checkpoint of step {step}; it has steps {sorted(available)}")
-    meta = probe.read_meta(step)
-    probe.close()
+    meta = checkpointer.read_meta(step)
     config = build(RunConfig, meta["config"])
     setup = prepare_run(config, process_index=jax.process_index(), process_count=jax.process_count(),
                         data_position=meta["data_position"], log=lambda text: None)
     state, frozen = initial_state(setup, data_mesh())
-    checkpointer = RunCheckpointer(folder, keep=None, async_save=False, fingerprint=fingerprint(config))
     state, meta = checkpointer.restore(step, state)
     checkpointer.close()
     return RestoredRun(config=config, setup=setup, state=state, frozen=frozen, step=step, meta=meta)

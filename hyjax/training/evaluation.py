@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 
 from hyjax.data import (
     BatchIterator,
@@ -108,9 +107,3 @@ class Evaluator:
         return [{"prompt": tokenizer.decode(p), "generated": g, "reference": r}
                 for p, g, r in zip(prompts, generated, references)]
 
-
-def mean_lambdas(lambdas: dict) -> dict[str, float]:
-    """Per hybrid weight path, the mean lambda over its layers (for logging)."""
-    from hyjax.adapters.targets import iter_paths
-
-    return {path: float(np.mean(np.asarray(value))) for path, value in iter_paths(lambdas)}

@@ -22,13 +22,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from hyjax import adapters
 from hyjax.adapters.targets import iter_paths
 from hyjax.checkpoint.manager import RunCheckpointer
 from hyjax.config import RunConfig
+from hyjax.model import abstract_params, count_params
 from hyjax.optim import current_lambdas
 from hyjax.training import distributed, plots, reporting
-from hyjax.training.evaluation import Evaluator, mean_lambdas
+from hyjax.training.evaluation import Evaluator
 from hyjax.training.export import export_run
 from hyjax.training.setup import RunSetup, fingerprint, preflight, prepare_run
 from hyjax.training.step import TrainState, make_eval_step, make_train_step
@@ -89,10 +89,8 @@ def open_checkpoints(config: RunConfig) -> tuple[RunCheckpointer, int | None]:
 
 def initial_state(setup: RunSetup, mesh) -> tuple[TrainState, dict]:
     """The fresh state and the frozen tree, replicated over `mesh`."""
-    frozen = distributed.replicate(setup.frozen, mesh)
-    trainable = distributed.replicate(setup.trainable, mesh)
-    state = TrainState.create(trainable, setup.optimizer, setup.config.train.seed)
-    return distributed.replicate(state, mesh), frozen
+    state = TrainState.create(setup.trainable, setup.optimizer, setup.config.train.seed)
+    return distributed.replicate(state, mesh), distributed.replicate(setup.frozen, mesh)
 
 
 def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunResult:
@@ -119,7 +117,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
             f"{setup.data.train.epoch} step {setup.data.train.step})")
     start_step = int(state.step)
     counts = setup.trainable_counts
-    log(f"{config.method.name}: {counts['total']:,} trainable parameters ({counts['total'] / _base_size(setup):.3%} "
+    log(f"{config.method.name}: {counts['total']:,} trainable parameters ({counts['total'] / count_params(abstract_params(setup.model_config)):.3%} "
         f"of the model); {setup.total_steps} steps of {config.train.global_batch_size} sequences")
 
     train_step = jax.jit(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid),
@@ -161,7 +159,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
                 if done % config.logging.every_steps == 0 or done == setup.total_steps:
                     record = {**metrics, "tokens_per_second": tokens / seconds, "step_seconds": seconds}
                     if setup.hybrid:
-                        record["lambda"] = mean_lambdas(current_lambdas(state.opt_state))
+                        record["lambda"] = reporting.mean_lambdas(current_lambdas(state.opt_state))
                     metrics_log.write(done, record)
                 final = done == setup.total_steps
                 every = config.checkpoint.every_steps
@@ -192,10 +190,6 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     metrics_log.close()
     checkpointer.close()
     return result
-
-
-def _base_size(setup: RunSetup) -> int:
-    return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(adapters.merge(setup.adapted)))
 
 
 def _evaluate(evaluator: Evaluator, state, frozen, step: int, metrics_log, log, when: str) -> dict:

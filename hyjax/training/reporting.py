@@ -10,7 +10,10 @@ import resource
 import sys
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
+
+from hyjax.adapters.targets import iter_paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -110,3 +113,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             value = f"{value:.4g}"
         lines.append(f"  {key:<24} {value}")
     return "\n".join(lines)
+
+
+def mean_lambdas(lambdas: dict) -> dict[str, float]:
+    """Per hybrid weight path, the mean lambda over its layers (for the metrics)."""
+    return {path: float(np.mean(np.asarray(value))) for path, value in iter_paths(lambdas)}

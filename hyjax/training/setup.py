@@ -84,10 +84,6 @@ class RunSetup:
     def hybrid(self) -> bool:
         return self.config.method.name == "hybrid"
 
-    @property
-    def adapted(self) -> dict:
-        return adapters.combine(self.trainable, self.frozen)
-
 
 def load_model(config: RunConfig):
     """`(model_config, params, tokenizer, checkpoint path)` of `config.model`."""
