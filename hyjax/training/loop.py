@@ -99,26 +99,27 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     main_process = jax.process_index() == 0
     log = log or (lambda text: print(text, flush=True) if main_process else None)
     preflight(config)
-    checkpointer, resume_step = open_checkpoints(config)
-    meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
-    setup = prepare_run(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                        data_position=meta["data_position"] if meta else None, log=log)
     mesh = distributed.data_mesh()
     micro_rows = config.train.micro_batch
     if micro_rows % mesh.size:
         raise ValueError(f"train.micro_batch_size ({micro_rows}) must divide by the {mesh.size} devices of the "
                          "data-parallel mesh")
+    checkpointer, resume_step = open_checkpoints(config)
+    meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
+    setup = prepare_run(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                        data_position=meta["data_position"] if meta else None, log=log)
     if main_process:
         config.save(f"{config.logging.output_dir}/config.yaml")
     state, frozen = initial_state(setup, mesh)
     if resume_step is not None:
-        state, meta = checkpointer.restore(resume_step, state)
+        state, _ = checkpointer.restore(resume_step, state)
         log(f"resumed from {checkpointer.directory}/{resume_step} (step {int(state.step)}, data epoch "
             f"{setup.data.train.epoch} step {setup.data.train.step})")
     start_step = int(state.step)
-    counts = setup.trainable_counts
-    log(f"{config.method.name}: {counts['total']:,} trainable parameters ({counts['total'] / count_params(abstract_params(setup.model_config)):.3%} "
-        f"of the model); {setup.total_steps} steps of {config.train.global_batch_size} sequences")
+    trainable = setup.trainable_counts["total"]
+    share = trainable / count_params(abstract_params(setup.model_config))
+    log(f"{config.method.name}: {trainable:,} trainable parameters ({share:.3%} of the model); "
+        f"{setup.total_steps} steps of {config.train.global_batch_size} sequences")
 
     train_step = jax.jit(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid),
                          donate_argnums=0)
