@@ -62,30 +62,42 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
+def stored_names(config: LlamaConfig, name: TensorName, fmt: str) -> list[str]:
+    """The `fmt` ('hf' or 'gguf') names of the checkpoint tensors parameter `name` is stacked from: one
+    per layer for per-layer parameters, else one."""
+    template = getattr(name, fmt)
+    return [template.format(i=i) for i in range(config.num_layers)] if name.per_layer else [template]
+
+
+def stored_shape(name: TensorName, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a checkpoint stores for parameter `name` of our `shape` (per layer: `[d_out, d_in]`
+    for kernels, which we hold as `[layers, d_in, d_out]`)."""
+    shape = tuple(shape[1:] if name.per_layer else shape)
+    return tuple(reversed(shape)) if name.is_kernel else shape
+
+
+def check_shape(tensor_name: str, stored: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """Raises CheckpointError when checkpoint tensor `tensor_name` is stored with another shape than the
+    config implies (both in the checkpoint's layout)."""
+    if tuple(stored) != tuple(expected):
+        raise CheckpointError(
+            f"tensor {tensor_name} has shape {tuple(stored)} but the config implies {tuple(expected)}; "
+            "the checkpoint and its config do not belong together"
+        )
+
+
 def assemble_params(config: LlamaConfig, read: Callable[[str], np.ndarray], fmt: str) -> Params:
     """Builds our parameter dict from a checkpoint, calling `read(name)` for each `fmt` ('hf' or 'gguf')
     tensor name; checks every shape against the config and casts to `config.param_dtype`."""
     expected = abstract_params(config)
     params: Params = {}
     for name in tensor_names(config):
-        template = getattr(name, fmt)
-        want = _get(expected, name.path)
-        layers = range(config.num_layers) if name.per_layer else [None]
+        want = stored_shape(name, _get(expected, name.path).shape)
         pieces = []
-        for i in layers:
-            tensor_name = template.format(i=i)
+        for tensor_name in stored_names(config, name, fmt):
             array = read(tensor_name)
-            if name.is_kernel:
-                array = array.T
-            want_shape = want.shape[1:] if name.per_layer else want.shape
-            if tuple(array.shape) != tuple(want_shape):
-                stored = tuple(reversed(array.shape)) if name.is_kernel else tuple(array.shape)
-                raise CheckpointError(
-                    f"tensor {tensor_name} has shape {stored} but the config implies "
-                    f"{tuple(reversed(want_shape)) if name.is_kernel else tuple(want_shape)}; "
-                    "the checkpoint and its config do not belong together"
-                )
-            pieces.append(np.asarray(array, dtype=config.jnp_param_dtype))
+            check_shape(tensor_name, array.shape, want)
+            pieces.append(np.asarray(array.T if name.is_kernel else array, dtype=config.jnp_param_dtype))
         value = np.stack(pieces) if name.per_layer else pieces[0]
         _set(params, name.path, jnp.asarray(value))
     return params
