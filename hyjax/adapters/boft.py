@@ -63,6 +63,7 @@ class BOFTWeight(DropoutKeyed, AdaptedWeight):
     interpret: bool = struct.field(pytree_node=False, default=False)
     NAME: ClassVar[str] = "boft"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("r", "s")
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "r": (None, "adapter_block", None, None), "s": ("out",)}
 
     def blocks(self) -> jax.Array:
         """The orthogonal `[m, d_in / b, b, b]` blocks, with block dropout when a dropout key is set."""

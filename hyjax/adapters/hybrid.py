@@ -57,6 +57,9 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
     NAME: ClassVar[str] = "hybrid"
     BRANCHES: ClassVar[dict[str, tuple[str, ...]]] = {"boft": ("boft_r", "boft_s"), "lora": ("lora_a", "lora_b")}
     TRAINABLE: ClassVar[tuple[str, ...]] = ("boft_r", "boft_s", "lora_a", "lora_b")
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "boft_r": (None, "adapter_block", None, None), "boft_s": ("out",),
+                            "lora_a": ("in", "adapter_rank"), "lora_b": ("adapter_rank", "out"),
+                            "lora_a0": ("in", "adapter_rank"), "lora_b0": ("adapter_rank", "out")}
     # Rank of each trainable field for one 2-D weight; axes before these are stacked-layer axes.
     CORE_NDIM: ClassVar[dict[str, int]] = {"boft_r": 4, "boft_s": 1, "lora_a": 2, "lora_b": 2}
 

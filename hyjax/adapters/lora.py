@@ -29,6 +29,7 @@ class LoRAWeight(DropoutKeyed, AdaptedWeight):
     dropout: float = struct.field(pytree_node=False, default=0.0)
     NAME: ClassVar[str] = "lora"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("a", "b")
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "a": ("in", "adapter_rank"), "b": ("adapter_rank", "out")}
 
     def apply_to(self, x):
         y = jnp.dot(x, self.base.astype(x.dtype))

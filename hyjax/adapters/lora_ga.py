@@ -64,6 +64,7 @@ class LoRAGAWeight(LoRAWeight):
     a0: jax.Array = None  # [d_in, r]  frozen copy of the initial a
     b0: jax.Array = None  # [r, d_out] frozen copy of the initial b
     NAME: ClassVar[str] = "lora_ga"
+    AXES: ClassVar[dict] = {**LoRAWeight.AXES, "a0": ("in", "adapter_rank"), "b0": ("adapter_rank", "out")}
 
     def original_base_2d(self) -> jax.Array:
         """The weight before the offset, `W0 = base + eta a0 b0`."""

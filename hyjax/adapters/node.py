@@ -26,6 +26,10 @@ class AdaptedWeight(struct.PyTreeNode):
     base: jax.Array
     NAME: ClassVar[str] = "adapter"
     TRAINABLE: ClassVar[tuple[str, ...]] = ()
+    # Logical axis names of each array field but `base` (which keeps the weight's own) for one 2-D
+    # weight; "in"/"out" stand for the base weight's names (see hyjax.sharding.axes). Unlisted fields
+    # are replicated.
+    AXES: ClassVar[dict[str, tuple[str | None, ...]]] = {}
 
     def apply_to(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError

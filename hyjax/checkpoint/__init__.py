@@ -51,19 +51,21 @@ def checkpoint_folder(path: str | os.PathLike) -> pathlib.Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def restore(path: str | os.PathLike, step: int | None = None) -> RestoredRun:
-    """The run checkpointed in `path` at `step` (default: the latest).
+def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None = None) -> RestoredRun:
+    """The run checkpointed in `path` at `step` (default: the latest), laid out on this machine's devices.
 
     Rebuilds the run from the config stored in the checkpoint (so the model checkpoint and the data
     files it names must still be there: LoRA-GA and hybrid runs re-derive their frozen initial factors
-    from them, deterministically), then restores adapters, optimizer state, step and rng into it.
+    from them, deterministically), then restores adapters, optimizer state, step and rng into it. Each
+    array is read straight into its sharding on `mesh` (sizes like the config's mesh section, e.g.
+    `{"fsdp": 4, "tensor": 2}`; default: data parallel over every device), whatever mesh saved it.
     """
-    import jax
+    import dataclasses
 
-    from hyjax.config import RunConfig
+    from hyjax.config import MeshSection, RunConfig
     from hyjax.config.typed import build
+    from hyjax.training.layout import run_layout
     from hyjax.training.loop import initial_state
-    from hyjax.training.distributed import data_mesh
     from hyjax.training.setup import prepare_run
 
     folder = checkpoint_folder(path)
@@ -76,12 +78,12 @@ def restore(path: str | os.PathLike, step: int | None = None) -> RestoredRun:
         raise FileNotFoundError(f"{folder} has no checkpoint of step {step}; it has steps {sorted(available)}")
     meta = checkpointer.read_meta(step)
     config = build(RunConfig, meta["config"])
-    setup = prepare_run(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                        data_position=meta["data_position"], log=lambda text: None)
-    state, frozen = initial_state(setup, data_mesh())
-    state, meta = checkpointer.restore(step, state)
+    config = dataclasses.replace(config, mesh=MeshSection(**{"data": -1, **(mesh or {})}))
+    setup = prepare_run(config, layout=run_layout(config.mesh), data_position=meta["data_position"],
+                        log=lambda text: None)
+    state, meta = checkpointer.restore(step, initial_state(setup))
     checkpointer.close()
-    return RestoredRun(config=config, setup=setup, state=state, frozen=frozen, step=step, meta=meta)
+    return RestoredRun(config=config, setup=setup, state=state, frozen=setup.frozen, step=step, meta=meta)
 
 
 __all__ = ["CheckpointMismatchError", "RestoredRun", "RunCheckpointer", "checkpoint_folder", "restore"]

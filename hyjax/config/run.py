@@ -15,6 +15,7 @@ from hyjax.config.sections import (
     EvalSection,
     ExportSection,
     LoggingSection,
+    MeshSection,
     ModelSection,
     TrainSection,
 )
@@ -29,6 +30,7 @@ class RunConfig:
     method: MethodSection = MethodSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
+    mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     eval: EvalSection = EvalSection()
     logging: LoggingSection = LoggingSection()

@@ -273,6 +273,34 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """How the run's devices form a `data x fsdp x tensor` mesh, and how arrays are split over it."""
+
+    data: int = -1  # data-parallel ways; -1: every device the other axes leave
+    fsdp: int = 1  # fully sharded data parallel: batch and weights' embed dimension split this many ways
+    tensor: int = 1  # tensor parallel: heads, kv_heads, mlp and vocab dimensions split this many ways
+    slices: int = 1  # TPU slices joined over the data-centre network (data parallel across them)
+    # Overrides of the rules table (hyjax/sharding/rules.py): [logical axis, [mesh axes]] pairs,
+    # e.g. [["vocab", []], ["mlp", ["fsdp", "tensor"]]]; an empty list replicates that dimension.
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self):
+        for axis in ("data", "fsdp", "tensor"):
+            value = getattr(self, axis)
+            if value == 0 or value < -1:
+                raise ValueError(f"{axis}={value} must be a positive size or -1 (fill with the remaining devices)")
+        if sum(getattr(self, axis) == -1 for axis in ("data", "fsdp", "tensor")) > 1:
+            raise ValueError(f"data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}: at most one may be -1")
+        at_least("slices", self.slices, 1)
+        from hyjax.sharding.rules import Rules
+
+        Rules().override(self.rules)  # unknown logical or mesh axis names fail here, before anything runs
+
+    def sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     """Orbax checkpoints of the adapters, optimizer state, step, data position and rng."""
 

@@ -14,8 +14,8 @@ activations without the model knowing (see `hyjax.model.linear`). Parameters (as
     final_norm            [embed]
     lm_head               [embed, vocab]                         (untied models only)
 
-Each parameter carries logical axis names (`out_sharding` metadata, e.g. ('layers', 'embed', 'heads'));
-the model never names a mesh.
+Each parameter carries logical axis names (`out_sharding` metadata, e.g. ('layers', 'embed', 'heads')),
+and a few activations are marked with theirs (`constrain`); the model never names a mesh.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from hyjax.model.attention import attention, cached_mask, causal_segment_mask
 from hyjax.model.config import LlamaConfig
 from hyjax.model.linear import dense, linear
 from hyjax.model.rope import apply_rope, inverse_frequencies
+from hyjax.sharding.activations import constrain
 
 _INIT_STD = 0.02
 
@@ -168,7 +169,7 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         if segment_ids is None:
             segment_ids = jnp.ones((batch, seq), jnp.int32)
-        x = self._embed(tokens)
+        x = constrain(self._embed(tokens), ("batch", "seq", "embed"))
         x, _ = self._run_layers(x, positions, causal_segment_mask(segment_ids), kv=None, cache_index=None)
         return self._logits(x)
 
@@ -195,7 +196,7 @@ class Llama(nnx.Module):
             head = dense(self.embed.get_value()).T
         else:
             head = self.lm_head.get_value()
-        return linear(x, head).astype(jnp.float32)
+        return constrain(linear(x, head).astype(jnp.float32), ("batch", "seq", "vocab"))
 
     def _run_layers(self, x, positions, mask, kv, cache_index):
         inv_freq = jnp.asarray(inverse_frequencies(self.config))
@@ -206,7 +207,7 @@ class Llama(nnx.Module):
             @nnx.remat(policy=policy, prevent_cse=False)
             def body(h, layer):
                 h, _ = layer(h, positions, mask, inv_freq)
-                return h
+                return constrain(h, ("batch", "seq", "embed"))
 
             return body(x, self.layers), None
 

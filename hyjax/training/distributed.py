@@ -1,19 +1,15 @@
-"""Processes and devices of a run: `jax.distributed` start-up, the data-parallel mesh, and moving host
-arrays onto it.
-
-Until the sharding planner arrives, a run is data parallel: one mesh axis `data` over every device of
-every process; parameters and optimizer state are replicated, each batch is split along its rows.
-"""
+"""Processes of a run: `jax.distributed` start-up, batches assembled from every process's rows, and
+arrays gathered back to the host (the mesh and shardings live in `hyjax.sharding`)."""
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -43,39 +39,35 @@ def _int_env(name: str) -> int | None:
 
 
 def _cluster_detected() -> bool:
-    """A multi-host TPU VM or a SLURM job with several tasks."""
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    """A SLURM job with several tasks, or a TPU VM: JAX reads the VM's metadata to find the pod's other
+    workers (`TPU_WORKER_HOSTNAMES` is only set on GKE)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    return os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
 
 
-def data_mesh() -> Mesh:
-    """Every device of every process on one `data` axis."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every array of `tree` (host or local) as a global array replicated over `mesh`; other leaves as is."""
-    sharding = NamedSharding(mesh, P())
-
-    def put(leaf):
-        if not hasattr(leaf, "shape") or jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
-            return leaf
-        host = np.asarray(leaf)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree)
-
-
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh, accumulation: int) -> dict[str, jax.Array]:
-    """This process's rows `[rows, T]` as one global `[accumulation, micro_batch, T]` batch split over
-    the `data` axis (micro-batch rows must divide by the device count)."""
-    sharding = NamedSharding(mesh, P(None, "data"))
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, accumulation: int,
+                 global_rows: int) -> dict[str, jax.Array]:
+    """This process's rows `[rows, T]` as its part of one global `[accumulation, micro_batch, T]` batch of
+    `global_rows` rows split by `sharding` (processes holding the same rows pass the same data)."""
 
     def put(array):
         rows = array.shape[0]
-        return jax.make_array_from_process_local_data(
-            sharding, array.reshape(accumulation, rows // accumulation, *array.shape[1:]))
+        local_batch = array.reshape(accumulation, rows // accumulation, *array.shape[1:])
+        shape = (accumulation, global_rows // accumulation, *array.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, local_batch, shape)
 
     return {key: put(value) for key, value in local.items()}
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` as a full numpy array on this process, gathered from every process's
+    shards (every process must call this at the same point in a multi-process run)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def any_process(flag: bool) -> bool:

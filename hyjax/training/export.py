@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
-
 from hyjax import adapters
 
 # The Hugging Face id of the checkpoint `model.path: smollm2-135m-instruct` holds, for PEFT's config.
 PRETRAINED_HF_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
-def export_run(result, log) -> dict[str, str]:
-    """Writes the exports `config.export` asks for; returns `{kind: folder}`."""
-    setup = result.setup
+def export_run(setup, adapted, log) -> dict[str, str]:
+    """Writes the exports `config.export` asks for from the final adapted tree (host arrays); returns
+    `{kind: folder}`."""
     config = setup.config
     folder = pathlib.Path(config.logging.output_dir) / "export"
-    adapted = jax.device_get(result.adapted)
     written = {}
     if config.export.peft_adapter:
         base = PRETRAINED_HF_IDS.get(config.model.path, str(setup.model_path or config.model.preset))

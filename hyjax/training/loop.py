@@ -30,6 +30,8 @@ from hyjax.optim import current_lambdas
 from hyjax.training import distributed, plots, reporting
 from hyjax.training.evaluation import Evaluator
 from hyjax.training.export import export_run
+from hyjax.sharding import describe
+from hyjax.training.layout import create_state, jit_train_step, run_layout
 from hyjax.training.setup import RunSetup, fingerprint, preflight, prepare_run
 from hyjax.training.step import TrainState, make_eval_step, make_train_step
 
@@ -87,10 +89,9 @@ def open_checkpoints(config: RunConfig) -> tuple[RunCheckpointer, int | None]:
     return checkpointer, checkpointer.check_compatible(config.checkpoint.resume)
 
 
-def initial_state(setup: RunSetup, mesh) -> tuple[TrainState, dict]:
-    """The fresh state and the frozen tree, replicated over `mesh`."""
-    state = TrainState.create(setup.trainable, setup.optimizer, setup.config.train.seed)
-    return distributed.replicate(state, mesh), distributed.replicate(setup.frozen, mesh)
+def initial_state(setup: RunSetup) -> TrainState:
+    """The fresh state, laid out on the run's devices."""
+    return create_state(setup.trainable, setup.optimizer, setup.config.train.seed, setup.shardings)
 
 
 def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunResult:
@@ -99,18 +100,14 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     main_process = jax.process_index() == 0
     log = log or (lambda text: print(text, flush=True) if main_process else None)
     preflight(config)
-    mesh = distributed.data_mesh()
-    micro_rows = config.train.micro_batch
-    if micro_rows % mesh.size:
-        raise ValueError(f"train.micro_batch_size ({micro_rows}) must divide by the {mesh.size} devices of the "
-                         "data-parallel mesh")
+    layout = run_layout(config.mesh)
+    log(f"mesh: {describe(layout.mesh)}")
     checkpointer, resume_step = open_checkpoints(config)
     meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
-    setup = prepare_run(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                        data_position=meta["data_position"] if meta else None, log=log)
+    setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta else None, log=log)
     if main_process:
         config.save(f"{config.logging.output_dir}/config.yaml")
-    state, frozen = initial_state(setup, mesh)
+    state, frozen = initial_state(setup), setup.frozen
     if resume_step is not None:
         state, _ = checkpointer.restore(resume_step, state)
         log(f"resumed from {checkpointer.directory}/{resume_step} (step {int(state.step)}, data epoch "
@@ -121,8 +118,8 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     log(f"{config.method.name}: {trainable:,} trainable parameters ({share:.3%} of the model); "
         f"{setup.total_steps} steps of {config.train.global_batch_size} sequences")
 
-    train_step = jax.jit(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid),
-                         donate_argnums=0)
+    train_step = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid),
+                                layout, setup.shardings)
     evaluator = Evaluator(setup, jax.jit(make_eval_step(setup.model_config, setup.hybrid)))
     metrics_log = reporting.MetricsLog(config.logging.output_dir, tensorboard=config.logging.tensorboard,
                                        resume_step=resume_step, enabled=main_process)
@@ -139,11 +136,12 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
             for step in range(start_step, setup.total_steps):
                 tick = time.perf_counter()
                 local = next(setup.data.train)
-                state, metrics = train_step(state, frozen, distributed.global_batch(local, mesh, accumulation))
+                batch = distributed.global_batch(local, setup.shardings.batch, accumulation, config.train.global_batch_size)
+                state, metrics = train_step(state, frozen, batch)
                 metrics = {key: value.item() for key, value in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - tick
                 done = step + 1
-                tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+                tokens = int(np.sum(local["segment_ids"] > 0)) * setup.rows[1]
                 if metrics["skipped"]:
                     skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
                     log(f"step {done}: non-finite loss or gradient (loss {metrics['loss']}, grad norm "
@@ -186,8 +184,10 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
                       if evaluator.enabled else last_eval)
     result = RunResult(setup=setup, state=state, frozen=frozen, summary={}, eval_before=eval_before,
                        eval_after=eval_after, interrupted=interrupted is not None)
+    exports = not result.interrupted and (config.export.peft_adapter or config.export.merged_model)
+    adapted_on_host = distributed.to_host(result.adapted) if exports else None  # every process takes part
     if main_process:
-        result.summary = _finish(result, steps_done, start_step, skipped_total, wall_start, log)
+        result.summary = _finish(result, adapted_on_host, steps_done, start_step, skipped_total, wall_start, log)
     metrics_log.close()
     checkpointer.close()
     return result
@@ -204,7 +204,8 @@ def _evaluate(evaluator: Evaluator, state, frozen, step: int, metrics_log, log, 
     return {**metrics, "samples": samples}
 
 
-def _finish(result: RunResult, steps_done: int, start_step: int, skipped: int, wall_start: float, log) -> dict:
+def _finish(result: RunResult, adapted_on_host, steps_done: int, start_step: int, skipped: int, wall_start: float,
+            log) -> dict:
     """Plots, exports and the summary (process 0)."""
     setup = result.setup
     config = setup.config
@@ -216,8 +217,8 @@ def _finish(result: RunResult, steps_done: int, start_step: int, skipped: int, w
     if setup.hybrid:
         lambdas = {path: np.asarray(value) for path, value in iter_paths(current_lambdas(result.state.opt_state))}
         files["lambda_heatmap"] = str(plots.lambda_heatmap(lambdas, f"{output}/lambda_heatmap.png"))
-    if not result.interrupted:
-        files.update(export_run(result, log))
+    if adapted_on_host is not None:
+        files.update(export_run(setup, adapted_on_host, log))
     summary = {
         "status": "interrupted" if result.interrupted else "finished",
         "method": config.method.name,

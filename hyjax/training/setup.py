@@ -79,28 +79,34 @@ class RunSetup:
     schedule: Any
     total_steps: int
     trainable_counts: dict[str, int]
+    layout: Any  # hyjax.sharding.Layout: the mesh and rules
+    shardings: Any  # hyjax.training.layout.StepShardings of the state, frozen tree and batches
+    rows: tuple[int, int]  # (index, count) of this process's part of each batch
 
     @property
     def hybrid(self) -> bool:
         return self.config.method.name == "hybrid"
 
 
-def load_model(config: RunConfig):
-    """`(model_config, params, tokenizer, checkpoint path)` of `config.model`."""
+def load_model(config: RunConfig, layout):
+    """`(model_config, params, tokenizer, checkpoint path)` of `config.model`, the weights placed on
+    `layout`'s devices as they are read: each process reads only the slices its devices hold."""
     from hyjax import pretrained
-    from hyjax.checkpoints import load_checkpoint
+    from hyjax.checkpoints import load_checkpoint_sharded
     from hyjax.model import init_params
     from hyjax.tokenization import load_tokenizer
+    from hyjax.training.layout import base_shardings
 
     section = config.model
     dtypes = dict(param_dtype=section.param_dtype, dtype=section.dtype, remat=section.remat)
     path = None
     if section.path is None:
         model_config = section.preset_config()
-        params = init_params(model_config, jax.random.key(config.train.seed))
+        params = jax.jit(init_params, static_argnums=0, out_shardings=base_shardings(layout, model_config))(
+            model_config, jax.random.key(config.train.seed))
     else:
         path = pretrained.smollm2_135m_instruct() if section.pretrained else pathlib.Path(section.path)
-        model_config, params = load_checkpoint(path, **dtypes)
+        model_config, params = load_checkpoint_sharded(path, lambda found: base_shardings(layout, found), **dtypes)
         expected = section.preset_config()
         if expected is not None and _architecture(expected) != _architecture(model_config):
             raise ConfigError(f"model.path={section.path!r} is not a {section.preset!r} model: "
@@ -159,17 +165,19 @@ def _gradient_batches(config: RunConfig, data: PreparedData):
     return (next(batches) for _ in range(lora_ga.n_batches))
 
 
-def prepare_run(config: RunConfig, *, process_index: int, process_count: int,
-                data_position: dict | None = None, log=print) -> RunSetup:
-    """Loads the model and data and builds adapters and optimizer (identically on every process)."""
-    accumulation = config.train.grad_accum_steps
-    if config.train.global_batch_size % (process_count * accumulation):
-        raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} must divide by the process "
-                          f"count ({process_count}) times the accumulation steps ({accumulation} = global / "
-                          "micro_batch_size)")
-    model_config, params, tokenizer, path = load_model(config)
+def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None, log=print) -> RunSetup:
+    """Loads the model and data and builds adapters and optimizer on `layout` (a `hyjax.sharding.Layout`;
+    every process calls this identically)."""
+    from hyjax.training.layout import adapted_shardings, step_shardings
+
+    micro_batch = config.train.micro_batch
+    if micro_batch % layout.ways("batch"):
+        raise ConfigError(f"train.micro_batch_size={micro_batch} (null: global_batch_size) must divide by the "
+                          f"{layout.ways('batch')} ways the batch is split (mesh data x fsdp)")
+    rows = layout.process_rows(micro_batch)
+    model_config, params, tokenizer, path = load_model(config, layout)
     config.check_model(model_config)
-    data = prepare(config.to_data_config(), tokenizer, process_index=process_index, process_count=process_count,
+    data = prepare(config.to_data_config(), tokenizer, process_index=rows[0], process_count=rows[1],
                    position=data_position)
     if data.train.steps_per_epoch(0) == 0:
         raise ConfigError(f"{len(data.train.examples)} training examples make no full batch of "
@@ -187,11 +195,16 @@ def prepare_run(config: RunConfig, *, process_index: int, process_count: int,
         gradients = adapters.estimate_gradients(model_config, params, _gradient_batches(config, data), targets=spec,
                                                 loss_fn=AnswerLoss(model_config),
                                                 n_batches=config.method.lora_ga.n_batches)
+    # Op by op rather than one jitted program: XLA:CPU can deadlock on a program with many independent
+    # collectives over fake devices (the randomized SVDs of LoRA-GA on FSDP-split gradients did).
     adapted = adapters.apply(spec, params, jax.random.key(config.train.seed), gradients=gradients)
+    adapted = jax.device_put(adapted, adapted_shardings(layout, model_config, adapted))
+    del params, gradients
     trainable, frozen = adapters.split_trainable(adapted)
     steps = total_steps(config, data.train)
     optimizer, schedule = build_optimizer(config, steps)
     return RunSetup(config=config, model_config=model_config, model_path=path, tokenizer=tokenizer,
                     trainable=trainable, frozen=frozen, data=data, eval_rows=eval_rows, eval_task=eval_task,
                     optimizer=optimizer, schedule=schedule, total_steps=steps,
-                    trainable_counts=adapters.count_trainable(adapted))
+                    trainable_counts=adapters.count_trainable(adapted), layout=layout,
+                    shardings=step_shardings(layout, model_config, adapted, optimizer), rows=rows)

@@ -1,0 +1,109 @@
+"""`Layout`: a mesh and a rules table together, turning logical axes into shardings.
+
+    layout = Layout(build_mesh(fsdp=4, tensor=2), Rules.default())
+    shardings = layout.shardings(axes_tree)          # NamedSharding per array
+    layout.check(abstract_tree, axes_tree)           # every split dimension divides, or a clear error
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hyjax.sharding.axes import Axes
+from hyjax.sharding.rules import Rules, ShardingError
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, Axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a run's arrays are split over its devices."""
+
+    mesh: Mesh
+    rules: Rules = Rules()
+
+    def spec(self, names) -> P:
+        """The `PartitionSpec` of logical `names` on this mesh (axes the mesh lacks are dropped)."""
+        names = names.names if isinstance(names, Axes) else tuple(names)
+        present = set(self.mesh.axis_names)
+        spec = self.rules.spec(names)
+        parts = []
+        for part in spec:
+            axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+            axes = tuple(a for a in axes if a in present)
+            parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return P(*parts)
+
+    def sharding(self, names) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names))
+
+    def shardings(self, axes_tree: Any) -> Any:
+        """A `NamedSharding` for every `Axes` leaf of `axes_tree` (same structure)."""
+        return jax.tree.map(self.sharding, axes_tree, is_leaf=_is_axes)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def ways(self, name: str) -> int:
+        """Into how many parts a dimension named `name` is split."""
+        return math.prod(self.mesh.shape[a] for a in self.rules.mesh_axes(name) if a in self.mesh.shape)
+
+    def check(self, abstract: Any, axes_tree: Any, what: str = "") -> None:
+        """Raises `ShardingError` naming the array, dimension and mesh axes when a split dimension does
+        not divide by its mesh axes' size."""
+        leaves = jax.tree_util.tree_leaves_with_path(abstract)
+        axes = jax.tree.leaves(axes_tree, is_leaf=_is_axes)
+        if len(leaves) != len(axes):
+            raise ValueError(f"{what}: {len(leaves)} arrays but {len(axes)} axis annotations")
+        for (path, leaf), names in zip(leaves, axes):
+            spec = self.spec(names)
+            for dim, (size, part, name) in enumerate(zip(leaf.shape, spec, names.names)):
+                if part is None:
+                    continue
+                mesh_axes = (part,) if isinstance(part, str) else tuple(part)
+                ways = math.prod(self.mesh.shape[a] for a in mesh_axes)
+                if size % ways:
+                    where = f"{what}{jax.tree_util.keystr(path)}"
+                    sizes = " x ".join(f"{a} {self.mesh.shape[a]}" for a in mesh_axes)
+                    raise ShardingError(
+                        f"{where} has shape {tuple(leaf.shape)}: dimension {dim} ({name}, size {size}) does not "
+                        f"divide by mesh axes {sizes} = {ways}; choose mesh sizes that divide {size}, or map "
+                        f"{name!r} to other mesh axes with mesh.rules")
+
+    def abstract(self, abstract: Any, axes_tree: Any) -> Any:
+        """`ShapeDtypeStruct`s of `abstract` carrying their shardings (inputs of `jit(...).lower`)."""
+        return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                            abstract, self.shardings(axes_tree))
+
+    def process_rows(self, rows: int) -> tuple[int, int]:
+        """`(index, count)` of this process's part of a batch of `rows` split like `batch`: processes
+        whose devices hold the same rows (tensor parallelism across hosts) read the same data."""
+        sharding = NamedSharding(self.mesh, self.spec(("batch",)))
+        held = set()
+        for device, index in sharding.devices_indices_map((rows,)).items():
+            if device.process_index == jax.process_index():
+                held.add(index[0].indices(rows)[:2])
+        starts = sorted(held)
+        first, last = starts[0][0], max(stop for _, stop in starts)
+        size = last - first
+        if sum(stop - start for start, stop in starts) != size or rows % size or first % size:
+            raise ShardingError(f"this process's devices hold rows {starts} of the batch, not one contiguous "
+                                "block; put each process's devices on the data/fsdp axes together")
+        return first // size, rows // size
+
+
+def put_local(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a full host copy (every process holds the same `host`), each device taking
+    its own slice: no device ever receives the whole array unless its sharding says so."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

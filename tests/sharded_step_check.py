@@ -1,0 +1,81 @@
+"""One training step of the tiny model on several meshes of 8 CPU devices, against one device.
+
+Run by tests/test_sharding_train.py in a subprocess started with 8 fake CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`); prints one JSON object:
+`{method: {mesh: {"loss", "max_update_difference", "q_proj_shard"}}}` (q_proj_shard: the shape of one
+device's shard of the base q_proj, showing that the mesh really split it).
+
+    python tests/sharded_step_check.py CHECKPOINT TRAIN_TSV OUTPUT_DIR METHOD[,METHOD...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from hyjax.config import MeshSection, load_config
+from hyjax.training import distributed
+from hyjax.training.layout import jit_train_step, run_layout
+from hyjax.training.loop import initial_state
+from hyjax.training.setup import prepare_run
+from hyjax.training.step import make_train_step
+
+MESHES = {
+    "data8": dict(data=8),
+    "fsdp8": dict(data=1, fsdp=8),
+    "tensor8": dict(data=1, tensor=8),
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+    "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2),
+}
+
+
+def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: dict, devices, start=None) -> dict:
+    """One step of `method` on `mesh`; `start` (host `(trainable, frozen)`) replaces the run's own initial
+    adapters, so every mesh starts from the same values (LoRA-GA's SVD initialisation turns fp-level
+    differences of the gradient into different, equally valid, factors)."""
+    config = load_config(None, [
+        "model.preset=null", f"model.path={checkpoint}", f"data.path={train_tsv}", "data.chat=false",
+        "data.max_length=32", "data.bucket=16", "train.steps=1", "train.global_batch_size=8",
+        "train.micro_batch_size=8", "train.optimizer=sgd", "train.b1=0", "train.learning_rate=0.5",
+        "train.schedule=constant", "train.grad_clip_norm=null", f"method.name={method}",
+        "method.lora_ga.n_batches=2", "method.lora.rank=4", "method.lora_ga.rank=4", "export.peft_adapter=false",
+        "train.hybrid_weights.warmup_steps=0", f"logging.output_dir={output}"])
+    layout = run_layout(MeshSection(**mesh), devices=devices)
+    setup = prepare_run(config, layout=layout, log=lambda text: None)
+    if start is not None:
+        setup.trainable = jax.device_put(start[0], setup.shardings.state.trainable)
+        setup.frozen = jax.device_put(start[1], setup.shardings.frozen)
+    initial = jax.device_get((setup.trainable, setup.frozen))
+    state = initial_state(setup)
+    step = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid),
+                          layout, setup.shardings)
+    batch = distributed.global_batch(next(setup.data.train), setup.shardings.batch, 1, 8)
+    state, metrics = step(state, setup.frozen, batch)
+    after = jax.device_get(state.trainable)
+    q_proj = setup.frozen["layers"]["attn"]["q_proj"]
+    q_proj = state.trainable["layers"]["attn"]["q_proj"]["base"] if method == "full" else q_proj.base
+    return {"loss": float(metrics["loss"]), "updates": jax.tree.map(np.subtract, after, initial[0]),
+            "initial": initial, "q_proj_shard": list(q_proj.sharding.shard_shape(q_proj.shape))}
+
+
+def main(checkpoint: str, train_tsv: str, output: str, methods: str) -> None:
+    results = {}
+    for method in methods.split(","):
+        reference = one_step(checkpoint, train_tsv, f"{output}/{method}-one", method, dict(data=1), jax.devices()[:1])
+        start = reference["initial"]
+        scale = max(float(np.max(np.abs(u))) for u in jax.tree.leaves(reference["updates"]))
+        results[method] = {"one_device": {"loss": reference["loss"], "update_scale": scale}}
+        for name, mesh in MESHES.items():
+            run = one_step(checkpoint, train_tsv, f"{output}/{method}-{name}", method, mesh, jax.devices(), start)
+            differences = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), run["updates"],
+                                       reference["updates"])
+            results[method][name] = {"loss": run["loss"], "max_update_difference": max(jax.tree.leaves(differences)),
+                                     "q_proj_shard": run["q_proj_shard"]}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
