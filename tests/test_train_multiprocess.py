@@ -1,9 +1,11 @@
 """Two processes (`jax.distributed` over gloo, one CPU device each) train on the same global batch with
-the same loss as one process, and save one Orbax checkpoint together."""
+the same loss as one process and save one Orbax checkpoint together, which one process with another
+mesh resumes; launch/local.sh starts such runs."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -41,3 +43,49 @@ def test_two_processes_give_the_loss_of_one(tiny_checkpoint, sentiment_data, tmp
     assert sorted(ours) == [1, 2, 3]
     np.testing.assert_allclose([ours[s] for s in sorted(ours)], [theirs[s] for s in sorted(theirs)], rtol=2e-6)
     assert (double / "checkpoints" / "3").is_dir()
+
+
+def test_two_process_checkpoint_resumes_on_one_process_with_another_mesh(tiny_checkpoint, sentiment_data, tmp_path):
+    """2 processes (data parallel) train 3 steps and save; 1 process with 4 devices split fsdp 2 x
+    tensor 2 restores that checkpoint and continues: steps 4 and 5 have the uninterrupted run's loss."""
+    steps = ["method.name=lora", "checkpoint.every_steps=0", "eval.num_examples=4", "eval.generation_samples=0",
+             "eval.before_training=false"]
+    reference = tmp_path / "reference"
+    train(load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, reference, *steps, "train.steps=5")),
+          log=lambda text: None)
+    run = tmp_path / "run"
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    first = tiny_run_overrides(tiny_checkpoint, sentiment_data, run, *steps, "train.steps=3")
+    processes = [subprocess.Popen([sys.executable, "-m", "hyjax.train", "base", *first, f"--coordinator=localhost:{port}",
+                                   "--num-processes=2", f"--process-id={i}"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    assert "data 2 x fsdp 1 x tensor 1 (2 devices, 2 processes)" in outputs[0]
+
+    second = tiny_run_overrides(tiny_checkpoint, sentiment_data, run, *steps, "train.steps=5", "mesh.data=1",
+                                "mesh.fsdp=2", "mesh.tensor=2")
+    resumed = subprocess.run([sys.executable, "-m", "hyjax.train", "base", *second], capture_output=True, text=True,
+                             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "data 1 x fsdp 2 x tensor 2 (4 devices, 1 process)" in resumed.stdout
+    assert "resumed from" in resumed.stdout
+    ours, theirs = _losses(run), _losses(reference)
+    assert sorted(ours) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([ours[s] for s in (4, 5)], [theirs[s] for s in (4, 5)], rtol=1e-5)
+    assert ours[5] < ours[1]
+
+
+def test_local_launch_script_runs_two_processes(tiny_checkpoint, sentiment_data, tmp_path):
+    """launch/local.sh starts the processes, prefixes their output, and returns their exit code."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "local.sh"
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, tmp_path / "run", *COMMON, "train.steps=2")
+    done = subprocess.run(["bash", str(script), "--processes", "2", "--", "base", *overrides], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[p0] " in done.stdout and "[p1] " in done.stdout
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    bad = subprocess.run(["bash", str(script), "--processes", "2", "--", "base", "train.no_such_key=1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no_such_key" in bad.stdout + bad.stderr
