@@ -41,7 +41,8 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
         "data.max_length=32", "data.bucket=16", "train.steps=1", "train.global_batch_size=8",
         "train.micro_batch_size=8", "train.optimizer=sgd", "train.b1=0", "train.learning_rate=0.5",
         "train.schedule=constant", "train.grad_clip_norm=null", f"method.name={method}",
-        "method.lora_ga.n_batches=2", "method.lora.rank=4", "method.lora_ga.rank=4", "export.peft_adapter=false",
+        "method.lora_ga.n_batches=2", "method.lora_ga.batch_size=8", "method.lora.rank=4", "method.lora_ga.rank=4",
+        "export.peft_adapter=false",
         "train.hybrid_weights.warmup_steps=0", f"logging.output_dir={output}"])
     layout = run_layout(MeshSection(**mesh), devices=devices)
     setup = prepare_run(config, layout=layout, log=lambda text: None)

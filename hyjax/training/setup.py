@@ -154,15 +154,22 @@ def total_steps(config: RunConfig, batches: BatchIterator) -> int:
     return max(1, math.ceil(config.train.epochs * batches.steps_per_epoch(0)))
 
 
-def _gradient_batches(config: RunConfig, data: PreparedData):
+def _gradient_batches(config: RunConfig, data: PreparedData, layout):
     """The batches LoRA-GA's initial gradient is averaged over: `method.lora_ga.n_batches` batches of
-    `batch_size` training examples, in an order of their own (the same on every process)."""
+    `batch_size` training examples, in an order of their own (the same on every process), split over
+    the mesh like training batches when their rows divide (else every device computes all rows)."""
+    from hyjax.sharding import put_local
+
     lora_ga = config.method.lora_ga
     batches = BatchIterator(data.train.examples, global_batch_size=lora_ga.batch_size,
                             max_length=data.train.max_length, pad_id=data.train.pad_id,
                             seed=config.data.shuffle_seed + 1, bucket=data.train.bucket, process_index=0,
                             process_count=1)
-    return (next(batches) for _ in range(lora_ga.n_batches))
+    split = lora_ga.batch_size % layout.ways("batch") == 0
+    rows = layout.sharding(("batch", "seq"))
+    for _ in range(lora_ga.n_batches):
+        batch = next(batches)
+        yield {key: put_local(value, rows) for key, value in batch.items()} if split else batch
 
 
 def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None, log=print) -> RunSetup:
@@ -192,7 +199,8 @@ def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None,
     if config.method.name in ("lora_ga", "hybrid"):
         log(f"LoRA-GA: averaging the full gradient over {config.method.lora_ga.n_batches} batches of "
             f"{config.method.lora_ga.batch_size}")
-        gradients = adapters.estimate_gradients(model_config, params, _gradient_batches(config, data), targets=spec,
+        gradients = adapters.estimate_gradients(model_config, params, _gradient_batches(config, data, layout),
+                                                targets=spec,
                                                 loss_fn=AnswerLoss(model_config),
                                                 n_batches=config.method.lora_ga.n_batches)
     # Op by op rather than one jitted program: XLA:CPU can deadlock on a program with many independent
