@@ -122,3 +122,26 @@ def test_each_optimizer_reduces_a_quadratic(optimizer):
         updates, state = optimizer.update(grads, state, params)
         params = optax.apply_updates(params, updates)
     assert float(jnp.sum(params["w"] ** 2)) < 0.5 * 64
+
+
+def test_bfloat16_full_fine_tuning_step_keeps_parameter_dtypes():
+    """Gradients accumulate in float32 and reach the optimizer in each parameter's dtype, so AdamW's
+    state stays bfloat16 and `apply_if_finite`'s branches agree (they did not before)."""
+    from hyjax.training.step import TrainState, make_train_step
+
+    config = M.LlamaConfig(**{**CONFIG.__dict__, "param_dtype": "bfloat16", "dtype": "bfloat16"})
+    params = M.init_params(config, jax.random.key(0))
+    adapted = A.apply(A.AdapterSpec.for_method(A.FullConfig()), params, jax.random.key(1))
+    trainable, frozen = A.split_trainable(adapted)
+    run = _config("method.name=full", "train.learning_rate=1e-2", "train.micro_batch_size=2",
+                  "train.global_batch_size=4")
+    optimizer, schedule = build_optimizer(run, 10)
+    state = TrainState.create(trainable, optimizer, 0)
+    tokens = jax.random.randint(jax.random.key(2), (2, 2, 8), 0, 64)
+    batch = {"tokens": tokens, "targets": tokens, "loss_mask": jnp.ones((2, 2, 8)), "positions": jnp.broadcast_to(
+        jnp.arange(8), (2, 2, 8)), "segment_ids": jnp.ones((2, 2, 8), jnp.int32)}
+    new, metrics = jax.jit(make_train_step(config, optimizer, schedule, hybrid=False))(state, frozen, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
+    assert {leaf.dtype for leaf in jax.tree.leaves(new.trainable)} == {jnp.dtype(jnp.bfloat16)}
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.trainable, state.trainable)
+    assert all(jax.tree.leaves(changed))

@@ -94,12 +94,13 @@ def make_train_step(model_config, optimizer: optax.GradientTransformation, sched
                                                  jax.random.fold_in(step_key, index))
             return (jax.tree.map(jnp.add, grads, micro_grads), total + nll, count + tokens), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)  # accumulate in float32
         accumulation = batch["tokens"].shape[0]
         (grads, total, count), _ = jax.lax.scan(
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accumulation), batch))
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        # The optimizer sees gradients in each parameter's own dtype (its state has that dtype too).
+        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {
