@@ -59,6 +59,27 @@ def _open(file: pathlib.Path):
         ) from err
 
 
+class TensorSlices:
+    """The tensors of a Hugging Face folder as lazy safetensors slices (`slices(name)[region]` reads only
+    that region); each file is opened once, and closed with the `contextlib.ExitStack` given."""
+
+    def __init__(self, folder: pathlib.Path, stack: contextlib.ExitStack):
+        self.folder, self.stack = folder, stack
+        self.files = _tensor_files(folder)
+        self.handles: dict[pathlib.Path, object] = {}
+
+    def __call__(self, name: str):
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.folder}")
+        file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = self.stack.enter_context(_open(file))
+        try:
+            return self.handles[file].get_slice(name)
+        except SafetensorError as err:
+            raise CheckpointError(f"cannot read tensor {name} from {file} ({err}); re-download it") from err
+
+
 def load_hf_checkpoint(folder: str | os.PathLike, **config_overrides) -> tuple[LlamaConfig, Params]:
     """Reads a Hugging Face LLaMA folder into `(config, params)`.
 
@@ -68,21 +89,9 @@ def load_hf_checkpoint(folder: str | os.PathLike, **config_overrides) -> tuple[L
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     config = LlamaConfig.from_hf_json(folder, **config_overrides)
-    files = _tensor_files(folder)
-    handles: dict[pathlib.Path, object] = {}
     with contextlib.ExitStack() as stack:
-        def read(name: str) -> np.ndarray:
-            if name not in files:
-                raise CheckpointError(f"tensor {name} is missing from the checkpoint in {folder}")
-            file = files[name]
-            if file not in handles:
-                handles[file] = stack.enter_context(_open(file))
-            try:
-                return handles[file].get_tensor(name)
-            except SafetensorError as err:
-                raise CheckpointError(f"cannot read tensor {name} from {file} ({err}); re-download it") from err
-
-        params = assemble_params(config, read, "hf")
+        slices = TensorSlices(folder, stack)
+        params = assemble_params(config, lambda name: slices(name)[:], "hf")
     return config, params
 
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from hyjax.checkpoints.errors import CheckpointError
 from hyjax.checkpoints.gguf_reader import load_gguf
-from hyjax.checkpoints.hf import _atomic_write, _open, _tensor_files
+from hyjax.checkpoints.hf import TensorSlices, _atomic_write
 from hyjax.checkpoints.names import TensorName, check_shape, stored_names, stored_shape, tensor_names
 from hyjax.model.config import LlamaConfig
 from hyjax.model.params import Params, abstract_params
@@ -80,19 +80,8 @@ def load_hf_sharded(folder: str | os.PathLike, shardings: Shardings,
     config = LlamaConfig.from_hf_json(folder, **config_overrides)
     abstract, leaf_shardings = _abstract_and_shardings(config, shardings)
     by_path = {name.path: name for name in tensor_names(config)}
-    files = _tensor_files(folder)
-    handles: dict[pathlib.Path, Any] = {}
     with contextlib.ExitStack() as stack:
-        def open_slice(tensor_name: str):
-            if tensor_name not in files:
-                raise CheckpointError(f"tensor {tensor_name} is missing from the checkpoint in {folder}")
-            file = files[tensor_name]
-            if file not in handles:
-                handles[file] = stack.enter_context(_open(file))
-            try:
-                return handles[file].get_slice(tensor_name)
-            except SafetensorError as err:
-                raise CheckpointError(f"cannot read tensor {tensor_name} from {file} ({err}); re-download it") from err
+        open_slice = TensorSlices(folder, stack)
 
         def build(path, want: jax.ShapeDtypeStruct, sharding) -> jax.Array:
             name = by_path[tuple(key.key for key in path)]
