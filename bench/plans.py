@@ -1,0 +1,98 @@
+"""Per-chip memory of LLaMA-3.1 8B / 70B / 405B training steps on v5p pods, for full fine-tuning, LoRA,
+BOFT and the hybrid, compiled for the TPU topology on this CPU machine (`hyjax.plan`, libtpu).
+
+    python bench/plans.py [--only 405b] [--out bench/results/plans]
+
+Writes `plans.json` (the golden file tests/test_plan.py compares against) and `plans.md`. Each row is
+the same `jax.jit` step `python -m hyjax.train` runs, with bfloat16 weights, full rematerialisation,
+AdamW, and sequences of 2048 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import tempfile
+
+import jax
+
+from hyjax.config import load_config
+from hyjax.plan import plan
+
+# (name, model yaml, topology, mesh and batch overrides): FSDP over most chips, tensor parallel inside.
+SCALES = {
+    "8b": ("models/llama3.1-8b.yaml", "v5p:2x2x2",
+           ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "train.global_batch_size=16", "train.micro_batch_size=8"]),
+    "70b": ("models/llama3.1-70b.yaml", "v5p:4x4x4",
+            ["mesh.data=1", "mesh.fsdp=16", "mesh.tensor=4", "train.global_batch_size=64",
+             "train.micro_batch_size=16"]),
+    "405b": ("models/llama3.1-405b.yaml", "v5p:8x8x8",
+             ["mesh.data=1", "mesh.fsdp=64", "mesh.tensor=8", "train.global_batch_size=256",
+              "train.micro_batch_size=64"]),
+}
+METHODS = {"full": "methods/full.yaml", "lora": "methods/lora.yaml", "boft": "methods/boft.yaml",
+           "hybrid": "methods/hybrid.yaml"}
+COMMON = ["model.path=/checkpoint", "model.param_dtype=bfloat16", "model.dtype=bfloat16", "model.remat=full",
+          "data.max_length=2048", "export.peft_adapter=false", "method.boft.block_size=16"]
+# The smallest row, recompiled by the default test suite (tests/test_plan.py) on every CI run.
+CI_ROW = ("smollm2-135m", "models/smollm2-135m.yaml", "v5p:2x2x1", "hybrid",
+          ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.global_batch_size=8", "data.max_length=256",
+           "model.path=/checkpoint", "export.peft_adapter=false"])
+# The shipped pod configuration, recompiled by the slow test suite.
+SHIPPED = ("llama3.1-405b-hybrid", "v5p:8x8x8")
+
+
+def row_config(model_yaml: str, method: str, overrides: list[str]):
+    """The run config of one row: the model's and the method's YAML files, then `overrides`."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "row.yaml"
+        path.write_text(f"include: [{model_yaml}, {METHODS[method]}]\n")
+        return load_config(path, overrides)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(SCALES), action="append", help="just these model sizes")
+    parser.add_argument("--out", default="bench/results/plans")
+    args = parser.parse_args()
+    rows = []
+    name, model_yaml, topology, method, overrides = CI_ROW
+    rows.append({"model": name, **plan(row_config(model_yaml, method, overrides), topology).to_json()})
+    print(f"{name} {method}: {rows[-1]['memory_gib']['total']:.2f} GiB/chip", flush=True)
+    config_name, topology = SHIPPED
+    result = plan(load_config(config_name), topology)
+    rows.append({"model": f"configs/{config_name}.yaml", **result.to_json()})
+    print(result.report(), flush=True)
+    for scale in args.only or SCALES:
+        model_yaml, topology, mesh = SCALES[scale]
+        for method in METHODS:
+            result = plan(row_config(model_yaml, method, COMMON + mesh), topology)
+            rows.append({"model": f"llama3.1-{scale}", **result.to_json()})
+            print(result.report(), flush=True)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "jax": jax.__version__, "compiled_on": "CPU host, libtpu topology"}
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    lines = [f"# Training-step plans on TPU v5p (`python bench/plans.py`; jax {jax.__version__}, compiled on a CPU "
+             "host through libtpu)", "",
+             "Per-chip memory from XLA's `memory_analysis()` of the compiled step (arguments + temporaries + "
+             "outputs - donated), against 95 GiB of v5p HBM; bfloat16 weights, remat full, AdamW, sequences of "
+             "2048 tokens (the CI row: 256).", "",
+             "| model | method | topology | mesh (data x fsdp x tensor) | batch (micro) | trainable | arguments GiB "
+             "| temporaries GiB | total GiB/chip | fits | compile s |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        m = r["memory_gib"]
+        mesh = " x ".join(str(v) for v in r["mesh"].values())
+        lines.append(f"| {r['model']} | {r['method']} | {r['topology']} | {mesh} | {r['batch']['global_batch']} "
+                     f"({r['batch']['micro_batch']}) | {r['trainable_parameters']:,} | {m['arguments']:.2f} | "
+                     f"{m['temporaries']:.2f} | {m['total']:.2f} | {'yes' if r['fits'] else 'no'} | "
+                     f"{r['compile_seconds']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""`python -m hyjax.plan [CONFIG] [key=value ...] --topology v5p:8x8x8`: will this run fit a TPU pod?
+
+Compiles the real training step (the same `jax.jit` with shardings `python -m hyjax.train` runs) ahead
+of time for a named TPU topology on this machine, without a TPU: libtpu describes the pod's chips
+(`jax.experimental.topologies`), every input is abstract (`jax.ShapeDtypeStruct` with its sharding),
+and no weight is read. Reports per-chip memory (arguments, temporaries, total against HBM), FLOPs per
+step (the model FLOPs of the MFU convention: XLA's own count sees a scanned layer once), whether it
+fits, and how the largest arrays are split.
+
+The architecture comes from `model.preset`; `model.path` is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Per-chip high-bandwidth memory of each TPU generation, GiB (Google Cloud's published figures).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+_TOPOLOGY = re.compile(r"^(?P<generation>v4|v5e|v5litepod|v5p|v6e):(?P<shape>\d+(?:x\d+){1,2})$")
+_BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
+                 "positions": jnp.int32}
+
+
+class PlanError(ValueError):
+    """A topology, mesh or config the planner cannot compile for."""
+
+
+def parse_topology(name: str) -> tuple[str, int]:
+    """`(generation, chips)` of a topology name like `v5p:8x8x8` or `v6e:16x16`."""
+    match = _TOPOLOGY.match(name)
+    if match is None:
+        raise PlanError(f"unknown TPU topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+                        f"{sorted(HBM_GIB)}, e.g. v5p:8x8x8 (512 chips) or v6e:16x16 (256 chips)")
+    return match["generation"], math.prod(int(n) for n in match["shape"].split("x"))
+
+
+def topology_devices(name: str) -> list:
+    """The chips of a TPU topology, described by libtpu on a machine without a TPU."""
+    parse_topology(name)
+    try:
+        from jax.experimental import topologies
+
+        return list(topologies.get_topology_desc(name, "tpu").devices)
+    except (RuntimeError, ValueError) as err:
+        raise PlanError(f"libtpu cannot describe TPU topology {name!r} ({err}); check the chip counts per "
+                        "dimension (e.g. v5p:2x2x1, v5p:4x4x4, v5p:8x8x8; v6e:4x4, v6e:16x16) and that "
+                        "jax[tpu] is installed") from err
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `plan` found: the compiled step's per-chip memory and FLOPs and the layout of its arrays."""
+
+    topology: str
+    chips: int
+    mesh: dict[str, int]
+    preset: str
+    method: str
+    batch: dict[str, int]  # global_batch, micro_batch, accumulation, seq
+    parameters: int
+    trainable_parameters: int
+    memory_gib: dict[str, float]  # per chip: arguments, outputs, temporaries, aliased, total
+    hbm_gib: float
+    fits: bool
+    model_flops_per_chip: float  # 6 x parameters x tokens / chips: the MFU convention
+    compile_seconds: float
+    largest_arrays: list[dict[str, Any]]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def report(self) -> str:
+        m = self.memory_gib
+        mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        lines = [
+            f"{self.preset} {self.method} on {self.topology} ({self.chips} chips, mesh {mesh})",
+            f"  batch {self.batch['global_batch']} x {self.batch['seq']} tokens ({self.batch['accumulation']} "
+            f"micro-batches of {self.batch['micro_batch']}); {self.parameters / 1e9:.2f}B parameters, "
+            f"{self.trainable_parameters:,} trainable",
+            f"  per chip: arguments {m['arguments']:.2f} GiB + temporaries {m['temporaries']:.2f} GiB + outputs "
+            f"{m['outputs']:.2f} GiB - donated {m['aliased']:.2f} GiB = {m['total']:.2f} GiB of {self.hbm_gib:.0f} "
+            f"GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"  {self.model_flops_per_chip / 1e12:.2f} model TFLOP per chip per step (6 x parameters x tokens); "
+            f"compiled in {self.compile_seconds:.0f} s",
+            "  largest arrays (global shape -> per-chip shard):",
+        ]
+        for a in self.largest_arrays:
+            lines.append(f"    {a['path']:<44} {a['dtype']:<9} {str(a['shape']):<22} {a['spec']:<28} "
+                         f"{a['shard_gib']:.3f} GiB/chip")
+        return "\n".join(lines)
+
+
+def plan(config, topology: str, largest: int = 8) -> Plan:
+    """Compiles `config`'s training step for `topology` and measures it (see the module docstring)."""
+    from hyjax import adapters
+    from hyjax.config import ConfigError
+    from hyjax.model import abstract_params, count_params
+    from hyjax.training.layout import base_shardings, jit_train_step, run_layout, step_shardings
+    from hyjax.training.optimizer import build_optimizer
+    from hyjax.training.step import TrainState, make_train_step
+
+    generation, chips = parse_topology(topology)
+    model_config = config.model.preset_config()
+    if model_config is None:
+        raise ConfigError("the planner needs model.preset (the architecture); model.path is never read")
+    devices = topology_devices(topology)
+    layout = run_layout(config.mesh, devices)
+    micro, accumulation = config.train.micro_batch, config.train.grad_accum_steps
+    if micro % layout.ways("batch"):
+        raise PlanError(f"train.micro_batch_size={micro} must divide by the {layout.ways('batch')} ways the batch "
+                        "is split (mesh data x fsdp)")
+    params = abstract_params(model_config)
+    base_shardings(layout, model_config)  # every split dimension divides, or a ShardingError naming it
+    spec = config.to_adapter_spec()
+    from_gradients = config.method.name in ("lora_ga", "hybrid")
+    adapted = jax.eval_shape(lambda p: adapters.apply(spec, p, jax.random.key(0),
+                                                      gradients=p if from_gradients else None), params)
+    optimizer, schedule = build_optimizer(config, config.train.steps or 1000)
+    shardings = step_shardings(layout, model_config, adapted, optimizer)
+    trainable, frozen = adapters.split_trainable(adapted)
+    state = jax.eval_shape(lambda t: TrainState.create(t, optimizer, config.train.seed), trainable)
+    with_sharding = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    seq = config.data.max_length
+    batch = {key: jax.ShapeDtypeStruct((accumulation, micro, seq), dtype, sharding=shardings.batch)
+             for key, dtype in _BATCH_DTYPES.items()}
+    step = jit_train_step(make_train_step(model_config, optimizer, schedule, config.method.name == "hybrid"),
+                          layout, shardings)
+    start = time.perf_counter()
+    compiled = step.lower(with_sharding(state, shardings.state), with_sharding(frozen, shardings.frozen),
+                          batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    gib = 1024.0 ** 3
+    sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+             "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
+    sizes["total"] = sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
+    hbm = HBM_GIB[generation]
+    parameters = count_params(params)
+    return Plan(
+        topology=topology, chips=chips, mesh=dict(layout.mesh.shape), preset=config.model.preset,
+        method=config.method.name,
+        batch={"global_batch": config.train.global_batch_size, "micro_batch": micro, "accumulation": accumulation,
+               "seq": seq},
+        parameters=parameters, trainable_parameters=adapters.count_trainable(adapted)["total"],
+        memory_gib={k: v / gib for k, v in sizes.items()}, hbm_gib=float(hbm), fits=sizes["total"] / gib <= hbm,
+        model_flops_per_chip=6.0 * parameters * config.train.global_batch_size * seq / chips, compile_seconds=seconds,
+        largest_arrays=_largest({"state": state, "frozen": frozen},
+                                {"state": shardings.state, "frozen": shardings.frozen}, largest))
+
+
+def _largest(tree, shardings, count: int) -> list[dict[str, Any]]:
+    """The `count` largest arrays of `tree`, with their shardings and per-chip shard sizes."""
+    rows = []
+    for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
+        shard = sharding.shard_shape(leaf.shape)
+        itemsize = jnp.dtype(leaf.dtype).itemsize
+        rows.append({"path": _path_name(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+                     "spec": str(tuple(sharding.spec)), "global_gib": math.prod(leaf.shape) * itemsize / 1024**3,
+                     "shard_gib": math.prod(shard) * itemsize / 1024**3})
+    return sorted(rows, key=lambda r: -r["global_gib"])[:count]
+
+
+def _path_name(path) -> str:
+    parts = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(name))
+    return "/".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyjax.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("items", nargs="*", metavar="CONFIG | key=value",
+                        help="a config file or name and/or dotted overrides, as for python -m hyjax.train")
+    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:8x8x8, v5p:4x4x4, v6e:16x16")
+    parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    args = parser.parse_intermixed_args(argv)
+
+    from hyjax.config import ConfigError, load_config
+    from hyjax.sharding import ShardingError
+    from hyjax.train import split_arguments
+
+    try:
+        parse_topology(args.topology)  # before anything is loaded
+        name, overrides = split_arguments(args.items, None)
+        result = plan(load_config(name, overrides), args.topology)
+    except (PlanError, ConfigError, ShardingError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.report())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`python -m hyjax.plan`: the training step compiled for TPU topologies on this CPU machine (libtpu),
+checked against the committed golden plans (bench/results/plans.json), and its refusals."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+from hyjax.config import load_config
+from hyjax.plan import PlanError, main, parse_topology, plan
+from hyjax.sharding import ShardingError
+
+PROJECT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = json.loads((PROJECT / "bench" / "results" / "plans.json").read_text())["rows"]
+sys.path.insert(0, str(PROJECT / "bench"))
+from plans import CI_ROW, SHIPPED, row_config  # noqa: E402
+
+
+def _golden(model: str, method: str, topology: str) -> dict:
+    return next(r for r in GOLDEN if (r["model"], r["method"], r["topology"]) == (model, method, topology))
+
+
+def _matches_golden(result, golden: dict) -> None:
+    """Per-chip memory within 3% of the golden plan, and the largest arrays split the same way."""
+    for key in ("arguments", "total"):
+        assert result.memory_gib[key] == pytest.approx(golden["memory_gib"][key], rel=0.03), key
+    assert result.fits == golden["fits"]
+    assert [(a["path"], a["spec"]) for a in result.largest_arrays] == [
+        (a["path"], a["spec"]) for a in golden["largest_arrays"]]
+    assert result.trainable_parameters == golden["trainable_parameters"]
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+    pytest.importorskip("libtpu")
+
+
+def test_small_plan_compiles_for_v5p_2x2x1_as_recorded(libtpu):
+    name, model_yaml, topology, method, overrides = CI_ROW
+    result = plan(row_config(model_yaml, method, overrides), topology)
+    assert result.chips == 4 and result.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert result.fits and 0 < result.memory_gib["total"] < 4
+    embed = next(a for a in result.largest_arrays if a["path"] == "frozen/embed")
+    assert embed["spec"] == "('tensor', 'fsdp')" and embed["shard_gib"] == pytest.approx(embed["global_gib"] / 4)
+    _matches_golden(result, _golden(name, method, topology))
+
+
+@pytest.mark.slow
+def test_shipped_405b_hybrid_fits_v5p_8x8x8(libtpu):
+    config_name, topology = SHIPPED
+    result = plan(load_config(config_name), topology)
+    assert result.chips == 512 and result.fits
+    assert result.memory_gib["total"] < result.hbm_gib
+    _matches_golden(result, _golden(f"configs/{config_name}.yaml", "hybrid", topology))
+
+
+@pytest.mark.parametrize("name", ["v9:2x2", "v5p-8x8x8", "v5p:8", "tpu"])
+def test_unknown_topology_names_are_refused(name):
+    with pytest.raises(PlanError, match="unknown TPU topology"):
+        parse_topology(name)
+
+
+def test_topology_libtpu_cannot_build_is_refused(libtpu):
+    with pytest.raises(PlanError, match="libtpu cannot describe TPU topology 'v5p:3x5x7'"):
+        plan(load_config("quickstart"), "v5p:3x5x7")
+
+
+def test_mesh_that_does_not_divide_the_model_names_the_dimension(libtpu):
+    config = row_config("models/llama3.1-8b.yaml", "lora", ["model.path=/checkpoint", "mesh.data=1", "mesh.fsdp=1",
+                                                            "mesh.tensor=512", "train.global_batch_size=8"])
+    with pytest.raises(ShardingError, match=r"model\['embed'\] has shape \(128256, 4096\): dimension 0 \(vocab, size "
+                                            r"128256\) does not divide by mesh axes tensor 512"):
+        plan(config, "v5p:8x8x8")
+
+
+def test_cli_refuses_bad_topology_before_loading_anything(capsys):
+    assert main(["quickstart", "--topology", "v5p"]) == 2
+    assert "unknown TPU topology 'v5p'" in capsys.readouterr().err
+
+
+def test_multi_slice_mesh_spans_slices_with_the_data_axis(libtpu):
+    from jax.experimental import topologies
+
+    from hyjax.sharding import build_mesh
+
+    devices = topologies.get_topology_desc("v5p:2x2x1", "tpu", num_slices=2).devices
+    mesh = build_mesh(data=-1, fsdp=4, slices=2, devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for index in range(2):  # each data index is one slice; fsdp stays on a slice's fast interconnect
+        assert {d.slice_index for d in mesh.devices[index].flat} == {index}
+    with pytest.raises(ShardingError, match="mesh.slices=4, but the devices come from 2 slice"):
+        build_mesh(data=-1, fsdp=2, slices=4, devices=devices)
