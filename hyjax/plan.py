@@ -161,22 +161,16 @@ def plan(config, topology: str, largest: int = 8) -> Plan:
 
 def _largest(tree, shardings, count: int) -> list[dict[str, Any]]:
     """The `count` largest arrays of `tree`, with their shardings and per-chip shard sizes."""
+    from hyjax.training.optimizer import path_string
+
     rows = []
     for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
         shard = sharding.shard_shape(leaf.shape)
         itemsize = jnp.dtype(leaf.dtype).itemsize
-        rows.append({"path": _path_name(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+        rows.append({"path": path_string(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
                      "spec": str(tuple(sharding.spec)), "global_gib": math.prod(leaf.shape) * itemsize / 1024**3,
                      "shard_gib": math.prod(shard) * itemsize / 1024**3})
     return sorted(rows, key=lambda r: -r["global_gib"])[:count]
-
-
-def _path_name(path) -> str:
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        parts.append(str(name))
-    return "/".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

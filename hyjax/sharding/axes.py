@@ -80,8 +80,3 @@ def optimizer_state_axes(opt_state: Any, trainable: Any, trainable_axes: Any) ->
 
 
 BATCH_AXES = Axes(("accum", "batch", "seq"))  # [accumulation, micro_batch, T] arrays of a training batch
-
-
-def batch_axes(batch: dict) -> dict:
-    """`Axes` of a training batch's arrays (all `[accumulation, micro_batch, T]`)."""
-    return {key: BATCH_AXES for key in batch}

@@ -80,11 +80,6 @@ class Layout:
                         f"divide by mesh axes {sizes} = {ways}; choose mesh sizes that divide {size}, or map "
                         f"{name!r} to other mesh axes with mesh.rules")
 
-    def abstract(self, abstract: Any, axes_tree: Any) -> Any:
-        """`ShapeDtypeStruct`s of `abstract` carrying their shardings (inputs of `jit(...).lower`)."""
-        return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                            abstract, self.shardings(axes_tree))
-
     def process_rows(self, rows: int) -> tuple[int, int]:
         """`(index, count)` of this process's part of a batch of `rows` split like `batch`: processes
         whose devices hold the same rows (tensor parallelism across hosts) read the same data."""

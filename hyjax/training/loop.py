@@ -136,7 +136,8 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
             for step in range(start_step, setup.total_steps):
                 tick = time.perf_counter()
                 local = next(setup.data.train)
-                batch = distributed.global_batch(local, setup.shardings.batch, accumulation, config.train.global_batch_size)
+                batch = distributed.global_batch(local, setup.shardings.batch, accumulation,
+                                                 config.train.global_batch_size)
                 state, metrics = train_step(state, frozen, batch)
                 metrics = {key: value.item() for key, value in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - tick
