@@ -105,7 +105,7 @@ def plan(config, topology: str, largest: int = 8) -> Plan:
     from hyjax import adapters
     from hyjax.config import ConfigError
     from hyjax.model import abstract_params, count_params
-    from hyjax.training.layout import base_shardings, jit_train_step, run_layout, step_shardings
+    from hyjax.training.layout import check_batch_split, jit_train_step, run_layout, step_shardings
     from hyjax.training.optimizer import build_optimizer
     from hyjax.training.step import TrainState, make_train_step
 
@@ -115,18 +115,14 @@ def plan(config, topology: str, largest: int = 8) -> Plan:
         raise ConfigError("the planner needs model.preset (the architecture); model.path is never read")
     devices = topology_devices(topology)
     layout = run_layout(config.mesh, devices)
+    check_batch_split(config, layout)
     micro, accumulation = config.train.micro_batch, config.train.grad_accum_steps
-    if micro % layout.ways("batch"):
-        raise PlanError(f"train.micro_batch_size={micro} must divide by the {layout.ways('batch')} ways the batch "
-                        "is split (mesh data x fsdp)")
     params = abstract_params(model_config)
-    base_shardings(layout, model_config)  # every split dimension divides, or a ShardingError naming it
     spec = config.to_adapter_spec()
-    from_gradients = config.method.name in ("lora_ga", "hybrid")
     adapted = jax.eval_shape(lambda p: adapters.apply(spec, p, jax.random.key(0),
-                                                      gradients=p if from_gradients else None), params)
+                                                      gradients=p if config.method.from_gradients else None), params)
     optimizer, schedule = build_optimizer(config, config.train.steps or 1000)
-    shardings = step_shardings(layout, model_config, adapted, optimizer)
+    shardings = step_shardings(layout, model_config, adapted, optimizer)  # checks every split dimension divides
     trainable, frozen = adapters.split_trainable(adapted)
     state = jax.eval_shape(lambda t: TrainState.create(t, optimizer, config.train.seed), trainable)
     with_sharding = lambda tree, sh: jax.tree.map(  # noqa: E731

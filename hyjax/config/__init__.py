@@ -24,7 +24,7 @@ from hyjax.config.typed import ConfigError
 
 __all__ = [
     "ENV_CONFIGS", "METHODS", "CheckpointSection", "ConfigError", "DataSection", "EvalSection", "ExportSection",
-    "HybridSection", "HybridWeightsSection", "LoggingSection", "MeshSection", "MethodSection", "ModelSection", "RunConfig",
-    "TrainSection", "UnitarySection", "apply_override", "configs_dir", "find_config", "load_config",
+    "HybridSection", "HybridWeightsSection", "LoggingSection", "MeshSection", "MethodSection", "ModelSection",
+    "RunConfig", "TrainSection", "UnitarySection", "apply_override", "configs_dir", "find_config", "load_config",
     "parse_value",
 ]

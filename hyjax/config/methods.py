@@ -115,6 +115,11 @@ class MethodSection:
                                       family=family)
 
     @property
+    def from_gradients(self) -> bool:
+        """Whether the method initialises from gradients of the pretrained model (LoRA-GA, the hybrid)."""
+        return self.name in ("lora_ga", "hybrid")
+
+    @property
     def peft_exportable(self) -> bool:
         """Whether Hugging Face PEFT can hold this method's adapters (else export merged)."""
         return METHODS[self.name].peft(self)

@@ -43,8 +43,7 @@ class RunConfig:
                 f"export.peft_adapter=true, but method.name={self.method.name!r} cannot be written in PEFT's "
                 "format (only lora, and oft/boft with neumann_terms=0); set export.peft_adapter=false "
                 "(export.merged_model=true writes the merged model)")
-        lora_ga_like = self.method.name in ("lora_ga", "hybrid")
-        if lora_ga_like and self.model.path is None:
+        if self.method.from_gradients and self.model.path is None:
             raise ConfigError(f"method.name={self.method.name!r} initialises from gradients of the pretrained "
                               "model, but model.path is null (random weights); give a checkpoint")
 

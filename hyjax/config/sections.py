@@ -285,16 +285,12 @@ class MeshSection:
     rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
-        for axis in ("data", "fsdp", "tensor"):
-            value = getattr(self, axis)
-            if value == 0 or value < -1:
-                raise ValueError(f"{axis}={value} must be a positive size or -1 (fill with the remaining devices)")
-        if sum(getattr(self, axis) == -1 for axis in ("data", "fsdp", "tensor")) > 1:
-            raise ValueError(f"data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}: at most one may be -1")
-        at_least("slices", self.slices, 1)
+        from hyjax.sharding.mesh import check_sizes
         from hyjax.sharding.rules import Rules
 
-        Rules().override(self.rules)  # unknown logical or mesh axis names fail here, before anything runs
+        check_sizes(self.sizes())  # bad sizes and unknown axis names fail here, before anything runs
+        at_least("slices", self.slices, 1)
+        Rules().override(self.rules)
 
     def sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

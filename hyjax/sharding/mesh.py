@@ -18,14 +18,20 @@ from jax.sharding import Mesh
 from hyjax.sharding.rules import MESH_AXES, ShardingError
 
 
-def resolve_shape(sizes: dict[str, int], device_count: int) -> dict[str, int]:
-    """Mesh axis sizes with a -1 filled in; raises `ShardingError` naming the sizes that do not fit."""
-    unknown = [axis for axis in MESH_AXES if sizes[axis] == -1]
+def check_sizes(sizes: dict[str, int]) -> None:
+    """Raises `ShardingError` unless every axis size is positive or -1 (fill), with at most one -1."""
     for axis in MESH_AXES:
         if sizes[axis] == 0 or sizes[axis] < -1:
-            raise ShardingError(f"mesh.{axis}={sizes[axis]} must be a positive size or -1 (fill)")
-    if len(unknown) > 1:
-        raise ShardingError(f"mesh sizes {sizes}: only one of {list(MESH_AXES)} may be -1")
+            raise ShardingError(f"{axis}={sizes[axis]} must be a positive size or -1 (fill with the remaining "
+                                "devices)")
+    if sum(sizes[axis] == -1 for axis in MESH_AXES) > 1:
+        raise ShardingError(f"{', '.join(f'{a}={sizes[a]}' for a in MESH_AXES)}: at most one may be -1")
+
+
+def resolve_shape(sizes: dict[str, int], device_count: int) -> dict[str, int]:
+    """Mesh axis sizes with a -1 filled in; raises `ShardingError` naming the sizes that do not fit."""
+    check_sizes(sizes)
+    unknown = [axis for axis in MESH_AXES if sizes[axis] == -1]
     known = math.prod(sizes[axis] for axis in MESH_AXES if sizes[axis] != -1)
     if unknown:
         if device_count % known:

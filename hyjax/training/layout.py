@@ -33,6 +33,16 @@ def run_layout(mesh_section, devices=None) -> Layout:
     return Layout(mesh, Rules().override(mesh_section.rules))
 
 
+def check_batch_split(config, layout: Layout) -> None:
+    """Raises `ConfigError` unless each micro-batch's rows divide by the ways the batch is split."""
+    from hyjax.config import ConfigError
+
+    micro_batch, ways = config.train.micro_batch, layout.ways("batch")
+    if micro_batch % ways:
+        raise ConfigError(f"train.micro_batch_size={micro_batch} (null: global_batch_size) must divide by the "
+                          f"{ways} ways the batch is split (mesh data x fsdp)")
+
+
 def base_axes(model_config) -> dict:
     """`Axes` of every base weight (the model's own logical names)."""
     return jax.tree.map(Axes, logical_axes(model_config), is_leaf=lambda x: isinstance(x, tuple))

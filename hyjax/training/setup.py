@@ -79,7 +79,6 @@ class RunSetup:
     schedule: Any
     total_steps: int
     trainable_counts: dict[str, int]
-    layout: Any  # hyjax.sharding.Layout: the mesh and rules
     shardings: Any  # hyjax.training.layout.StepShardings of the state, frozen tree and batches
     rows: tuple[int, int]  # (index, count) of this process's part of each batch
 
@@ -175,13 +174,10 @@ def _gradient_batches(config: RunConfig, data: PreparedData, layout):
 def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None, log=print) -> RunSetup:
     """Loads the model and data and builds adapters and optimizer on `layout` (a `hyjax.sharding.Layout`;
     every process calls this identically)."""
-    from hyjax.training.layout import adapted_shardings, step_shardings
+    from hyjax.training.layout import adapted_shardings, check_batch_split, step_shardings
 
-    micro_batch = config.train.micro_batch
-    if micro_batch % layout.ways("batch"):
-        raise ConfigError(f"train.micro_batch_size={micro_batch} (null: global_batch_size) must divide by the "
-                          f"{layout.ways('batch')} ways the batch is split (mesh data x fsdp)")
-    rows = layout.process_rows(micro_batch)
+    check_batch_split(config, layout)
+    rows = layout.process_rows(config.train.micro_batch)
     model_config, params, tokenizer, path = load_model(config, layout)
     config.check_model(model_config)
     data = prepare(config.to_data_config(), tokenizer, process_index=rows[0], process_count=rows[1],
@@ -196,7 +192,7 @@ def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None,
         eval_task = make_task(config.to_data_config()).resolve(eval_rows.column_names, eval_rows.path)
     spec = config.to_adapter_spec()
     gradients = None
-    if config.method.name in ("lora_ga", "hybrid"):
+    if config.method.from_gradients:
         log(f"LoRA-GA: averaging the full gradient over {config.method.lora_ga.n_batches} batches of "
             f"{config.method.lora_ga.batch_size}")
         gradients = adapters.estimate_gradients(model_config, params, _gradient_batches(config, data, layout),
@@ -214,5 +210,5 @@ def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None,
     return RunSetup(config=config, model_config=model_config, model_path=path, tokenizer=tokenizer,
                     trainable=trainable, frozen=frozen, data=data, eval_rows=eval_rows, eval_task=eval_task,
                     optimizer=optimizer, schedule=schedule, total_steps=steps,
-                    trainable_counts=adapters.count_trainable(adapted), layout=layout,
+                    trainable_counts=adapters.count_trainable(adapted),
                     shardings=step_shardings(layout, model_config, adapted, optimizer), rows=rows)
