@@ -11,6 +11,12 @@ PEFT can represent LoRA and exact-Cayley BOFT/OFT on projections, one method per
 hyperparameters. Everything else (other methods, hybrids, mixed trees, Neumann BOFT) is exported
 merged: `export_merged` writes a plain Hugging Face checkpoint with the adapters folded into the weights.
 
+Fully trained projections (Hybrid-LoRA: `FullWeight`, and the chosen layers of a `SelectiveWeight`)
+go to PEFT's `modules_to_save`, named in full (`model.layers.3.self_attn.q_proj`), with their whole
+weight stored as PEFT writes it, `base_model.model.model.layers.3.self_attn.q_proj.weight` = W^T
+`[d_out, d_in]`. `target_modules` then lists the adapted modules in full too. (PEFT matches a listed
+name against a module's name exactly or as a suffix after a dot, so layer 3 never matches layer 13.)
+
 PEFT's BOFT keeps m > 1 butterfly factors only where its CUDA extension `fbd_cuda` builds; without it
 PEFT silently uses m = 1 and cannot load an m > 1 adapter. OFT (m = 1) loads everywhere.
 """
@@ -28,8 +34,10 @@ from safetensors.numpy import save_file
 
 from hyjax.adapters.api import merge
 from hyjax.adapters.boft import BOFTWeight
+from hyjax.adapters.full import FullWeight
 from hyjax.adapters.lora import LoRAWeight
 from hyjax.adapters.node import AdaptedWeight
+from hyjax.adapters.selective import SelectiveWeight
 from hyjax.adapters.targets import iter_paths
 from hyjax.checkpoints.hf import save_hf_checkpoint
 from hyjax.checkpoints.names import tensor_names
@@ -60,7 +68,7 @@ def _peft_method(config: LlamaConfig, adapted: dict) -> tuple[str, dict[str, Ada
         raise ValueError("the parameter tree holds no adapted weight; there is no adapter to export")
     settings = {}
     for path, node in nodes.items():
-        if type(node) is LoRAWeight:
+        if type(node) in (LoRAWeight, SelectiveWeight):
             method, hyper = "LORA", {"r": int(node.a.shape[-1]), "lora_alpha": node.scale * node.a.shape[-1],
                                      "lora_dropout": node.dropout}
         elif type(node) is BOFTWeight:
@@ -69,17 +77,47 @@ def _peft_method(config: LlamaConfig, adapted: dict) -> tuple[str, dict[str, Ada
             method, hyper = "BOFT", {"boft_block_size": int(node.r.shape[-1]),
                                      "boft_n_butterfly_factor": int(node.r.shape[-4]),
                                      "boft_dropout": node.dropout}
+        elif type(node) is FullWeight:
+            if path not in modules:
+                raise _unsupported(f"{path} is trained fully (FullWeight); PEFT saves whole modules "
+                                   "(modules_to_save) only for projections here")
+            continue
         else:
             raise _unsupported(f"{path} is adapted with {type(node).__name__} ({node.NAME!r}); PEFT export "
-                               "supports LoRAWeight and BOFTWeight only")
+                               "supports LoRAWeight, SelectiveWeight, BOFTWeight and FullWeight (on projections)")
         if path not in modules:
             raise _unsupported(f"{path} is not a projection PEFT adapts as a Linear layer")
         settings[path] = (method, hyper)
+    if not settings:
+        raise _unsupported(f"every adapted weight ({sorted(nodes)}) is a FullWeight; a PEFT adapter needs "
+                           "LoRA or BOFT on at least one module")
     method, hyper = next(iter(settings.values()))
     if any(other != (method, hyper) for other in settings.values()):
         listing = "; ".join(f"{p}: {m} {h}" for p, (m, h) in settings.items())
         raise _unsupported(f"its adapted weights differ in method or hyperparameters ({listing})")
     return method, nodes, hyper
+
+
+def _layer_values(method: str, node: AdaptedWeight, num_layers: int | None) -> list:
+    """Per layer (one entry for an unstacked weight): the PEFT adapter tensors as a tuple, or the whole
+    trained weight `W^T` as one array for a fully trained layer."""
+    def kernel_t(w):
+        return np.swapaxes(np.asarray(w, np.float32), -1, -2)
+
+    if isinstance(node, FullWeight):
+        values = kernel_t(node.base)
+        return list(values) if num_layers else [values]
+    if method == "LORA":
+        adapter = (kernel_t(node.a), kernel_t(node.b))
+    else:
+        adapter = (np.asarray(node.r, np.float32), np.asarray(node.s, np.float32)[..., None])
+    if not num_layers:
+        return [adapter]
+    layers = [tuple(v[i] for v in adapter) for i in range(num_layers)]
+    if isinstance(node, SelectiveWeight):
+        for j, i in enumerate(np.asarray(node.chosen).tolist()):
+            layers[i] = kernel_t(node.full[j])
+    return layers
 
 
 def export_peft(folder: str | os.PathLike, config: LlamaConfig, adapted_params: dict,
@@ -88,28 +126,34 @@ def export_peft(folder: str | os.PathLike, config: LlamaConfig, adapted_params: 
     `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), folder)` loads.
 
     The base model must hold the adapted tree's base weights (`save_hf_checkpoint` of them). LoRA's
-    scale is written as `lora_alpha = scale * r` with `use_rslora = false` (the same scaling).
+    scale is written as `lora_alpha = scale * r` with `use_rslora = false` (the same scaling). Fully
+    trained projections become `modules_to_save` (see the module docstring).
     Raises, pointing to `export_merged`, for trees PEFT cannot represent.
     """
     method, nodes, hyper = _peft_method(config, adapted_params)
     modules = _modules(config)
-    tensors = {}
+    tensors, adapted_modules, saved_modules = {}, [], []
     for path, node in nodes.items():
         template, per_layer = modules[path]
-        names = _TENSORS[method]
-        if method == "LORA":
-            values = (np.swapaxes(np.asarray(node.a, np.float32), -1, -2),
-                      np.swapaxes(np.asarray(node.b, np.float32), -1, -2))
-        else:
-            values = (np.asarray(node.r, np.float32), np.asarray(node.s, np.float32)[..., None])
-        for i in range(config.num_layers) if per_layer else [None]:
-            module = PREFIX + template.format(i=i)
-            for name, value in zip(names, values):
-                tensors[f"{module}.{name}"] = np.ascontiguousarray(value[i] if per_layer else value)
-    targets = sorted({modules[path][0].rsplit(".", 1)[-1] for path in nodes})
+        layers = _layer_values(method, node, config.num_layers if per_layer else None)
+        for i, values in enumerate(layers):
+            module = template.format(i=i)
+            if isinstance(values, tuple):
+                adapted_modules.append(module)
+                tensors.update({f"{PREFIX}{module}.{name}": np.ascontiguousarray(value)
+                                for name, value in zip(_TENSORS[method], values)})
+            else:
+                saved_modules.append(module)
+                tensors[f"{PREFIX}{module}.weight"] = np.ascontiguousarray(values)
+    if saved_modules:
+        targets = adapted_modules
+    else:
+        targets = sorted({modules[path][0].rsplit(".", 1)[-1] for path in nodes})
     adapter_config = {"peft_type": method, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
                       "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
                       **hyper}
+    if saved_modules:
+        adapter_config["modules_to_save"] = saved_modules
     if method == "LORA":
         adapter_config.update(use_rslora=False, init_lora_weights=True)
     else:
@@ -151,6 +195,9 @@ def import_peft(folder: str | os.PathLike, config: LlamaConfig, base_params: dic
             if peft.get(key):
                 raise ValueError(f"{folder / CONFIG_NAME}: per-module {key}={peft[key]} is not supported by "
                                  "import_peft")
+    if peft.get("modules_to_save"):
+        raise ValueError(f"{folder / CONFIG_NAME}: modules_to_save={peft['modules_to_save']} (fully trained modules) "
+                         "is not supported by import_peft; merge the adapter in PEFT and load the merged model")
     with safe_open(str(folder / WEIGHTS_NAME), "np") as f:
         stored = {key: f.get_tensor(key) for key in f.keys()}
     params = base_params

@@ -19,6 +19,22 @@ class LinearOperator(Protocol):
         """The equivalent plain weight array."""
 
 
+@runtime_checkable
+class LayerStacked(Protocol):
+    """A weight over all stacked layers that the layer scan cannot slice as it is (Hybrid-LoRA's
+    fully trained layers), with an equivalent form whose every leaf has the leading `layers` axis."""
+
+    def scan_form(self):
+        """The equivalent weight whose leaves all slice along axis 0, one slice per layer."""
+
+
+def scan_ready(params):
+    """The parameter tree with every `LayerStacked` weight replaced by its `scan_form()`, so the
+    layer scan can slice every leaf (called by `hyjax.model.apply` and `decode`)."""
+    return jax.tree.map(lambda w: w.scan_form() if isinstance(w, LayerStacked) else w, params,
+                        is_leaf=lambda w: isinstance(w, LayerStacked))
+
+
 def linear(x: jax.Array, w) -> jax.Array:
     """`y = x @ w` for a `[d_in, d_out]` kernel; an adapted weight applies itself to `x` instead.
 

@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from hyjax.model.config import LlamaConfig
+from hyjax.model.linear import scan_ready
 from hyjax.model.llama import KVCache, Llama
 
 Params = dict[str, Any]
@@ -53,10 +54,10 @@ def count_params(params: Params) -> int:
 def apply(config: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
           segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits `[batch, seq, vocab]` (see `Llama.__call__`)."""
-    return nnx.merge(graphdef(config), params)(tokens, positions, segment_ids)
+    return nnx.merge(graphdef(config), scan_ready(params))(tokens, positions, segment_ids)
 
 
 def decode(config: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array,
            token_valid: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One cached forward pass for generation (see `Llama.decode`)."""
-    return nnx.merge(graphdef(config), params).decode(tokens, positions, token_valid, cache)
+    return nnx.merge(graphdef(config), scan_ready(params)).decode(tokens, positions, token_valid, cache)
