@@ -7,6 +7,11 @@ The loss of a step is the mean cross-entropy over every answer token of the glob
 
 so accumulating over micro-batches, or splitting the batch over devices and processes, computes the
 same quantity as one pass over the whole batch (only the summation order differs).
+
+With the ZO + FO hybrid (`zeroth_order`), the step also estimates the loss's directional derivatives
+along random directions of the base weights by SPSA (two more forward passes over the batch per
+direction, at the same adapters and the same dropout) and moves the base weights along them; the
+adapters' gradients are taken at the unperturbed point, so both updates start from one point.
 """
 
 from __future__ import annotations
@@ -24,21 +29,24 @@ from hyjax.adapters.hybrid import set_lambdas
 from hyjax.data.loss import masked_log_likelihood
 from hyjax.model import apply as model_apply
 from hyjax.optim import current_lambdas
+from hyjax.training.zeroth_order import ZerothOrder, join_base, projected_gradients, spsa_update
 
 
 class TrainState(struct.PyTreeNode):
     """Everything a step changes: the optimizer steps taken, the trainable adapter parameters, the
-    optimizer state (hybrid lambdas included) and the run's base random key (raw uint32[2])."""
+    optimizer state (hybrid lambdas included), the run's base random key (raw uint32[2]) and, for the
+    ZO + FO hybrid, the base weights its zeroth-order updates train (None otherwise)."""
 
     step: jax.Array
     trainable: Any
     opt_state: Any
     rng: jax.Array
+    base: Any = None
 
     @classmethod
-    def create(cls, trainable, optimizer: optax.GradientTransformation, seed: int) -> "TrainState":
+    def create(cls, trainable, optimizer: optax.GradientTransformation, seed: int, base=None) -> "TrainState":
         return cls(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable),
-                   rng=jax.random.PRNGKey(seed))
+                   rng=jax.random.PRNGKey(seed), base=base)
 
 
 def forward_params(trainable, frozen, opt_state, key: jax.Array | None, hybrid: bool) -> dict:
@@ -48,6 +56,11 @@ def forward_params(trainable, frozen, opt_state, key: jax.Array | None, hybrid: 
     if hybrid:
         params = set_lambdas(params, current_lambdas(opt_state))
     return params
+
+
+def state_params(state: TrainState, frozen: dict, hybrid: bool) -> dict:
+    """The adapted parameter tree of a state, dropout off (for evaluation and export)."""
+    return forward_params(state.trainable, join_base(state.base, frozen), state.opt_state, None, hybrid)
 
 
 def answer_nll_sum(model_config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -70,12 +83,15 @@ class AnswerLoss:
 
 
 def make_train_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    hybrid: bool):
+                    hybrid: bool, zeroth_order: ZerothOrder | None = None):
     """`step(state, frozen, batch) -> (state, metrics)`, not yet jitted.
 
     `batch` holds `[accumulation, micro_batch, T]` arrays (tokens, targets, loss_mask, segment_ids,
     positions). Metrics: loss, grad_norm (before clipping), learning_rate, answer_tokens, and
-    `skipped` (1 when the gradient was not finite and the update was skipped).
+    `skipped` (1 when the gradient was not finite and the update was skipped). With `zeroth_order`
+    (then `state.base` holds the base weights it trains and `frozen` the rest): also
+    `zo_projected_grad` (the mean SPSA estimate), `zo_loss_difference` (L+ - L-, its mean over
+    directions) and `zo_learning_rate`.
     """
 
     def micro_loss(trainable, frozen, opt_state, batch, key):
@@ -84,8 +100,26 @@ def make_train_step(model_config, optimizer: optax.GradientTransformation, sched
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    def batch_loss(trainable, frozen, opt_state, batch, key):
+        """The step's loss at these parameters, forward passes only (the same dropout as the gradient's)."""
+        def add(carry, inputs):
+            index, micro_batch = inputs
+            nll, tokens = micro_loss(trainable, frozen, opt_state, micro_batch, jax.random.fold_in(key, index))
+            return (carry[0] + nll, carry[1] + tokens), None
+
+        accumulation = batch["tokens"].shape[0]
+        (total, count), _ = jax.lax.scan(add, (jnp.float32(0), jnp.float32(0)), (jnp.arange(accumulation), batch))
+        return total / jnp.maximum(count, 1.0)
+
     def step(state: TrainState, frozen: dict, batch: dict):
         step_key = jax.random.fold_in(state.rng, state.step)
+        metrics = {}
+        if zeroth_order is not None:
+            step_key, zo_key = jax.random.split(step_key)
+            g, plus, minus, work = projected_gradients(
+                lambda base: batch_loss(state.trainable, join_base(base, frozen), state.opt_state, batch, step_key),
+                state.base, zo_key, zeroth_order.mu, zeroth_order.directions)
+            frozen = join_base(state.base, frozen)
 
         def accumulate(carry, inputs):
             grads, total, count = carry
@@ -103,12 +137,21 @@ def make_train_step(model_config, optimizer: optax.GradientTransformation, sched
         grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        skipped = jnp.logical_not(opt_state.last_finite)
+        if zeroth_order is not None:
+            zo_learning_rate = zeroth_order.schedule(state.step)  # the update goes into the SPSA working copy
+            state = state.replace(base=spsa_update(state.base, zo_key, g, zo_learning_rate, zeroth_order.weight_decay,
+                                                   into=work))
+            skipped = jnp.logical_or(skipped, jnp.logical_not(jnp.all(jnp.isfinite(g))))
+            metrics = {"zo_projected_grad": jnp.mean(g), "zo_loss_difference": jnp.mean(plus - minus),
+                       "zo_learning_rate": zo_learning_rate}
         metrics = {
             "loss": total / count,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "answer_tokens": count,
-            "skipped": jnp.logical_not(opt_state.last_finite).astype(jnp.int32),
+            "skipped": skipped.astype(jnp.int32),
+            **metrics,
         }
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
@@ -120,7 +163,6 @@ def make_eval_step(model_config, hybrid: bool):
     dropout off."""
 
     def eval_step(state: TrainState, frozen: dict, batch: dict):
-        params = forward_params(state.trainable, frozen, state.opt_state, None, hybrid)
-        return answer_nll_sum(model_config, params, batch)
+        return answer_nll_sum(model_config, state_params(state, frozen, hybrid), batch)
 
     return eval_step
