@@ -106,6 +106,8 @@ def plan(config, topology: str, largest: int = 8) -> Plan:
     from hyjax.config import ConfigError
     from hyjax.model import abstract_params, count_params
     from hyjax.training.layout import check_batch_split, jit_train_step, run_layout, step_shardings
+    from hyjax.training.module_selection import planned_selection, selection_spec
+    from hyjax.training.zeroth_order import from_config as zeroth_order_from_config
     from hyjax.training.optimizer import build_optimizer
     from hyjax.training.step import TrainState, make_train_step
 
@@ -119,19 +121,31 @@ def plan(config, topology: str, largest: int = 8) -> Plan:
     micro, accumulation = config.train.micro_batch, config.train.grad_accum_steps
     params = abstract_params(model_config)
     spec = config.to_adapter_spec()
-    adapted = jax.eval_shape(lambda p: adapters.apply(spec, p, jax.random.key(0),
-                                                      gradients=p if config.method.from_gradients else None), params)
-    optimizer, schedule = build_optimizer(config, config.train.steps or 1000)
-    shardings = step_shardings(layout, model_config, adapted, optimizer)  # checks every split dimension divides
+
+    def adapt(spec):
+        return jax.eval_shape(lambda p: adapters.apply(spec, p, jax.random.key(0),
+                                                       gradients=p if config.method.from_gradients else None), params)
+
+    adapted = adapt(spec)
+    if config.method.name == "hybrid_lora":  # the budget's count of fully trained modules, in path order
+        adapted = adapt(selection_spec(config.method, planned_selection(config.method, adapted, model_config.num_layers),
+                                       model_config.num_layers))
+    steps = config.train.steps or 1000
+    optimizer, schedule = build_optimizer(config, steps)
+    zeroth_order = zeroth_order_from_config(config, steps)
+    shardings = step_shardings(layout, model_config, adapted, optimizer, zeroth_order)  # checks every split divides
     trainable, frozen = adapters.split_trainable(adapted)
-    state = jax.eval_shape(lambda t: TrainState.create(t, optimizer, config.train.seed), trainable)
+    base = None
+    if zeroth_order is not None:
+        base, frozen = zeroth_order.split(frozen)
+    state = jax.eval_shape(lambda t, b: TrainState.create(t, optimizer, config.train.seed, b), trainable, base)
     with_sharding = lambda tree, sh: jax.tree.map(  # noqa: E731
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
     seq = config.data.max_length
     batch = {key: jax.ShapeDtypeStruct((accumulation, micro, seq), dtype, sharding=shardings.batch)
              for key, dtype in _BATCH_DTYPES.items()}
-    step = jit_train_step(make_train_step(model_config, optimizer, schedule, config.method.name == "hybrid"),
-                          layout, shardings)
+    step = jit_train_step(make_train_step(model_config, optimizer, schedule, config.method.name == "hybrid",
+                                          zeroth_order), layout, shardings)
     start = time.perf_counter()
     compiled = step.lower(with_sharding(state, shardings.state), with_sharding(frozen, shardings.frozen),
                           batch).compile()

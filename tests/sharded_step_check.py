@@ -3,7 +3,8 @@
 Run by tests/test_sharding_train.py in a subprocess started with 8 fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`); prints one JSON object:
 `{method: {mesh: {"loss", "max_update_difference", "q_proj_shard"}}}` (q_proj_shard: the shape of one
-device's shard of the base q_proj, showing that the mesh really split it).
+device's shard of the base q_proj, showing that the mesh really split it). Method zo_fo also reports
+`max_base_update_difference` (its SPSA update of the base weights, drawn per shard).
 
     python tests/sharded_step_check.py CHECKPOINT TRAIN_TSV OUTPUT_DIR METHOD[,METHOD...]
 """
@@ -42,6 +43,7 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
         "train.micro_batch_size=8", "train.optimizer=sgd", "train.b1=0", "train.learning_rate=0.5",
         "train.schedule=constant", "train.grad_clip_norm=null", f"method.name={method}",
         "method.lora_ga.n_batches=2", "method.lora_ga.batch_size=8", "method.lora.rank=4", "method.lora_ga.rank=4",
+        "method.zo_fo.learning_rate=1e-3", "method.hybrid_lora.n_batches=2", "method.hybrid_lora.batch_size=8",
         "export.peft_adapter=false",
         "train.hybrid_weights.warmup_steps=0", f"logging.output_dir={output}"])
     layout = run_layout(MeshSection(**mesh), devices=devices)
@@ -50,16 +52,23 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
         setup.trainable = jax.device_put(start[0], setup.shardings.state.trainable)
         setup.frozen = jax.device_put(start[1], setup.shardings.frozen)
     initial = jax.device_get((setup.trainable, setup.frozen))
+    base = jax.device_get(setup.base)
     state = initial_state(setup)
-    step = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid),
-                          layout, setup.shardings)
+    step = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid,
+                                          setup.zeroth_order), layout, setup.shardings)
     batch = distributed.global_batch(next(setup.data.train), setup.shardings.batch, 1, 8)
     state, metrics = step(state, setup.frozen, batch)
     after = jax.device_get(state.trainable)
-    q_proj = setup.frozen["layers"]["attn"]["q_proj"]
-    q_proj = state.trainable["layers"]["attn"]["q_proj"]["base"] if method == "full" else q_proj.base
+    if method == "full":
+        q_proj = state.trainable["layers"]["attn"]["q_proj"]["base"]
+    elif method == "zo_fo":
+        q_proj = state.base["layers"]["attn"]["q_proj"]
+    else:
+        q_proj = setup.frozen["layers"]["attn"]["q_proj"].base
+    base_updates = None if base is None else jax.tree.map(np.subtract, jax.device_get(state.base), base)
     return {"loss": float(metrics["loss"]), "updates": jax.tree.map(np.subtract, after, initial[0]),
-            "initial": initial, "q_proj_shard": list(q_proj.sharding.shard_shape(q_proj.shape))}
+            "base_updates": base_updates, "initial": initial,
+            "q_proj_shard": list(q_proj.sharding.shard_shape(q_proj.shape))}
 
 
 def main(checkpoint: str, train_tsv: str, output: str, methods: str) -> None:
@@ -67,15 +76,25 @@ def main(checkpoint: str, train_tsv: str, output: str, methods: str) -> None:
     for method in methods.split(","):
         reference = one_step(checkpoint, train_tsv, f"{output}/{method}-one", method, dict(data=1), jax.devices()[:1])
         start = reference["initial"]
-        scale = max(float(np.max(np.abs(u))) for u in jax.tree.leaves(reference["updates"]))
+        scale = _max_difference(reference["updates"], None)
         results[method] = {"one_device": {"loss": reference["loss"], "update_scale": scale}}
         for name, mesh in MESHES.items():
             run = one_step(checkpoint, train_tsv, f"{output}/{method}-{name}", method, mesh, jax.devices(), start)
-            differences = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), run["updates"],
-                                       reference["updates"])
-            results[method][name] = {"loss": run["loss"], "max_update_difference": max(jax.tree.leaves(differences)),
-                                     "q_proj_shard": run["q_proj_shard"]}
+            results[method][name] = {"loss": run["loss"], "q_proj_shard": run["q_proj_shard"],
+                                     "max_update_difference": _max_difference(run["updates"], reference["updates"])}
+            if run["base_updates"] is not None:
+                results[method][name]["max_base_update_difference"] = _max_difference(run["base_updates"],
+                                                                                      reference["base_updates"])
+        if reference["base_updates"] is not None:
+            results[method]["one_device"]["base_update_scale"] = _max_difference(reference["base_updates"], None)
     print(json.dumps(results))
+
+
+def _max_difference(a, b) -> float:
+    """Largest absolute elementwise difference of two trees of arrays (b None: the largest magnitude)."""
+    if b is None:
+        return max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 if __name__ == "__main__":

@@ -227,7 +227,15 @@ def test_type_errors_name_key_type_and_value(override, message):
     (["model.preset=llama3-8B-typo"], "model.preset='llama3-8b-typo' must be one of"),
     (["model.preset=null", "model.path=null"], "give a preset, a checkpoint path, or both"),
     (["method.name=lorra"], "method.name='lorra' must be one of ['full', 'lora', 'lora_ga', 'oft', 'boft', "
-                            "'unitary', 'hybrid']; did you mean 'lora'?"),
+                            "'unitary', 'hybrid', 'hybrid_lora', 'zo_fo']; did you mean 'lora'?"),
+    (["method.zo_fo.adapter=lora_ga"], "method.zo_fo.adapter='lora_ga' must be one of"),
+    (["method.zo_fo.mu=0"], "method.zo_fo.mu=0.0 must be > 0"),
+    (["method.zo_fo.directions=0"], "method.zo_fo.directions=0 must be >= 1"),
+    (["method.zo_fo.targets=[]"], "method.zo_fo: targets is empty"),
+    (["method.name=zo_fo"], "export.peft_adapter=true, but method.name='zo_fo' cannot be written"),
+    (["method.hybrid_lora.fraction=1.5"], "method.hybrid_lora.fraction=1.5 must be in [0, 1]"),
+    (["method.hybrid_lora.score=grad"], "method.hybrid_lora.score='grad' must be one of"),
+    (["method.name=hybrid_lora", "model.path=null"], "model.path is null"),
     (["method.lora.rank=0"], "method.lora: LoRA rank=0 must be at least 1"),
     (["method.boft.impl=cuda"], "method.boft: BOFT impl='cuda'"),
     (["method.unitary.impl=cuda"], "method.unitary.impl='cuda' must be one of"),
@@ -276,7 +284,7 @@ def test_targets_and_frozen_reach_the_spec():
 @pytest.mark.parametrize("name, cls", [
     ("full", adapters.FullConfig), ("lora", adapters.LoRAConfig), ("lora_ga", adapters.LoRAGAConfig),
     ("oft", adapters.BOFTConfig), ("boft", adapters.BOFTConfig), ("unitary", adapters.UnitaryConfig),
-    ("hybrid", adapters.HybridConfig),
+    ("hybrid", adapters.HybridConfig), ("hybrid_lora", adapters.LoRAConfig), ("zo_fo", adapters.LoRAConfig),
 ])
 def test_each_method_builds_its_adapter_config(name, cls):
     config = load_config(f"methods/{name}")
@@ -291,6 +299,18 @@ def test_hybrid_takes_its_branches_from_the_boft_and_lora_ga_sections():
     method = config.method.adapter_config()
     assert method == adapters.HybridConfig(boft=config.method.boft, lora_ga=config.method.lora_ga, mix="update")
     assert method.boft.block_size == 4 and method.lora_ga.rank == 2
+
+
+def test_zo_fo_carries_the_adapter_it_names():
+    config = load_config("methods/zo_fo", ["method.zo_fo.adapter=oft", "method.boft.block_size=4"])
+    assert config.method.adapter_config() == config.method.boft
+    with pytest.raises(ConfigError, match="n_factors"):
+        load_config("methods/zo_fo", ["method.zo_fo.adapter=oft", "method.boft.n_factors=2"])
+
+
+def test_gradient_batches_follow_the_method():
+    assert load_config("methods/lora_ga").method.gradient_batches == (64, 2)
+    assert load_config("methods/hybrid_lora", ["method.hybrid_lora.n_batches=3"]).method.gradient_batches == (3, 2)
 
 
 def test_hybrid_weights_kwargs_build_the_transform():
@@ -310,7 +330,7 @@ def test_unitary_section_mirrors_unitary_config():
 
 
 def test_methods_exist_in_adapters_and_have_a_yaml():
-    assert set(METHODS) == {"full", "lora", "lora_ga", "oft", "boft", "unitary", "hybrid"}
+    assert set(METHODS) == {"full", "lora", "lora_ga", "oft", "boft", "unitary", "hybrid", "hybrid_lora", "zo_fo"}
     for name in METHODS:
         assert (CONFIGS / "methods" / f"{name}.yaml").is_file()
 

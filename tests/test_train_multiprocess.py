@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from hyjax.config import load_config
 from hyjax.training import train
@@ -26,12 +27,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_loss_of_one(tiny_checkpoint, sentiment_data, tmp_path):
+@pytest.mark.parametrize("method", [[], ["method.name=zo_fo", "method.zo_fo.learning_rate=1e-3"]],
+                         ids=["lora", "zo_fo"])
+def test_two_processes_give_the_loss_of_one(method, tiny_checkpoint, sentiment_data, tmp_path):
+    """zo_fo: each process draws the SPSA directions of its own shards; steps 2 and 3 see base weights
+    moved by them, so equal losses mean both processes drew what one process draws."""
     single = tmp_path / "single"
-    train(load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, single, *COMMON)),
+    train(load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, single, *COMMON, *method)),
           log=lambda text: None)
     double = tmp_path / "double"
-    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, double, *COMMON)
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, double, *COMMON, *method)
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     processes = [subprocess.Popen([sys.executable, "-m", "hyjax.train", "base", *overrides, f"--coordinator=localhost:{port}",

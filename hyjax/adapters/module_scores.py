@@ -55,8 +55,16 @@ def module_scores(gradients: dict, rank: int, score: str = "grad_norm_x_residual
         stacked = gradient.reshape((-1,) + gradient.shape[-2:])
         exact = min(gradient.shape[-2:]) <= exact_limit
         total, top = _energies(stacked, jax.random.fold_in(key, index), rank, exact, iterations)
-        scores[path] = _score(score, np.asarray(total, np.float64), np.asarray(top, np.float64))
+        scores[path] = _score(score, _on_host(total), _on_host(top))
     return scores
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+    """A small result as float64 numpy, gathered from every process when it is split across hosts."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x, np.float64)
 
 
 def _score(score: str, total: np.ndarray, top: np.ndarray) -> np.ndarray:

@@ -54,7 +54,8 @@ class SelectiveWeight(DropoutKeyed, AdaptedWeight):
         base replaced by `full` and their LoRA switched off (`b` times a per-layer 0/1 mask)."""
         num_layers = self.base.shape[0]
         lora_on = jnp.ones((num_layers,), self.b.dtype).at[self.chosen].set(0)
-        return LoRAWeight(base=self.base.at[self.chosen].set(self.full.astype(self.base.dtype)), a=self.a,
+        base = jnp.asarray(self.base)  # host (numpy) trees are merged for export too
+        return LoRAWeight(base=base.at[self.chosen].set(self.full.astype(base.dtype)), a=self.a,
                           b=self.b * lora_on[:, None, None], dropout_key=self.dropout_key, scale=self.scale,
                           dropout=self.dropout)
 
@@ -70,7 +71,7 @@ class SelectiveWeight(DropoutKeyed, AdaptedWeight):
         """`base = merged - s a b` on the other layers (the chosen layers keep their base weight) and
         `full = merged[chosen]`, so that `unmerge(M).merged() == M`."""
         lora = LoRAWeight(base=self.base, a=self.a, b=self.b, scale=self.scale).unmerge(merged)
-        base = lora.base.at[self.chosen].set(self.base[self.chosen])
+        base = jnp.asarray(lora.base).at[self.chosen].set(self.base[self.chosen])
         return self.replace(base=base, full=merged[self.chosen].astype(self.full.dtype))
 
 

@@ -38,9 +38,9 @@ class RestoredRun:
     @property
     def adapted(self) -> dict:
         """The adapted parameter tree at the checkpointed step (hybrid lambdas set, dropout off)."""
-        from hyjax.training.step import forward_params
+        from hyjax.training.step import state_params
 
-        return forward_params(self.state.trainable, self.frozen, self.state.opt_state, None, self.setup.hybrid)
+        return state_params(self.state, self.frozen, self.setup.hybrid)
 
 
 def checkpoint_folder(path: str | os.PathLike) -> pathlib.Path:
@@ -56,7 +56,8 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
 
     Rebuilds the run from the config stored in the checkpoint (so the model checkpoint and the data
     files it names must still be there: LoRA-GA and hybrid runs re-derive their frozen initial factors
-    from them, deterministically), then restores adapters, optimizer state, step and rng into it. Each
+    from them, deterministically; Hybrid-LoRA takes its modules from the checkpoint), then restores
+    adapters, optimizer state, step, rng and zeroth-order-trained base weights into it. Each
     array is read straight into its sharding on `mesh` (sizes like the config's mesh section, e.g.
     `{"fsdp": 4, "tensor": 2}`; default: data parallel over every device), whatever mesh saved it.
     """
@@ -80,7 +81,7 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     config = build(RunConfig, meta["config"])
     config = dataclasses.replace(config, mesh=MeshSection(**{"data": -1, **(mesh or {})}))
     setup = prepare_run(config, layout=run_layout(config.mesh), data_position=meta["data_position"],
-                        log=lambda text: None)
+                        selection=meta.get("module_selection"), log=lambda text: None)
     state, meta = checkpointer.restore(step, initial_state(setup))
     checkpointer.close()
     return RestoredRun(config=config, setup=setup, state=state, frozen=setup.frozen, step=step, meta=meta)

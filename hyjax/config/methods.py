@@ -5,8 +5,8 @@ fields, defaults and validation are the adapters'. The exception is `unitary`: `
 for its backend when built, which must not happen before `jax.distributed.initialize`, so the section
 mirrors its fields (a test keeps the two in step) and builds the real one in `to_adapter_spec()`.
 
-Adding a method (e.g. zo_fo once `hyjax.adapters` has it): give MethodSection a sub-section field for its
-hyperparameters, register a `Method` in METHODS, add configs/methods/<name>.yaml and its base.yaml block.
+Adding a method: give MethodSection a sub-section field for its hyperparameters, register a `Method` in
+METHODS, add configs/methods/<name>.yaml and its base.yaml block.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import dataclasses
 from typing import Any, Callable
 
 from hyjax.adapters import AdapterSpec, BOFTConfig, FullConfig, HybridConfig, LoRAConfig, LoRAGAConfig
+from hyjax.adapters.module_scores import SCORES
 from hyjax.adapters.hybrid import MIXES
-from hyjax.config.sections import one_of, valid_regex
+from hyjax.config.sections import at_least, in_range, one_of, valid_regex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,57 @@ class HybridSection:
 
     def __post_init__(self):
         one_of("mix", self.mix, MIXES)
+
+
+# The first-order adapters the ZO + FO hybrid can carry (methods that need no gradient at the start).
+ZO_FO_ADAPTERS = ("lora", "oft", "boft", "unitary")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZerothOrderSection:
+    """The ZO + FO hybrid: base weights trained by two-point SPSA (MeZO), an adapter by backprop, at
+    the same point each step (see hyjax.training.zeroth_order)."""
+
+    adapter: str = "lora"  # the first-order adapter: lora | oft | boft | unitary (its own sub-section)
+    learning_rate: float = 1e-6  # peak learning rate of the SPSA updates (train.learning_rate: the adapter's)
+    mu: float = 1e-3  # perturbation scale
+    directions: int = 1  # SPSA directions averaged per step, two forward passes each
+    weight_decay: float = 0.0  # decoupled weight decay of the SPSA-trained weights
+    targets: tuple[str, ...] = (".*",)  # regexes over weight paths trained by SPSA (default: every weight)
+
+    def __post_init__(self):
+        one_of("adapter", self.adapter, ZO_FO_ADAPTERS)
+        for name in ("learning_rate", "mu"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        at_least("directions", self.directions, 1)
+        at_least("weight_decay", self.weight_decay, 0)
+        if not self.targets:
+            raise ValueError("targets is empty: give at least one regex of weights to train by SPSA, e.g. ['.*']")
+        for i, pattern in enumerate(self.targets):
+            valid_regex(f"targets[{i}]", pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridLoRASection:
+    """Hybrid-LoRA: a scoring pass over the pretrained model picks the target modules (one projection
+    of one layer each) to fine-tune fully; the rest get LoRA (method.lora). See
+    hyjax.adapters.module_scores."""
+
+    fraction: float = 0.1  # share of the target modules fully fine-tuned (rounded down, at least one)
+    max_params: int | None = None  # instead of fraction: fully fine-tuned parameters at most (best modules that fit)
+    score: str = "grad_norm_x_residual"  # grad_norm_x_residual | grad_norm | residual_share | residual_norm
+    rank: int | None = None  # r of the residual energy (outside the best rank-r approximation); null: method.lora.rank
+    n_batches: int = 16  # batches the scoring gradient is averaged over...
+    batch_size: int = 2  # ...of this many sequences each
+
+    def __post_init__(self):
+        in_range("fraction", self.fraction, 0, 1)
+        at_least("max_params", self.max_params, 0, allow_none=True)
+        one_of("score", self.score, SCORES)
+        at_least("rank", self.rank, 1, allow_none=True)
+        at_least("n_batches", self.n_batches, 1)
+        at_least("batch_size", self.batch_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +128,11 @@ METHODS: dict[str, Method] = {
     "unitary": Method(_unitary, lambda s: False, "uRNN-style unitary adapter (method.unitary)"),
     "hybrid": Method(lambda s: HybridConfig(boft=s.boft, lora_ga=s.lora_ga, mix=s.hybrid.mix), lambda s: False,
                      "hybrid BOFT + LoRA-GA (method.boft, method.lora_ga, method.hybrid)"),
+    "hybrid_lora": Method(lambda s: s.lora, lambda s: True,
+                          "Hybrid-LoRA: the best-scored modules fully fine-tuned, LoRA (method.lora) on the rest "
+                          "(method.hybrid_lora)"),
+    "zo_fo": Method(lambda s: METHODS[s.zo_fo.adapter].build(s), lambda s: False,
+                    "zeroth-order SPSA on the base weights + a first-order adapter (method.zo_fo)"),
 }
 
 
@@ -84,7 +141,7 @@ class MethodSection:
     """The fine-tuning method, the weights it acts on, and every method's hyperparameters (only the
     sub-sections the chosen method uses matter)."""
 
-    name: str = "lora"  # full | lora | lora_ga | oft | boft | unitary | hybrid
+    name: str = "lora"  # full | lora | lora_ga | oft | boft | unitary | hybrid | hybrid_lora | zo_fo
     # Regexes over parameter paths (e.g. "layers/attn/(q|v)_proj") the method adapts; null: the model
     # family's default (every attention and MLP projection; every parameter for full).
     targets: tuple[str, ...] | None = None
@@ -94,6 +151,8 @@ class MethodSection:
     boft: BOFTConfig = BOFTConfig()
     unitary: UnitarySection = UnitarySection()
     hybrid: HybridSection = HybridSection()
+    hybrid_lora: HybridLoRASection = HybridLoRASection()
+    zo_fo: ZerothOrderSection = ZerothOrderSection()
 
     def __post_init__(self):
         one_of("name", self.name, list(METHODS))
@@ -101,11 +160,12 @@ class MethodSection:
             valid_regex(f"targets[{i}]", pattern)
         for i, pattern in enumerate(self.frozen):
             valid_regex(f"frozen[{i}]", pattern)
-        if self.name == "oft":
+        if self.name == "oft" or (self.name == "zo_fo" and self.zo_fo.adapter == "oft"):
             _oft(self)
 
     def adapter_config(self):
-        """The `hyjax.adapters` config object of the chosen method (e.g. `LoRAConfig(rank=16)`)."""
+        """The `hyjax.adapters` config object of the chosen method (e.g. `LoRAConfig(rank=16)`; for
+        hybrid_lora the LoRA of its unchosen modules, `selective_spec` places the chosen ones)."""
         return METHODS[self.name].build(self)
 
     def to_adapter_spec(self, family: str = "llama") -> AdapterSpec:
@@ -116,8 +176,15 @@ class MethodSection:
 
     @property
     def from_gradients(self) -> bool:
-        """Whether the method initialises from gradients of the pretrained model (LoRA-GA, the hybrid)."""
-        return self.name in ("lora_ga", "hybrid")
+        """Whether the method starts from gradients of the pretrained model (LoRA-GA and the hybrid
+        initialise from them, Hybrid-LoRA scores its modules with them)."""
+        return self.name in ("lora_ga", "hybrid", "hybrid_lora")
+
+    @property
+    def gradient_batches(self) -> tuple[int, int]:
+        """`(n_batches, batch_size)` of the gradient estimate a `from_gradients` method starts from."""
+        section = self.hybrid_lora if self.name == "hybrid_lora" else self.lora_ga
+        return section.n_batches, section.batch_size
 
     @property
     def peft_exportable(self) -> bool:

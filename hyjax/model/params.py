@@ -42,8 +42,8 @@ def abstract_params(config: LlamaConfig) -> Params:
 def logical_axes(config: LlamaConfig) -> Params:
     """Logical axis names of every parameter, e.g. `('layers', 'embed', 'heads')` for q_proj."""
     state = nnx.state(_abstract_model(config))
-    return jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
+                                         is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
 def count_params(params: Params) -> int:

@@ -21,7 +21,7 @@ from hyjax.data import (
 from hyjax.data.report import BadRowLimit, MalformedRow
 from hyjax.generation import SamplingConfig, generate
 from hyjax.model import apply as model_apply
-from hyjax.training.step import forward_params
+from hyjax.training.step import state_params
 
 
 class Evaluator:
@@ -62,7 +62,7 @@ class Evaluator:
         loss = total / max(count, 1.0)
         metrics: dict[str, Any] = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)),
                                    "eval/examples": len(self.examples)}
-        params = forward_params(state.trainable, frozen, state.opt_state, None, setup.hybrid)
+        params = state_params(state, frozen, setup.hybrid)
         if isinstance(self.task, Classification):
             score = answer_log_likelihood(lambda *batch: self._logits(params, *batch), setup.tokenizer.pad_id,
                                           self.max_length, self.bucket)

@@ -75,23 +75,30 @@ def adapted_shardings(layout: Layout, model_config, adapted: dict) -> dict:
     return layout.shardings(axes)
 
 
-def step_shardings(layout: Layout, model_config, adapted: dict, optimizer) -> StepShardings:
-    """The shardings of the step for an adapted tree (abstract or real) and its optimizer."""
+def step_shardings(layout: Layout, model_config, adapted: dict, optimizer, zeroth_order=None) -> StepShardings:
+    """The shardings of the step for an adapted tree (abstract or real) and its optimizer; with
+    `zeroth_order` (a `ZerothOrder`) the base weights it trains are part of the state, in their own
+    shardings."""
     axes = adapted_axes(adapted, base_axes(model_config))
     layout.check(adapted, axes, "adapted model")
     trainable, frozen = adapters.split_trainable(adapted)
     trainable_axes, frozen_axes = adapters.split_trainable(axes)
+    zeroth_order_axes = None
+    if zeroth_order is not None:
+        zeroth_order_axes, frozen_axes = zeroth_order.split(frozen_axes)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     state_axes = TrainState(step=replicated(0), trainable=trainable_axes,
                             opt_state=optimizer_state_axes(opt_state, trainable, trainable_axes),
-                            rng=replicated(1))
+                            rng=replicated(1), base=zeroth_order_axes)
     return StepShardings(state=layout.shardings(state_axes), frozen=layout.shardings(frozen_axes),
                          batch=layout.sharding(BATCH_AXES))
 
 
-def create_state(trainable, optimizer, seed: int, shardings: StepShardings) -> TrainState:
-    """A fresh `TrainState`, built on the devices directly in its shardings."""
-    return jax.jit(lambda t: TrainState.create(t, optimizer, seed), out_shardings=shardings.state)(trainable)
+def create_state(trainable, optimizer, seed: int, shardings: StepShardings, base=None) -> TrainState:
+    """A fresh `TrainState` (with `base`: the zeroth-order weights), built on the devices directly in its
+    shardings."""
+    return jax.jit(lambda t, b: TrainState.create(t, optimizer, seed, b), out_shardings=shardings.state)(
+        trainable, base)
 
 
 def jit_train_step(step_fn, layout: Layout, shardings: StepShardings, donate: bool = True):

@@ -32,6 +32,7 @@ from hyjax.training.evaluation import Evaluator
 from hyjax.training.export import export_run
 from hyjax.sharding import describe
 from hyjax.training.layout import create_state, jit_train_step, run_layout
+from hyjax.training.module_selection import SELECTION_FILE
 from hyjax.training.setup import RunSetup, fingerprint, preflight, prepare_run
 from hyjax.training.step import TrainState, make_eval_step, make_train_step
 
@@ -55,9 +56,9 @@ class RunResult:
     @property
     def adapted(self) -> dict:
         """The adapted parameter tree at the end (hybrid lambdas set)."""
-        from hyjax.training.step import forward_params
+        from hyjax.training.step import state_params
 
-        return forward_params(self.state.trainable, self.frozen, self.state.opt_state, None, self.setup.hybrid)
+        return state_params(self.state, self.frozen, self.setup.hybrid)
 
 
 class _StopRequests:
@@ -91,7 +92,7 @@ def open_checkpoints(config: RunConfig) -> tuple[RunCheckpointer, int | None]:
 
 def initial_state(setup: RunSetup) -> TrainState:
     """The fresh state, laid out on the run's devices."""
-    return create_state(setup.trainable, setup.optimizer, setup.config.train.seed, setup.shardings)
+    return create_state(setup.trainable, setup.optimizer, setup.config.train.seed, setup.shardings, setup.base)
 
 
 def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunResult:
@@ -104,9 +105,16 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     log(f"mesh: {describe(layout.mesh)}")
     checkpointer, resume_step = open_checkpoints(config)
     meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
-    setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta else None, log=log)
+    setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta else None,
+                        selection=meta.get("module_selection") if meta else None, log=log)
+    run_record = {"config": config.to_dict()}  # saved with every checkpoint
     if main_process:
         config.save(f"{config.logging.output_dir}/config.yaml")
+    if setup.selection is not None:
+        run_record["module_selection"] = setup.selection.to_json()
+        if main_process:
+            with open(f"{config.logging.output_dir}/{SELECTION_FILE}", "w") as f:
+                json.dump(run_record["module_selection"], f, indent=1)
     state, frozen = initial_state(setup), setup.frozen
     if resume_step is not None:
         state, _ = checkpointer.restore(resume_step, state)
@@ -115,11 +123,12 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     start_step = int(state.step)
     trainable = setup.trainable_counts["total"]
     share = trainable / count_params(abstract_params(setup.model_config))
-    log(f"{config.method.name}: {trainable:,} trainable parameters ({share:.3%} of the model); "
+    zeroth_order = f", and {count_params(setup.base):,} base weights by SPSA" if setup.base is not None else ""
+    log(f"{config.method.name}: {trainable:,} trainable parameters ({share:.3%} of the model){zeroth_order}; "
         f"{setup.total_steps} steps of {config.train.global_batch_size} sequences")
 
-    train_step = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid),
-                                layout, setup.shardings)
+    train_step = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid,
+                                                setup.zeroth_order), layout, setup.shardings)
     evaluator = Evaluator(setup, jax.jit(make_eval_step(setup.model_config, setup.hybrid)))
     metrics_log = reporting.MetricsLog(config.logging.output_dir, tensorboard=config.logging.tensorboard,
                                        resume_step=resume_step, enabled=main_process)
@@ -166,7 +175,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
                 stop = distributed.any_process(stops.requested is not None)
                 if stop or final or (every and done % every == 0):
                     checkpointer.save(done, state, {"data_position": setup.data.train.position, "metrics": metrics,
-                                                    "config": config.to_dict()}, force=True)
+                                                    **run_record}, force=True)
                 if config.eval.every_steps and done % config.eval.every_steps == 0 and not final and not stop:
                     last_eval = _evaluate(evaluator, state, frozen, done, metrics_log, log, f"step {done}")
                 if stop:
@@ -218,6 +227,8 @@ def _finish(result: RunResult, adapted_on_host, steps_done: int, start_step: int
     if setup.hybrid:
         lambdas = {path: np.asarray(value) for path, value in iter_paths(current_lambdas(result.state.opt_state))}
         files["lambda_heatmap"] = str(plots.lambda_heatmap(lambdas, f"{output}/lambda_heatmap.png"))
+    if setup.selection is not None:
+        files["module_selection"] = f"{output}/{SELECTION_FILE}"
     if adapted_on_host is not None:
         files.update(export_run(setup, adapted_on_host, log))
     summary = {
@@ -226,6 +237,7 @@ def _finish(result: RunResult, adapted_on_host, steps_done: int, start_step: int
         "steps": f"{steps_done} of {setup.total_steps}" + (f" (resumed at {start_step})" if start_step else ""),
         "skipped_steps": skipped,
         "trainable_parameters": setup.trainable_counts["total"],
+        **({"zeroth_order_parameters": count_params(setup.base)} if setup.base is not None else {}),
         "wall_time_seconds": time.perf_counter() - wall_start,
         "peak_host_memory_mib": reporting.peak_host_memory_mib(),
     }

@@ -20,7 +20,10 @@ from hyjax import adapters
 from hyjax.config import ConfigError, RunConfig
 from hyjax.data import BatchIterator, PreparedData, load_rows, make_task, prepare
 from hyjax.training.optimizer import build_optimizer
+from hyjax.adapters import Selection
+from hyjax.training.module_selection import choose_modules, module_sizes, selection_spec
 from hyjax.training.step import AnswerLoss
+from hyjax.training.zeroth_order import from_config as zeroth_order_from_config
 
 
 def preflight(config: RunConfig) -> None:
@@ -71,7 +74,9 @@ class RunSetup:
     model_path: pathlib.Path | None
     tokenizer: Any
     trainable: Any  # initial trainable adapter parameters (host or local device arrays)
-    frozen: dict  # everything else of the adapted tree
+    frozen: dict  # everything else of the adapted tree (less `base`)
+    base: Any  # the base weights trained zeroth-order (method zo_fo; None otherwise)
+    zeroth_order: Any  # hyjax.training.zeroth_order.ZerothOrder of method zo_fo, else None
     data: PreparedData
     eval_rows: Any  # held-out rows, at most eval.num_examples (None: no evaluation)
     eval_task: Any  # the task format resolved against the held-out rows' columns
@@ -81,6 +86,7 @@ class RunSetup:
     trainable_counts: dict[str, int]
     shardings: Any  # hyjax.training.layout.StepShardings of the state, frozen tree and batches
     rows: tuple[int, int]  # (index, count) of this process's part of each batch
+    selection: Any = None  # hyjax.adapters.Selection of method hybrid_lora (the fully trained modules)
 
     @property
     def hybrid(self) -> bool:
@@ -154,26 +160,28 @@ def total_steps(config: RunConfig, batches: BatchIterator) -> int:
 
 
 def _gradient_batches(config: RunConfig, data: PreparedData, layout):
-    """The batches LoRA-GA's initial gradient is averaged over: `method.lora_ga.n_batches` batches of
-    `batch_size` training examples, in an order of their own (the same on every process), split over
-    the mesh like training batches when their rows divide (else every device computes all rows)."""
+    """The batches the start-up gradient is averaged over (`MethodSection.gradient_batches`: n batches
+    of `batch_size` training examples), in an order of their own (the same on every process), split
+    over the mesh like training batches when their rows divide (else every device computes all rows)."""
     from hyjax.sharding import put_local
 
-    lora_ga = config.method.lora_ga
-    batches = BatchIterator(data.train.examples, global_batch_size=lora_ga.batch_size,
+    n_batches, batch_size = config.method.gradient_batches
+    batches = BatchIterator(data.train.examples, global_batch_size=batch_size,
                             max_length=data.train.max_length, pad_id=data.train.pad_id,
                             seed=config.data.shuffle_seed + 1, bucket=data.train.bucket, process_index=0,
                             process_count=1)
-    split = lora_ga.batch_size % layout.ways("batch") == 0
+    split = batch_size % layout.ways("batch") == 0
     rows = layout.sharding(("batch", "seq"))
-    for _ in range(lora_ga.n_batches):
+    for _ in range(n_batches):
         batch = next(batches)
         yield {key: put_local(value, rows) for key, value in batch.items()} if split else batch
 
 
-def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None, log=print) -> RunSetup:
+def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None, selection: dict | None = None,
+                log=print) -> RunSetup:
     """Loads the model and data and builds adapters and optimizer on `layout` (a `hyjax.sharding.Layout`;
-    every process calls this identically)."""
+    every process calls this identically). `selection`: Hybrid-LoRA's module choice as a checkpoint
+    recorded it (`Selection.to_json`), instead of scoring the modules again."""
     from hyjax.training.layout import adapted_shardings, check_batch_split, step_shardings
 
     check_batch_split(config, layout)
@@ -191,14 +199,20 @@ def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None,
     if eval_rows is not None:  # a separate eval file may name its columns differently (SST-2's dev.tsv does)
         eval_task = make_task(config.to_data_config()).resolve(eval_rows.column_names, eval_rows.path)
     spec = config.to_adapter_spec()
+    hybrid_lora = config.method.name == "hybrid_lora"
+    selection = Selection.from_json(selection) if hybrid_lora and selection is not None else None
     gradients = None
-    if config.method.from_gradients:
-        log(f"LoRA-GA: averaging the full gradient over {config.method.lora_ga.n_batches} batches of "
-            f"{config.method.lora_ga.batch_size}")
+    if config.method.from_gradients and selection is None:
+        n_batches, batch_size = config.method.gradient_batches
+        log(f"{config.method.name}: averaging the full gradient over {n_batches} batches of {batch_size}")
         gradients = adapters.estimate_gradients(model_config, params, _gradient_batches(config, data, layout),
-                                                targets=spec,
-                                                loss_fn=AnswerLoss(model_config),
-                                                n_batches=config.method.lora_ga.n_batches)
+                                                targets=spec, loss_fn=AnswerLoss(model_config), n_batches=n_batches)
+    if hybrid_lora:
+        if selection is None:
+            selection = choose_modules(config.method, gradients, module_sizes(gradients))
+            gradients = None
+        log(f"hybrid_lora modules:\n{selection.table()}")
+        spec = selection_spec(config.method, selection, model_config.num_layers)
     # Op by op rather than one jitted program: XLA:CPU can deadlock on a program with many independent
     # collectives over fake devices (the randomized SVDs of LoRA-GA on FSDP-split gradients did).
     adapted = adapters.apply(spec, params, jax.random.key(config.train.seed), gradients=gradients)
@@ -207,8 +221,13 @@ def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None,
     trainable, frozen = adapters.split_trainable(adapted)
     steps = total_steps(config, data.train)
     optimizer, schedule = build_optimizer(config, steps)
+    zeroth_order = zeroth_order_from_config(config, steps)
+    base = None
+    if zeroth_order is not None:
+        base, frozen = zeroth_order.split(frozen)
     return RunSetup(config=config, model_config=model_config, model_path=path, tokenizer=tokenizer,
-                    trainable=trainable, frozen=frozen, data=data, eval_rows=eval_rows, eval_task=eval_task,
-                    optimizer=optimizer, schedule=schedule, total_steps=steps,
-                    trainable_counts=adapters.count_trainable(adapted),
-                    shardings=step_shardings(layout, model_config, adapted, optimizer), rows=rows)
+                    trainable=trainable, frozen=frozen, base=base, zeroth_order=zeroth_order, data=data,
+                    eval_rows=eval_rows, eval_task=eval_task, optimizer=optimizer, schedule=schedule,
+                    total_steps=steps, trainable_counts=adapters.count_trainable(adapted),
+                    shardings=step_shardings(layout, model_config, adapted, optimizer, zeroth_order), rows=rows,
+                    selection=selection)
