@@ -147,4 +147,7 @@ def test_smollm2_hybrid_lora_trains_and_its_peft_export_gives_our_logits(smollm2
     model = peft.PeftModel.from_pretrained(model, tmp_path / "run" / "export" / "peft_adapter").eval()
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
+    print(f"SmolLM2 hybrid_lora: dev loss {result.eval_before['eval/loss']:.3f} -> {result.eval_after['eval/loss']:.3f}, "
+          f"accuracy {result.eval_before['eval/accuracy']:.3f} -> {result.eval_after['eval/accuracy']:.3f}; "
+          f"PEFT export max abs logit difference {np.max(np.abs(theirs - ours)):.2e}\n{selection.table(5)}")
     assert np.max(np.abs(theirs - ours)) < 2e-3, np.max(np.abs(theirs - ours))

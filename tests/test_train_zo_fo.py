@@ -85,6 +85,8 @@ def test_zo_fo_lowers_the_loss_of_smollm2(shared_data, tmp_path):
     result = train(config, log=lambda text: None)
     before, after = result.eval_before["eval/loss"], result.eval_after["eval/loss"]
     losses = list(_losses(tmp_path).values())
+    print(f"SmolLM2 zo_fo: dev loss {before:.3f} -> {after:.3f}, accuracy {result.eval_before['eval/accuracy']:.3f} -> "
+          f"{result.eval_after['eval/accuracy']:.3f}; train loss {[round(x, 3) for x in _losses(tmp_path).values()]}")
     assert after < before - 0.5, (before, after)
     assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
     differences = [r["zo_loss_difference"] for r in _records(tmp_path) if "loss" in r]
