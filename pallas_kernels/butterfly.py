@@ -21,6 +21,10 @@ tokens held on chip: one read and one write of the activations for all m factors
 tensor cores, at `block_d / b` times the bare blocks' FLOPs (matmul units 128 wide would pad a b x b
 block to their width anyway; the kernel stays memory-bound for block_d <= ~256 in bf16).
 
+XLA's path (CPU, and wherever impl="xla") uses the same windows without tiles: the m super-block
+factors multiplied into one s x s matrix per window, one batched matmul over the windows of the
+activations (`butterfly_windowed`), while that costs at most twice the m factors' FLOPs.
+
 The backward pass is a second kernel: per (feature tile, chunk of tokens) it recomputes the m
 intermediate activations, sweeps back through the factors for the activation gradient, and
 accumulates each tile matrix's gradient over the chunk; XLA sums the chunks and the parameter
@@ -166,6 +170,34 @@ def superblocks(blocks: jax.Array, d: int, *, transpose: bool = False) -> jax.Ar
     if transpose:
         return jnp.swapaxes(sup, -1, -2)
     return sup[::-1]
+
+
+def window_rotations(blocks: jax.Array, d: int, *, transpose: bool = False) -> jax.Array:
+    """R (or R^T) as its d / s diagonal s x s windows, [d / s, s, s]: the product of the m super-block
+    factors in application order, `x @ R = concat_w(x_w @ window_w)` for the s-feature windows x_w."""
+    sup = superblocks(blocks, d, transpose=transpose)
+    windows = sup[0]
+    for factor in sup[1:]:
+        windows = windows @ factor
+    return windows
+
+
+def windows_are_cheaper(n_factors: int, block_size: int) -> bool:
+    """Whether one matmul over s = b * 2**(m-1) wide windows costs at most twice the FLOPs of m
+    b-wide factors (s <= 2 * m * b: m <= 4). Its saving is memory traffic: one pass over the
+    activations instead of m, and none of the factors' permutation copies (each a strided transpose
+    of b/2-feature runs), in the backward pass as well."""
+    return superblock_size(n_factors, block_size) <= 2 * n_factors * block_size
+
+
+def butterfly_windowed(x: jax.Array, blocks: jax.Array, *, transpose: bool = False) -> jax.Array:
+    """`x @ R` (or `x @ R^T`) as one batched matmul of the s-feature windows of x with `window_rotations`
+    (built in float32 from the parameters, then cast to x's dtype once). XLA's path where
+    `windows_are_cheaper`; equal to `butterfly_reference` up to rounding."""
+    _, _, d = validate(x.shape, blocks.shape)
+    windows = window_rotations(blocks.astype(jnp.float32), d, transpose=transpose).astype(x.dtype)
+    t, s = x.shape[0], windows.shape[-1]
+    return jnp.einsum("tws,wsc->twc", x.reshape(t, d // s, s), windows).reshape(t, d)
 
 
 def tile_matrices(sup: jax.Array, block_d: int) -> jax.Array:
@@ -339,7 +371,8 @@ def _apply(x, blocks, transpose, impl, interpret, block_sizes, platform):
         if problem:
             plan = None
     if plan is None:
-        return butterfly_reference(x, blocks, transpose=transpose)
+        xla = butterfly_windowed if windows_are_cheaper(m, b) else butterfly_reference
+        return xla(x, blocks, transpose=transpose)
     sup = superblocks(blocks, d, transpose=transpose)
     padded = -(-t // plan.bwd_block_tokens) * plan.bwd_block_tokens
     xp = jnp.pad(x, ((0, padded - t), (0, 0))) if padded != t else x
@@ -359,8 +392,9 @@ def butterfly_apply(
 
     x: [tokens, d] (f32 or bf16). blocks: [m, d / b, b, b] orthogonal b x b blocks, PEFT's
     `boft_R` after the Cayley transform. impl: "pallas" runs the kernel (interpret=True runs it on
-    CPU), "xla" the pure-JAX reference, "auto" Pallas on TPU/GPU (on GPU only where the tiles fit
-    Triton: block_d a power of two, m * block_d**2 * 4 bytes <= 64 KiB) and XLA on CPU. platform: the Pallas backend
+    CPU), "xla" pure JAX (`butterfly_windowed` for m <= 4, else `butterfly_reference`), "auto"
+    Pallas on TPU/GPU (on GPU only where the tiles fit Triton: block_d a power of two,
+    m * block_d**2 * 4 bytes <= 64 KiB) and XLA on CPU. platform: the Pallas backend
     to tune and lower for ("tpu" or "gpu"; default: the default backend, CPU meaning TPU).
     Differentiable in x and blocks.
     """

@@ -61,34 +61,57 @@ def test_matches_peft_dense_rotation(t, d, b, m, transpose):
         np.testing.assert_allclose(op(jnp.asarray(x), jnp.asarray(blocks), **kwargs), want, atol=2e-5)
 
 
-@pytest.mark.parametrize("t,d,b,m", SHAPES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("transpose", [False, True])
-def test_kernel_values_and_grads_match_reference(t, d, b, m, dtype, transpose):
-    blocks = jnp.asarray(_orthogonal_blocks(m, d, b, seed=t))
+def _assert_values_and_grads_match_reference(fn, t, d, b, m, dtype, transpose):
+    """`fn(x, blocks)` (x @ R, or x @ R^T when `transpose`) in `dtype` against the f32 reference:
+    values, and gradients in x and blocks (bf16 rounding is the only expected difference)."""
+    blocks = jnp.asarray(_orthogonal_blocks(m, d, b, seed=t + m))
     x = jnp.asarray(np.random.default_rng(t).normal(size=(t, d)), dtype)
     weights = jnp.asarray(np.random.default_rng(2).normal(size=(t, d)), jnp.float32)
-    op = bf.butterfly_apply_transposed if transpose else bf.butterfly_apply
-
-    def loss(fn, x, q):
-        return jnp.sum(fn(x, q).astype(jnp.float32) * weights)
-
-    def kernel(x, q):
-        return op(x, q, impl="pallas", interpret=True, block_sizes=SMALL_TILES)
 
     def reference(x, q):
         return bf.butterfly_reference(x, q, transpose=transpose)
 
+    def loss(fn, x, q):
+        return jnp.sum(fn(x, q).astype(jnp.float32) * weights)
+
     tol = TOL[dtype]
-    got, want = kernel(x, blocks), reference(x, blocks)
+    got, want = fn(x, blocks), reference(x.astype(jnp.float32), blocks)
     assert got.dtype == dtype
-    np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol * 4, rtol=tol)
-    got_g = jax.grad(lambda x, q: loss(kernel, x, q), argnums=(0, 1))(x, blocks)
-    # Gradients against the f32 reference: bf16 rounding is the only expected difference.
+    np.testing.assert_allclose(np.float32(got), want, atol=tol * 4, rtol=tol)
+    got_g = jax.grad(lambda x, q: loss(fn, x, q), argnums=(0, 1))(x, blocks)
     want_g = jax.grad(lambda x, q: loss(reference, x, q), argnums=(0, 1))(x.astype(jnp.float32), blocks)
     for g, w in zip(got_g, want_g):
-        scale = float(jnp.max(jnp.abs(w)))
-        np.testing.assert_allclose(np.float32(g), np.float32(w), atol=tol * scale * 2)
+        np.testing.assert_allclose(np.float32(g), w, atol=tol * float(jnp.max(jnp.abs(w))) * 2)
+
+
+@pytest.mark.parametrize("t,d,b,m", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_kernel_values_and_grads_match_reference(t, d, b, m, dtype, transpose):
+    op = bf.butterfly_apply_transposed if transpose else bf.butterfly_apply
+
+    def kernel(x, q):
+        return op(x, q, impl="pallas", interpret=True, block_sizes=SMALL_TILES)
+
+    _assert_values_and_grads_match_reference(kernel, t, d, b, m, dtype, transpose)
+
+
+@pytest.mark.parametrize("t,d,b,m", SHAPES + [(24, 256, 8, 5)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_windowed_values_and_grads_match_reference_and_xla_dispatches(t, d, b, m, dtype, transpose):
+    """XLA's one-matmul form against the factor-by-factor reference; impl="xla" takes it for m <= 4."""
+
+    def windowed(x, q):
+        return bf.butterfly_windowed(x, q, transpose=transpose)
+
+    _assert_values_and_grads_match_reference(windowed, t, d, b, m, dtype, transpose)
+    blocks = jnp.asarray(_orthogonal_blocks(m, d, b))
+    x = jnp.asarray(np.random.default_rng(t).normal(size=(t, d)), dtype)
+    op = bf.butterfly_apply_transposed if transpose else bf.butterfly_apply
+    chosen = bf.butterfly_windowed if m <= 4 else bf.butterfly_reference
+    assert bf.windows_are_cheaper(m, b) == (m <= 4)
+    np.testing.assert_array_equal(np.float32(op(x, blocks, impl="xla")), np.float32(chosen(x, blocks, transpose=transpose)))
 
 
 @pytest.mark.parametrize("t,d,b,m", SHAPES)
@@ -105,7 +128,7 @@ def test_default_block_sizes_and_auto_dispatch():
     blocks = jnp.asarray(_orthogonal_blocks(2, 512, 8))
     x = jnp.asarray(np.random.default_rng(4).normal(size=(70, 512)), jnp.float32)
     want = bf.butterfly_reference(x, blocks)
-    np.testing.assert_allclose(bf.butterfly_apply(x, blocks), want, atol=0)  # auto on CPU: XLA
+    np.testing.assert_array_equal(bf.butterfly_apply(x, blocks), bf.butterfly_windowed(x, blocks))  # auto on CPU: XLA
     np.testing.assert_allclose(bf.butterfly_apply(x, blocks, impl="pallas", interpret=True), want, atol=2e-5)
 
 
