@@ -27,20 +27,12 @@ every method, seed 0, one panel per task) under `--out`; runs live under `--work
 keeps every run whose `summary.json` there says finished, so a stopped benchmark continues where it was
 (an unfinished run starts again from scratch, so that its time and memory are whole).
 
-Duration of the defaults (about 85 minutes: 51 for SST-2, 34 for GSM8K), from runs on this quiet 2-core
-CPU (AMD EPYC, jax 0.10.2, one run at a time): per SST-2 training step of 8 packed rows x 64 tokens, lora
-3.4 s, oft 3.1, lora_ga 3.3, boft 3.6, unitary 4.2, full 4.5, hybrid_lora 4.9, hybrid 7.3, zo_fo 8.1
-(42 s for the nine); per run 10-35 s of start-up (model load, tokenization, LoRA-GA's and
-Hybrid-LoRA's gradient pass and SVDs, compilation); evaluation about 0.4 s per dev row for lora (three
-forward passes of a row: the eval loss and the two labels' log-likelihoods), up to 2.6x that for the
-hybrid; so one seed of the nine methods with 12 steps and 64 dev rows takes about 17 minutes. A GSM8K
-step of 4 rows x 256 tokens takes 8.1 s for lora and 16.4 s for zo_fo (about 2.2x the SST-2 step),
-and the evaluation of 16 held-out problems (eval loss, then greedy generation of up to 128 tokens)
-about 75 s for lora; nine GSM8K runs of 10 steps: about 34 minutes. At these budgets the SST-2
-comparison resolves differences of roughly 10 accuracy points (64 dev rows: a standard error of about
-6 points), and GSM8K exact match stays near 0 (SmolLM2-135M scores about 0 before training; about half the
-worked solutions are longer than 128 tokens): its held-out loss is the finer signal. For larger budgets raise
-`--steps`, `--eval-examples` (872: all of dev; about 6 minutes per lora evaluation), `--gsm8k-steps`,
+Duration of the defaults: 49 minutes on this quiet 2-core CPU (AMD EPYC, jax 0.10.2, one run at a time;
+about 32 for the 27 SST-2 runs, 17 for the 9 GSM8K runs); each run's wall time, step time and peak memory are
+in `results/quality.md`. At these budgets the SST-2 comparison resolves differences of roughly 10 accuracy
+points (64 dev rows: a standard error of about 6 points), and GSM8K exact match stays near 0 (SmolLM2-135M
+scores 0 before training; about half the worked solutions are longer than 128 tokens): its held-out loss is
+the finer signal. For larger budgets raise `--steps`, `--eval-examples` (872: all of dev), `--gsm8k-steps`,
 `--gsm8k-eval-examples` and `--max-new-tokens`. Run it when nothing else uses the CPU.
 """
 
