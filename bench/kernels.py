@@ -1,13 +1,14 @@
-"""Benchmark: BOFT butterfly and unitary operators, Pallas kernel vs XLA reference vs dense matrix.
+"""Benchmark: BOFT butterfly and unitary operators, Pallas kernel vs XLA path vs dense matrix.
 
 For each shape it times the forward (`x -> y`) and the training step's work (`value_and_grad`
 with respect to x and the parameters) of: `pallas` (the kernel; skipped on CPU, where interpret
-mode is for correctness only), `xla` (the pure-JAX reference) and `dense` (build the d x d
-matrix from the parameters, then `x @ R`). It reports the median time, a model of the bytes moved
+mode is for correctness only), `xla` (`impl="xla"`: for the butterfly one matmul over windows
+where m <= 4, else factor by factor) and `dense` (build the d x d matrix from the parameters, then
+`x @ R`). It reports the median time, a model of the bytes moved
 and the useful FLOPs, and the roofline fraction: the time the better of the two limits allows
 (FLOPs at the measured matmul peak, bytes at the measured copy bandwidth) over the measured time.
 
-    python bench/kernels.py --out bench/results/kernels_cpu      # writes .json and .md
+    python bench/kernels.py --tokens 2048 --out bench/results/kernels_cpu      # writes .json and .md
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def write(out, machine, rows, note):
         "",
         "Bytes and FLOPs are models (useful work, not the kernel's padded MXU work); "
         "fwd+bwd counts 3x; the error column compares forward outputs (fwd rows) and gradients "
-        "(fwd+bwd rows) with the XLA reference's. Roofline = max(FLOPs/peak, bytes/bandwidth) / time.",
+        "(fwd+bwd rows) with the XLA path's. Roofline = max(FLOPs/peak, bytes/bandwidth) / time.",
         "",
         "| op | d | b | m | tokens | impl | mode | ms | GFLOP | MB | GFLOP/s | roofline | max err / max abs vs xla |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
