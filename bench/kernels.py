@@ -3,8 +3,8 @@
 For each shape it times the forward (`x -> y`) and the training step's work (`value_and_grad`
 with respect to x and the parameters) of: `pallas` (the kernel; skipped on CPU, where interpret
 mode is for correctness only), `xla` (`impl="xla"`: for the butterfly one matmul over windows
-where m <= 4, else factor by factor) and `dense` (build the d x d matrix from the parameters, then
-`x @ R`). It reports the median time, a model of the bytes moved
+where m <= 4, else factor by factor), `factors` (butterfly only: `butterfly_reference`, factor by
+factor as PEFT does) and `dense` (build the d x d matrix from the parameters, then `x @ R`). It reports the median time, a model of the bytes moved
 and the useful FLOPs, and the roofline fraction: the time the better of the two limits allows
 (FLOPs at the measured matmul peak, bytes at the measured copy bandwidth) over the measured time.
 
@@ -63,6 +63,7 @@ def _butterfly_cases(d, b, m, dtype, t, block_sizes=None):
     ops = {
         "pallas": lambda x, q: bf.butterfly_apply(x, q, impl="pallas", block_sizes=block_sizes),
         "xla": lambda x, q: bf.butterfly_apply(x, q, impl="xla"),
+        "factors": bf.butterfly_reference,
         "dense": dense,
     }
     item = x.dtype.itemsize
@@ -70,6 +71,7 @@ def _butterfly_cases(d, b, m, dtype, t, block_sizes=None):
     model = {
         "pallas": (2 * t * d * b * m, 2 * act + blocks.nbytes),
         "xla": (2 * t * d * b * m, 2 * act + blocks.nbytes),
+        "factors": (2 * t * d * b * m, 2 * act + blocks.nbytes),
         "dense": (2 * t * d * d + 2 * d * d * b * m, 2 * act + blocks.nbytes + d * d * (4 + item)),
     }
     return ops, (x, blocks), model
@@ -152,7 +154,7 @@ def _cpu_model():
 
 def run(args):
     on_cpu = jax.default_backend() == "cpu"
-    impls = args.impls or (["xla", "dense"] if on_cpu else ["pallas", "xla", "dense"])
+    impls = args.impls or (["xla", "factors", "dense"] if on_cpu else ["pallas", "xla", "factors", "dense"])
     tiles = None
     if args.block_tokens:
         tiles = bf.BlockSizes(args.block_tokens, args.block_d, args.bwd_block_tokens)
@@ -169,7 +171,7 @@ def run(args):
                 ops, inputs, model = _unitary_cases(shape["d"], dtype, t)
             want = np.float32(jax.jit(ops["xla"])(*inputs))
             want_grads = _grads(ops["xla"], inputs)
-            for impl in impls:
+            for impl in (impl for impl in impls if impl in ops):
                 try:
                     rows.extend(_measure(op_name, shape, t, args, impl, ops[impl], inputs, model[impl],
                                          want, want_grads, peak_flops, peak_bw))
@@ -231,7 +233,7 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--note", default="")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repetitions per row")
-    parser.add_argument("--impls", nargs="+", choices=["pallas", "xla", "dense"], help="default: all that run here")
+    parser.add_argument("--impls", nargs="+", choices=["pallas", "xla", "factors", "dense"], help="default: all that run here")
     parser.add_argument("--no-unitary", dest="unitary", action="store_false", help="butterfly only")
     parser.add_argument("--block-tokens", type=int, help="butterfly kernel tiling (default: per platform)")
     parser.add_argument("--block-d", type=int, default=128)
