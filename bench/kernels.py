@@ -4,9 +4,10 @@ For each shape it times the forward (`x -> y`) and the training step's work (`va
 with respect to x and the parameters) of: `pallas` (the kernel; skipped on CPU, where interpret
 mode is for correctness only), `xla` (`impl="xla"`: for the butterfly one matmul over windows
 where m <= 4, else factor by factor), `factors` (butterfly only: `butterfly_reference`, factor by
-factor as PEFT does) and `dense` (build the d x d matrix from the parameters, then `x @ R`). It reports the median time, a model of the bytes moved
-and the useful FLOPs, and the roofline fraction: the time the better of the two limits allows
-(FLOPs at the measured matmul peak, bytes at the measured copy bandwidth) over the measured time.
+factor as PEFT does) and `dense` (build the d x d matrix from the parameters, then `x @ R`). It
+reports the median time, a model of the bytes moved and the useful FLOPs, and the roofline
+fraction: the time the better of the two limits allows (FLOPs at the measured matmul peak, bytes at
+the measured copy bandwidth) over the measured time.
 
     python bench/kernels.py --tokens 2048 --out bench/results/kernels_cpu      # writes .json and .md
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from machine import cpu_model
 from pallas_kernels import butterfly as bf
 from pallas_kernels import unitary as un
 
@@ -144,14 +145,6 @@ def _measure(op_name, shape, t, args, impl, op, inputs, model, want, want_grads,
     return rows
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def run(args):
     on_cpu = jax.default_backend() == "cpu"
     impls = args.impls or (["xla", "factors", "dense"] if on_cpu else ["pallas", "xla", "factors", "dense"])
@@ -183,7 +176,7 @@ def run(args):
     machine = dict(
         backend=jax.default_backend(),
         device=getattr(device, "device_kind", str(device)),
-        host=_cpu_model(),
+        host=cpu_model(),
         cpu_count=__import__("os").cpu_count(),
         jax=jax.__version__,
         peak_matmul_gflop_per_s=peak_flops / 1e9,

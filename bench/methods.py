@@ -30,6 +30,8 @@ import traceback
 
 import numpy as np
 
+from machine import cores, cpu_model
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,11 +47,6 @@ MIB = 2**20
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def cores() -> int:
-    """CPU cores this process may run on (XLA:CPU sizes its thread pool by them)."""
-    return len(os.sched_getaffinity(0))
 
 
 def reset_peak_rss() -> bool:
@@ -76,16 +73,6 @@ def process_peak_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:

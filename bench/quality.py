@@ -50,6 +50,8 @@ import subprocess
 import sys
 import time
 
+from machine import cores, cpu_model
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 SST2_TRAIN, SST2_DEV = DATA / "sst2" / "train.tsv", DATA / "sst2" / "dev.tsv"
@@ -171,16 +173,6 @@ def collect(folder: pathlib.Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------- reporting
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def spread(values: list[float]) -> dict:
@@ -327,7 +319,7 @@ def run_all(args) -> dict:
     from hyjax.config import load_config
 
     start = time.perf_counter()
-    machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
+    machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cores_used": cores(),
                "loadavg_start": os.getloadavg()}
     rates = {m: load_config(f"methods/{m}", [f"train.learning_rate={args.lr}"] if args.lr else []).train.learning_rate
              for m in args.methods}
