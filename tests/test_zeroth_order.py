@@ -120,11 +120,11 @@ def _step_temporaries(num_layers: int, zeroth_order) -> tuple[int, int]:
     return memory.temp_size_in_bytes, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
-def test_the_zeroth_order_part_costs_one_copy_of_the_weights():
+@pytest.mark.parametrize("directions", [1, 3])
+def test_the_zeroth_order_part_costs_one_copy_of_the_weights(directions):
     """Compiled temporaries of the ZO + FO step minus those of the same LoRA step, as the model grows
-    from 4 to 16 layers: one working copy of the weights (plus one layer's random numbers) with two
-    directions scanned in turn; never the two or three copies of storing or re-drawing directions."""
-    directions = 2
+    from 4 to 16 layers: one working copy of the weights (plus one layer's random numbers), whatever
+    the number of directions; never the two or three copies of storing or re-drawing directions."""
     extra = {}
     for layers in (4, 16):
         zo, weights = _step_temporaries(layers, _zeroth_order(directions=directions))
