@@ -5,7 +5,7 @@
 On the real SmolLM2-135M-Instruct weights and one fixed batch of real SST-2 rows (packed into rows of
 `--seq` tokens, as `data.packing=true` does), each method is built exactly as a training job builds it
 (`load_config("methods/<name>")` + `prepare_run`, LoRA-GA's and Hybrid-LoRA's start-up gradient pass on
-`--gradient-batches` batches, not timed) and its jitted step (`jit_train_step(make_train_step(...))`)
+`--gradient-batches` batches, not timed) and its jitted step (`setup.plan.train_step()`, the run plan's)
 is compiled, run once to warm up and then timed `--steps` times. The same step in HF PEFT (PyTorch CPU,
 same weights, batch, loss and AdamW) is timed for LoRA, OFT, BOFT and full fine-tuning.
 
@@ -122,7 +122,7 @@ def overrides(method: str, args, output_dir: str) -> list[str]:
 def prepare_inputs(args) -> dict:
     """Writes the fixed batch (the job's first packed batch) and, for PEFT, the weights as an HF folder."""
     from hyjax import pretrained
-    from hyjax.checkpoints import load_gguf, save_hf_checkpoint
+    from hyjax.weights import load_gguf, save_hf_checkpoint
     from hyjax.config import load_config
     from hyjax.data import prepare
     from hyjax.tokenization import load_tokenizer
@@ -130,7 +130,8 @@ def prepare_inputs(args) -> dict:
     gguf = pretrained.smollm2_135m_instruct()
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config("methods/full", overrides("full", args, tmp))
-    data = prepare(config.to_data_config(), load_tokenizer(gguf), process_index=0, process_count=1)
+    data = prepare(config.data, load_tokenizer(gguf), global_batch_size=config.train.global_batch_size,
+                   process_index=0, process_count=1)
     batch = next(data.train)
     path = batch_file(args)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,10 +155,8 @@ def run_ours(method: str, args) -> dict:
     from hyjax.config import load_config
     from hyjax.model import abstract_params, count_params
     from hyjax.training import distributed
-    from hyjax.training.layout import jit_train_step, run_layout
-    from hyjax.training.loop import initial_state
+    from hyjax.training.run_plan import run_layout
     from hyjax.training.setup import prepare_run
-    from hyjax.training.step import make_train_step
 
     def log(text):
         for line in str(text).splitlines():
@@ -169,12 +168,11 @@ def run_ours(method: str, args) -> dict:
         start = time.perf_counter()
         setup = prepare_run(config, layout=layout, log=log)
     local = dict(np.load(batch_file(args)))
-    batch = distributed.global_batch(local, setup.shardings.batch, 1, args.batch)
+    batch = distributed.global_batch(local, setup.plan.shardings.batch, 1, args.batch)
     # prepare_run dispatches asynchronously (LoRA-GA's SVDs, the adapters): finish it before measuring
-    state, frozen = jax.block_until_ready((initial_state(setup), setup.frozen))
+    state, frozen = jax.block_until_ready((setup.initial_state(), setup.frozen))
     setup_s = time.perf_counter() - start
-    step_fn = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid,
-                                             setup.zeroth_order), layout, setup.shardings)
+    step_fn = setup.plan.train_step()
     start = time.perf_counter()
     compiled = step_fn.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start

@@ -1,5 +1,5 @@
 """Per-chip memory of LLaMA-3.1 8B / 70B / 405B training steps on v5p pods, for full fine-tuning, LoRA,
-BOFT and the hybrid, compiled for the TPU topology on this CPU machine (`hyjax.plan`, libtpu).
+BOFT and the hybrid, compiled for the TPU topology on this CPU machine (`python -m hyjax.plan`, libtpu).
 
     python bench/plans.py [--only 405b] [--out bench/results/plans]
 
@@ -19,7 +19,7 @@ import tempfile
 import jax
 
 from hyjax.config import load_config
-from hyjax.plan import plan
+from hyjax.training.planner import plan
 
 # (name, model yaml, topology, mesh and batch overrides): FSDP over most chips, tensor parallel inside.
 SCALES = {

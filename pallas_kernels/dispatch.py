@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 
 Impl = Literal["auto", "xla", "pallas"]
+IMPLS: tuple[str, ...] = get_args(Impl)  # the choices of every `impl` option
 PALLAS_PLATFORMS = ("tpu", "gpu")
 
 
 def use_pallas(impl: Impl, auto_platforms: tuple[str, ...] = PALLAS_PLATFORMS) -> bool:
     """Whether `impl` selects the Pallas kernel: "auto" does on `auto_platforms` (TPU and GPU)."""
-    if impl not in ("auto", "xla", "pallas"):
-        raise ValueError(f"{impl=} must be one of 'auto', 'xla', 'pallas'")
+    if impl not in IMPLS:
+        raise ValueError(f"{impl=} must be one of {', '.join(map(repr, IMPLS))}")
     if impl == "auto":
         return jax.default_backend() in auto_platforms
     return impl == "pallas"

@@ -59,7 +59,7 @@ def tiny_checkpoint(tmp_path_factory, smollm2_gguf) -> pathlib.Path:
     import jax
 
     from hyjax import model
-    from hyjax.checkpoints import save_hf_checkpoint
+    from hyjax.weights import save_hf_checkpoint
     from hyjax.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_gguf)

@@ -19,10 +19,8 @@ import numpy as np
 
 from hyjax.config import MeshSection, load_config
 from hyjax.training import distributed
-from hyjax.training.layout import jit_train_step, run_layout
-from hyjax.training.loop import initial_state
+from hyjax.training.run_plan import run_layout
 from hyjax.training.setup import prepare_run
-from hyjax.training.step import make_train_step
 
 MESHES = {
     "data8": dict(data=8),
@@ -49,15 +47,13 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
     layout = run_layout(MeshSection(**mesh), devices=devices)
     setup = prepare_run(config, layout=layout, log=lambda text: None)
     if start is not None:
-        setup.trainable = jax.device_put(start[0], setup.shardings.state.trainable)
-        setup.frozen = jax.device_put(start[1], setup.shardings.frozen)
+        setup.trainable = jax.device_put(start[0], setup.plan.shardings.state.trainable)
+        setup.frozen = jax.device_put(start[1], setup.plan.shardings.frozen)
     initial = jax.device_get((setup.trainable, setup.frozen))
     base = jax.device_get(setup.base)
-    state = initial_state(setup)
-    step = jit_train_step(make_train_step(setup.model_config, setup.optimizer, setup.schedule, setup.hybrid,
-                                          setup.zeroth_order), layout, setup.shardings)
-    batch = distributed.global_batch(next(setup.data.train), setup.shardings.batch, 1, 8)
-    state, metrics = step(state, setup.frozen, batch)
+    state = setup.initial_state()
+    batch = distributed.global_batch(next(setup.data.train), setup.plan.shardings.batch, 1, 8)
+    state, metrics = setup.plan.train_step()(state, setup.frozen, batch)
     after = jax.device_get(state.trainable)
     if method == "full":
         q_proj = state.trainable["layers"]["attn"]["q_proj"]["base"]

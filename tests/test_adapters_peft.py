@@ -12,7 +12,7 @@ import pytest
 
 from hyjax import adapters as A
 from hyjax import model as M
-from hyjax.checkpoints import load_gguf, load_hf_checkpoint, save_hf_checkpoint
+from hyjax.weights import load_gguf, load_hf_checkpoint, save_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

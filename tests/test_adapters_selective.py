@@ -12,9 +12,9 @@ import pytest
 
 from hyjax import adapters as A
 from hyjax import model as M
-from hyjax.adapters.module_scores import SCORES as SCORE_KINDS
-from hyjax.adapters.module_scores import ScoredModule
-from hyjax.checkpoints import save_hf_checkpoint
+from hyjax.methods.hybrid_lora import SCORES as SCORE_KINDS
+from hyjax.methods.hybrid_lora import ScoredModule, Selection, module_scores, select_modules
+from hyjax.weights import save_hf_checkpoint
 
 TINY = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2)
 TOKENS = np.random.default_rng(1).integers(0, 64, (2, 10))
@@ -177,15 +177,15 @@ def test_scores_match_numpy_and_rank_full_rank_gradients_first():
     layers = np.stack([full_rank / np.linalg.norm(full_rank), rank_one / np.linalg.norm(rank_one)])
     gradients = {"layers": {"attn": {"q_proj": jnp.asarray(layers, jnp.float32)}}, "lm_head": jnp.asarray(other)}
     for kind in SCORE_KINDS:
-        scores = A.module_scores(gradients, rank=2, score=kind)
+        scores = module_scores(gradients, rank=2, score=kind)
         assert scores["layers/attn/q_proj"].shape == (2,) and scores["lm_head"].shape == (1,)
         for got, g in ((scores["layers/attn/q_proj"][0], layers[0]), (scores["layers/attn/q_proj"][1], layers[1]),
                        (scores["lm_head"][0], other)):
             np.testing.assert_allclose(got, _numpy_scores(g, 2)[kind], rtol=1e-4, atol=1e-6)
-    default = A.module_scores(gradients, rank=2)["layers/attn/q_proj"]
+    default = module_scores(gradients, rank=2)["layers/attn/q_proj"]
     assert default[0] > 0.5 and default[1] < 1e-3  # same norm; a rank-2 adapter captures all of the rank-1 one
     with pytest.raises(ValueError, match="unknown module score 'norm'"):
-        A.module_scores(gradients, rank=2, score="norm")
+        module_scores(gradients, rank=2, score="norm")
 
 
 def test_randomized_scores_above_the_limit_agree_with_exact():
@@ -195,8 +195,8 @@ def test_randomized_scores_above_the_limit_agree_with_exact():
     g = jnp.asarray([(u * 0.85 ** np.arange(64)) @ v.T, (u * 0.95 ** np.arange(64)) @ v.T], jnp.float32)
     gradients = {"layers": {"mlp": {"up_proj": g}}}
     for kind in ("grad_norm_x_residual", "residual_share"):
-        exact = A.module_scores(gradients, 4, kind)["layers/mlp/up_proj"]
-        randomized = A.module_scores(gradients, 4, kind, exact_limit=32)["layers/mlp/up_proj"]
+        exact = module_scores(gradients, 4, kind)["layers/mlp/up_proj"]
+        randomized = module_scores(gradients, 4, kind, exact_limit=32)["layers/mlp/up_proj"]
         assert not np.array_equal(exact, randomized)
         np.testing.assert_allclose(randomized, exact, rtol=1e-3)
         assert np.all(randomized >= exact * (1 - 1e-5))  # a lower bound of the top-r energy
@@ -212,38 +212,38 @@ SIZES = {"layers/attn/q_proj": 100, "layers/mlp/up_proj": 300, "lm_head": 250}
 
 def test_fraction_budget_takes_the_highest_scored_modules():
     # 9 modules: floor(0.1 * 9) = 0, at least 1; a tie at 3.0 goes to the first path.
-    assert A.select_modules(SCORES, SIZES) == {"layers/attn/q_proj": (1,), "layers/mlp/up_proj": (), "lm_head": ()}
-    assert A.select_modules(SCORES, SIZES, fraction=0.34) == {
+    assert select_modules(SCORES, SIZES) == {"layers/attn/q_proj": (1,), "layers/mlp/up_proj": (), "lm_head": ()}
+    assert select_modules(SCORES, SIZES, fraction=0.34) == {
         "layers/attn/q_proj": (1,), "layers/mlp/up_proj": (0, 2), "lm_head": ()}
-    assert A.select_modules(SCORES, SIZES, fraction=0.0) == {path: () for path in SCORES}
-    assert sum(map(len, A.select_modules(SCORES, SIZES, fraction=1.0).values())) == 9
+    assert select_modules(SCORES, SIZES, fraction=0.0) == {path: () for path in SCORES}
+    assert sum(map(len, select_modules(SCORES, SIZES, fraction=1.0).values())) == 9
 
 
 def test_parameter_budget_is_filled_greedily_and_never_exceeded():
     # Order: q1 (100), up2 (300), up0 (300), q2 (100), lm_head (250), q0, up3, q3, up1.
     # q1 + up2 = 400; up0 does not fit in the 250 left, q2 does (150 left), lm_head not, q0 does (50 left).
-    chosen = A.select_modules(SCORES, SIZES, fraction=0.5, max_params=650)  # the parameter budget rules
+    chosen = select_modules(SCORES, SIZES, fraction=0.5, max_params=650)  # the parameter budget rules
     assert chosen == {"layers/attn/q_proj": (0, 1, 2), "layers/mlp/up_proj": (2,), "lm_head": ()}
-    assert A.select_modules(SCORES, SIZES, max_params=1050) == {  # exactly the top five
+    assert select_modules(SCORES, SIZES, max_params=1050) == {  # exactly the top five
         "layers/attn/q_proj": (1, 2), "layers/mlp/up_proj": (0, 2), "lm_head": (0,)}
-    assert A.select_modules(SCORES, SIZES, max_params=1049) == {  # lm_head skipped, then q0 and q3 fit
+    assert select_modules(SCORES, SIZES, max_params=1049) == {  # lm_head skipped, then q0 and q3 fit
         "layers/attn/q_proj": (0, 1, 2, 3), "layers/mlp/up_proj": (0, 2), "lm_head": ()}
-    assert A.select_modules(SCORES, SIZES, max_params=99) == {path: () for path in SCORES}
+    assert select_modules(SCORES, SIZES, max_params=99) == {path: () for path in SCORES}
     with pytest.raises(ValueError, match=r"fraction=1.5 .* must be in \[0, 1\]"):
-        A.select_modules(SCORES, SIZES, fraction=1.5)
+        select_modules(SCORES, SIZES, fraction=1.5)
     with pytest.raises(ValueError, match="max_params=-1"):
-        A.select_modules(SCORES, SIZES, max_params=-1)
+        select_modules(SCORES, SIZES, max_params=-1)
     with pytest.raises(ValueError, match="score of lm_head layer 0 is nan"):
-        A.select_modules({**SCORES, "lm_head": np.array([np.nan])}, SIZES)
+        select_modules({**SCORES, "lm_head": np.array([np.nan])}, SIZES)
 
 
 def test_selection_record_round_trips_through_json_and_prints_a_table():
-    chosen = A.select_modules(SCORES, SIZES, max_params=650)
-    selection = A.Selection.build(SCORES, SIZES, chosen, "grad_norm_x_residual", 8)
+    chosen = select_modules(SCORES, SIZES, max_params=650)
+    selection = Selection.build(SCORES, SIZES, chosen, "grad_norm_x_residual", 8)
     assert selection.chosen_layers() == chosen
     assert selection.modules[1] == ScoredModule("layers/attn/q_proj", 1, 3.0, 100, True)
     data = json.loads(json.dumps(selection.to_json()))
-    assert A.Selection.from_json(data) == selection
+    assert Selection.from_json(data) == selection
     table = selection.table(top=3)
     assert "4 of 9 modules trained fully, 600 of 1,850 target parameters (32.4%)" in table
     assert table.splitlines()[2].split()[:2] == ["layers/attn/q_proj[1]", "3"]

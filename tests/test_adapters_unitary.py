@@ -72,7 +72,7 @@ def test_initial_operator_is_random_so_gradients_are_not_degenerate():
 
 @pytest.mark.slow
 def test_identity_at_init_on_smollm2(smollm2_gguf):
-    from hyjax.checkpoints import load_gguf
+    from hyjax.weights import load_gguf
 
     config, params = load_gguf(smollm2_gguf)
     tokens = jnp.asarray([[1, 504, 3458, 314, 253, 1345, 30, 216, 4023, 2, 3]], jnp.int32)

@@ -15,8 +15,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf_writer import RawTensor, write_llama_gguf
 
 from hyjax import model as M
-from hyjax.checkpoints import CheckpointError, load_checkpoint, load_gguf, load_hf_checkpoint, save_hf_checkpoint
-from hyjax.checkpoints.names import export_tensors
+from hyjax.weights import CheckpointError, load_checkpoint, load_gguf, load_hf_checkpoint, save_hf_checkpoint
+from hyjax.weights.names import export_tensors
 from hyjax.model.config import UnsupportedConfigError
 
 # Hidden sizes of 256 so K-quant super-blocks (256 values) fit every row.

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from hyjax import model as M
-from hyjax.checkpoints import (
+from hyjax.weights import (
     CheckpointError,
     load_checkpoint,
     load_checkpoint_sharded,
@@ -36,7 +36,7 @@ from hyjax.checkpoints import (
     save_orbax_model,
     sharded,
 )
-from hyjax.checkpoints.names import export_tensors, stored_names, stored_shape, tensor_names
+from hyjax.weights.names import export_tensors, stored_names, stored_shape, tensor_names
 
 TINY = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2)

@@ -9,6 +9,9 @@ import re
 import pytest
 import yaml
 
+import jax.numpy as jnp
+import optax
+
 from hyjax import adapters
 from hyjax.config import (
     METHODS,
@@ -20,9 +23,17 @@ from hyjax.config import (
     parse_value,
 )
 
+from hyjax.methods import method_of
+from hyjax.optim import current_lambdas
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ALL_YAML = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+def _spec(config):
+    """The adapter spec the run's method puts on the model (no start-up choice)."""
+    return method_of(config).adapter_spec(config)
 
 
 def test_configs_dir_is_the_source_tree_folder():
@@ -57,7 +68,7 @@ def test_base_yaml_lists_every_field():
 def test_every_yaml_loads(name):
     config = load_config(name)
     assert isinstance(config, RunConfig)
-    config.to_adapter_spec()
+    _spec(config)
 
 
 def test_quickstart():
@@ -70,12 +81,12 @@ def test_quickstart():
     assert (ROOT / config.data.path).is_file() or not (ROOT.parent / "shared").exists()
     assert config.train.steps * config.train.global_batch_size <= 2000
     assert config.data.max_length == 64
-    spec = config.to_adapter_spec()
+    spec = _spec(config)
     ((pattern, method),) = spec.rules
     assert isinstance(method, adapters.HybridConfig)
     assert method.boft.n_factors == 2 and method.lora_ga.n_batches == 4
-    data = config.to_data_config()
-    assert data.global_batch_size == 8 and dict(data.task_options)["answers"] == ((0, " negative"), (1, " positive"))
+    assert config.train.global_batch_size == 8
+    assert config.data.task_options()["answers"] == ((0, " negative"), (1, " positive"))
 
 
 def test_config_named_without_suffix_or_by_path(monkeypatch, tmp_path):
@@ -249,16 +260,17 @@ def test_validation_names_field_value_and_range(overrides, message):
         load_config(None, overrides)
 
 
-def test_data_section_feeds_the_data_pipeline():
-    from hyjax.data import MathWordProblems, make_task
+def test_data_section_is_the_data_pipelines_config():
+    from hyjax.data import DataConfig, MathWordProblems, make_task, prepare
 
-    with pytest.raises(ConfigError, match="data.path is not set"):
-        RunConfig().to_data_config()
+    assert type(RunConfig().data) is DataConfig
+    with pytest.raises(ValueError, match=re.escape("data.path is not set: give the training file")):
+        prepare(RunConfig().data, tokenizer=None, global_batch_size=8)
     config = load_config(None, ["data.path=gsm8k.jsonl", "data.task=math", "data.text_column=q",
                                 "data.label_column=a", "data.packing=true", "train.global_batch_size=16"])
-    data = config.to_data_config()
-    assert (data.pack, data.global_batch_size, data.task) == (True, 16, "math")
-    task = make_task(data)
+    assert (config.data.packing, config.data.task) == (True, "math")
+    assert config.data.task_options() == {"question_column": "q", "answer_column": "a"}
+    task = make_task(config.data)
     assert isinstance(task, MathWordProblems) and (task.question_column, task.answer_column) == ("q", "a")
 
 
@@ -271,13 +283,13 @@ def test_grad_accumulation_and_derived_values():
 
 
 def test_lora_spec_from_override():
-    spec = load_config("methods/lora", ["method.lora.rank=16", "method.lora.rslora=true"]).to_adapter_spec()
+    spec = _spec(load_config("methods/lora", ["method.lora.rank=16", "method.lora.rslora=true"]))
     assert spec == adapters.AdapterSpec.for_method(adapters.LoRAConfig(rank=16, alpha=16.0, rslora=True))
 
 
 def test_targets_and_frozen_reach_the_spec():
-    spec = load_config(None, ["method.targets=[layers/attn/(q|v)_proj]", "method.frozen=[layers/attn/v_proj]"]
-                       ).to_adapter_spec()
+    spec = _spec(load_config(None, ["method.targets=[layers/attn/(q|v)_proj]",
+                                    "method.frozen=[layers/attn/v_proj]"]))
     assert spec.rules == (("layers/attn/v_proj", None), ("layers/attn/(q|v)_proj", adapters.LoRAConfig()))
 
 
@@ -288,7 +300,7 @@ def test_targets_and_frozen_reach_the_spec():
 ])
 def test_each_method_builds_its_adapter_config(name, cls):
     config = load_config(f"methods/{name}")
-    ((pattern, method),) = config.to_adapter_spec().rules
+    ((pattern, method),) = _spec(config).rules
     assert type(method) is cls
     assert pattern == (".*" if name == "full" else adapters.targets.PROJECTIONS)
 
@@ -309,18 +321,21 @@ def test_zo_fo_carries_the_adapter_it_names():
 
 
 def test_gradient_batches_follow_the_method():
-    assert load_config("methods/lora_ga").method.gradient_batches == (64, 2)
-    assert load_config("methods/hybrid_lora", ["method.hybrid_lora.n_batches=3"]).method.gradient_batches == (3, 2)
+    for name, overrides, expected in (("lora_ga", [], (64, 2)),
+                                      ("hybrid_lora", ["method.hybrid_lora.n_batches=3"], (3, 2))):
+        config = load_config(f"methods/{name}", overrides)
+        assert method_of(config).gradient_batches(config.method) == expected
 
 
-def test_hybrid_weights_kwargs_build_the_transform():
-    from hyjax.optim import hybrid_weights
-
-    config = load_config("quickstart", ["method.hybrid.mix=update"])
-    kwargs = config.hybrid_weights_kwargs()
-    assert kwargs["mix"] == "update" and kwargs["clip"] == (0.05, 0.95)
-    import optax
-    hybrid_weights(**kwargs, inner=optax.sgd(1e-3))
+@pytest.mark.parametrize("mix, parts", [("weight", 2), ("update", 1)])
+def test_the_hybrid_puts_its_transform_around_the_base_optimizers(mix, parts):
+    config = load_config("quickstart", [f"method.hybrid.mix={mix}"])
+    chain = method_of(config).optimizer(config, optax.sgd(1e-3))
+    assert len(chain) == parts  # mix=update: hybrid_weights(inner=...) holds the base optimizers
+    hybrid = {"boft_r": jnp.zeros((1, 2, 2, 2)), "boft_s": jnp.ones(4), "lora_a": jnp.zeros((4, 1)),
+              "lora_b": jnp.zeros((1, 4))}
+    state = optax.chain(*chain).init({"q_proj": hybrid})
+    assert float(current_lambdas(state)["q_proj"]) == 0.5
 
 
 def test_unitary_section_mirrors_unitary_config():
@@ -335,15 +350,28 @@ def test_methods_exist_in_adapters_and_have_a_yaml():
         assert (CONFIGS / "methods" / f"{name}.yaml").is_file()
 
 
-def test_choices_match_the_modules_they_configure():
+def test_choices_come_from_the_modules_they_configure():
     from hyjax import data
     from hyjax.config import sections
     import importlib
     hw = importlib.import_module("hyjax.optim.hybrid_weights")
 
-    assert set(sections.TASKS) == set(data.TASKS)
-    assert set(sections.FORMATS) == set(data.FORMATS)
-    assert sections.DIRECTIONS == hw.DIRECTIONS
+    assert sections.DIRECTIONS is hw.DIRECTIONS
+    with pytest.raises(ConfigError, match=re.escape(f"data.task='gsm8' must be one of {list(data.TASKS)}; "
+                                                    "did you mean 'gsm8k'?")):
+        load_config(None, ["data.task=gsm8"])
+    with pytest.raises(ConfigError, match=re.escape(f"data.format='tab' must be one of {list(data.FORMATS)}")):
+        load_config(None, ["data.format=tab"])
+    with pytest.raises(ConfigError, match=re.escape(f"must be one of {list(hw.DIRECTIONS)}")):
+        load_config(None, ["train.hybrid_weights.direction=both"])
+
+
+def test_model_path_names_a_known_pretrained_checkpoint():
+    from hyjax import pretrained
+
+    assert RunConfig().model.path == pretrained.SMOLLM2_135M_INSTRUCT == "smollm2-135m-instruct"
+    assert RunConfig().model.pretrained
+    assert not load_config(None, ["model.path=model.gguf"]).model.pretrained
 
 
 @pytest.mark.parametrize("name", ["quickstart", "methods/hybrid", "models/llama3.1-405b"])

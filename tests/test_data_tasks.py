@@ -307,8 +307,9 @@ def test_prepare_reads_holds_out_and_batches(tmp_path):
 
     path = tmp_path / "reviews.tsv"
     path.write_text("label\tcontent\n" + "".join(f"{i % 2}\t{'good' if i % 2 else 'bad'} movie\n" for i in range(40)))
-    config = DataConfig(path=str(path), task="sst2", eval_count=8, global_batch_size=4, max_length=32, bucket=8, seed=1)
-    data = prepare(config, tiny_tokenizer(), process_index=0, process_count=1, cache_dir=str(tmp_path / "c"))
+    config = DataConfig(path=str(path), task="sst2", eval_count=8, max_length=32, bucket=8, shuffle_seed=1)
+    data = prepare(config, tiny_tokenizer(), global_batch_size=4, process_index=0, process_count=1,
+                   cache_dir=str(tmp_path / "c"))
     assert len(data.eval_rows) == 8 and data.report.examples == 32 and data.train.steps_per_epoch() == 8
     batch = next(data.train)
     assert batch["tokens"].shape == (4, 16) and batch["loss_mask"].sum() == 8  # answer word + EOS per row
@@ -318,13 +319,31 @@ def test_prepare_reads_holds_out_and_batches(tmp_path):
 
 
 def test_data_config_errors_name_the_closest_choices():
+    from hyjax.data import DataConfig
+
+    with pytest.raises(ValueError, match=r"task='gsm8' must be one of \[.*\]; did you mean 'gsm8k'\?"):
+        DataConfig(path="x", task="gsm8")
+    with pytest.raises(ValueError, match=r"format='jsnl' must be one of \[.*\]; did you mean 'jsonl'\?"):
+        DataConfig(path="x", format="jsnl")
+    with pytest.raises(ValueError, match="verbalizer=.* only applies to task=classification"):
+        DataConfig(path="x", task="math", verbalizer=((0, " no"),))
+
+
+@pytest.mark.parametrize("task, cls, text, label, template", [
+    ("sst2", "Classification", "text_column", "label_column", "T {text}"),
+    ("gsm8k", "MathWordProblems", "question_column", "answer_column", "Q {question}"),
+    ("instructions", "Instructions", "prompt_column", "completion_column", "P {prompt}"),
+])
+def test_make_task_maps_the_config_columns_onto_the_tasks_fields(task, cls, text, label, template):
     from hyjax.data import DataConfig, make_task
 
-    with pytest.raises(ValueError, match=r"unknown task 'gsm8'.*closest: \['gsm8k'\]"):
-        make_task(DataConfig(path="x", task="gsm8"))
-    with pytest.raises(ValueError, match=r"unknown option 'text_colum'.*closest: \['text_column'"):
-        make_task(DataConfig(path="x", task_options={"text_colum": "content"}))
-    assert make_task(DataConfig(path="x", task="gsm8k", task_options={"final_only": True})).final_only
+    made = make_task(DataConfig(path="x", task=task, text_column="in", label_column="out", template=template,
+                                chat=False, system="be brief"))
+    assert type(made).__name__ == cls
+    assert (getattr(made, text), getattr(made, label), made.template) == ("in", "out", template)
+    assert (made.prompt.chat, made.prompt.system) == (False, "be brief")
+    default = make_task(DataConfig(path="x", task=task))
+    assert default == type(made)()
 
 
 def test_sst2_accuracy_with_a_tiny_model_scores_each_answer_by_its_log_likelihood():

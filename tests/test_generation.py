@@ -14,8 +14,8 @@ import torch
 import transformers
 
 from hyjax import model as M
-from hyjax.checkpoints import load_gguf, load_hf_checkpoint
-from hyjax.generation import SamplingConfig, generate, left_pad, sample_token
+from hyjax.weights import load_gguf, load_hf_checkpoint
+from hyjax.sampling import SamplingConfig, generate, left_pad, sample_token
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, initializer_range=0.3, bos_token_id=1, eos_token_id=2)

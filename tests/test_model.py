@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from hyjax import model as M
-from hyjax.checkpoints import load_hf_checkpoint, save_hf_checkpoint
+from hyjax.weights import load_hf_checkpoint, save_hf_checkpoint
 
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.2)

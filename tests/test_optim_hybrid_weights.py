@@ -179,7 +179,7 @@ def test_training_a_tiny_model_lowers_the_loss_and_moves_lambdas(tiny, mix):
 
 @pytest.mark.slow
 def test_training_smollm2_lowers_the_loss(smollm2_gguf):
-    from hyjax.checkpoints import load_gguf
+    from hyjax.weights import load_gguf
     from hyjax.tokenization import load_tokenizer
 
     config, params = load_gguf(smollm2_gguf)

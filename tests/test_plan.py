@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from hyjax.config import load_config
-from hyjax.plan import PlanError, main, parse_topology, plan
+from hyjax.cli.plan import main
+from hyjax.training.planner import PlanError, parse_topology, plan
 from hyjax.sharding import ShardingError
 
 PROJECT = pathlib.Path(__file__).resolve().parents[1]

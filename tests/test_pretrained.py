@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -61,12 +62,29 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert pretrained.cache_dir() == tmp_path / "home" / ".cache" / "hyjax"
 
 
+def test_known_names_table():
+    assert list(pretrained.KNOWN) == [pretrained.SMOLLM2_135M_INSTRUCT] == ["smollm2-135m-instruct"]
+    model = pretrained.KNOWN["smollm2-135m-instruct"]
+    assert model.fetch is pretrained.smollm2_135m_instruct
+    assert pretrained.hub_id("smollm2-135m-instruct") == model.hf_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert pretrained.is_known("smollm2-135m-instruct")
+    assert not pretrained.is_known("model.gguf") and not pretrained.is_known(None)
+    with pytest.raises(ValueError, match=r"'model.gguf' is not a pretrained checkpoint.*known: \['smollm2"):
+        pretrained.fetch("model.gguf")
+
+
+def test_importing_pretrained_does_not_import_jax():
+    code = "import sys, hyjax.pretrained; assert 'jax' not in sys.modules, 'jax was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_env_override_used_without_download(cache, monkeypatch, tmp_path):
     local = tmp_path / "mine.gguf"
     local.write_bytes(b"GGUF")
     monkeypatch.setenv("HYJAX_SMOLLM2_GGUF", str(local))
     _forbid_subprocess(monkeypatch)
     assert pretrained.smollm2_135m_instruct() == local
+    assert pretrained.fetch("smollm2-135m-instruct") == local
 
 
 def test_env_override_missing_file(cache, monkeypatch, tmp_path):

@@ -19,8 +19,8 @@ from hyjax import adapters
 from hyjax.adapters.lora import LoRAConfig
 from hyjax.config import ConfigError, load_config
 from hyjax.model import LlamaConfig, abstract_params
-from hyjax.sharding import Axes, Layout, Rules, ShardingError, adapted_axes, optimizer_state_axes, resolve_shape
-from hyjax.training.layout import base_axes
+from hyjax.adapters.axes import adapted_axes, base_axes
+from hyjax.sharding import Axes, Layout, Rules, ShardingError, optimizer_state_axes, resolve_shape
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from hyjax.checkpoints.gguf_reader import read_gguf_metadata
+from hyjax.weights.gguf_reader import read_gguf_metadata
 from hyjax.tokenization import (
     BUILTIN_CHAT_TEMPLATES,
     SentencePieceTokenizer,

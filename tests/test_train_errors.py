@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from hyjax import train as cli
+from hyjax.cli import train as cli
 from test_train_run import tiny_run_overrides
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from hyjax import adapters, checkpoint
 from hyjax import model as M
-from hyjax.checkpoints import load_hf_checkpoint
+from hyjax.weights import load_hf_checkpoint
 from hyjax.config import load_config
 from hyjax.training import train
 from hyjax.training.optimizer import path_string
@@ -125,7 +125,7 @@ def test_smollm2_hybrid_lora_trains_and_its_peft_export_gives_our_logits(smollm2
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from hyjax.checkpoints import load_gguf, save_hf_checkpoint
+    from hyjax.weights import load_gguf, save_hf_checkpoint
     from hyjax.tokenization import load_tokenizer
 
     model_config, params = load_gguf(smollm2_gguf)

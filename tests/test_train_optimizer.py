@@ -12,7 +12,9 @@ from hyjax import adapters as A
 from hyjax import model as M
 from hyjax.config import load_config
 from hyjax.optim import current_lambdas
-from hyjax.training.optimizer import build_optimizer, group_labels, learning_rate_schedule
+from hyjax.methods import method_of
+from hyjax.optim.schedule import learning_rate_schedule
+from hyjax.training.optimizer import build_optimizer, group_labels
 
 CONFIG = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -83,7 +85,7 @@ def test_hybrid_runs_carry_lambdas_in_the_optimizer_state():
     params = M.init_params(CONFIG, jax.random.key(0))
     config = _config("model.path=x.gguf", "method.name=hybrid", "method.boft.block_size=4",
                      "method.lora_ga.rank=2", "train.hybrid_weights.warmup_steps=0")
-    spec = config.to_adapter_spec()
+    spec = method_of(config).adapter_spec(config)
     gradients = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
     trainable = A.split_trainable(A.apply(spec, params, jax.random.key(1), gradients=gradients))[0]
     optimizer, _ = build_optimizer(config, total_steps=10)
@@ -98,7 +100,7 @@ def test_hybrid_runs_carry_lambdas_in_the_optimizer_state():
 def test_unitary_runs_keep_reflection_vectors_unit_norm():
     params = M.init_params(CONFIG, jax.random.key(0))
     config = _config("method.name=unitary", "train.learning_rate=0.5")
-    trainable = A.split_trainable(A.apply(config.to_adapter_spec(), params, jax.random.key(1)))[0]
+    trainable = A.split_trainable(A.apply(method_of(config).adapter_spec(config), params, jax.random.key(1)))[0]
     optimizer, _ = build_optimizer(config, total_steps=10)
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), trainable)
     updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
@@ -140,7 +142,7 @@ def test_bfloat16_full_fine_tuning_step_keeps_parameter_dtypes():
     tokens = jax.random.randint(jax.random.key(2), (2, 2, 8), 0, 64)
     batch = {"tokens": tokens, "targets": tokens, "loss_mask": jnp.ones((2, 2, 8)), "positions": jnp.broadcast_to(
         jnp.arange(8), (2, 2, 8)), "segment_ids": jnp.ones((2, 2, 8), jnp.int32)}
-    new, metrics = jax.jit(make_train_step(config, optimizer, schedule, hybrid=False))(state, frozen, batch)
+    new, metrics = jax.jit(make_train_step(config, optimizer, schedule, lambdas=False))(state, frozen, batch)
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
     assert {leaf.dtype for leaf in jax.tree.leaves(new.trainable)} == {jnp.dtype(jnp.bfloat16)}
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.trainable, state.trainable)

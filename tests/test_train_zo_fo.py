@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hyjax import adapters, checkpoint
-from hyjax.checkpoints import load_hf_checkpoint
+from hyjax.weights import load_hf_checkpoint
 from hyjax.config import load_config
 from hyjax.training import train
 from test_train_run import _losses, tiny_run_overrides

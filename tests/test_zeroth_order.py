@@ -13,7 +13,7 @@ import pytest
 from hyjax import adapters as A
 from hyjax import model as M
 from hyjax.training.step import TrainState, make_train_step
-from hyjax.training.zeroth_order import ZerothOrder, join_base, perturbed, projected_gradients, spsa_update
+from hyjax.optim.zeroth_order import ZerothOrder, join_base, perturbed, projected_gradients, spsa_update
 
 TINY = M.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)

@@ -15,7 +15,6 @@ from hyjax.adapters.full import FullConfig, FullWeight
 from hyjax.adapters.hybrid import HybridConfig, HybridWeight, set_lambdas
 from hyjax.adapters.lora import LoRAConfig, LoRAWeight
 from hyjax.adapters.lora_ga import LoRAGAConfig, LoRAGAWeight, estimate_gradients
-from hyjax.adapters.module_scores import Selection, module_scores, select_modules
 from hyjax.adapters.node import AdaptedWeight
 from hyjax.adapters.selective import SelectiveConfig, SelectiveWeight, selective_spec
 from hyjax.adapters.unitary import UnitaryConfig, UnitaryWeight, UnitVectors
@@ -28,5 +27,5 @@ __all__ = [
     "count_trainable", "merge", "split_trainable", "unmerge", "with_rng",
     "HybridConfig", "HybridWeight", "LoRAGAConfig", "LoRAGAWeight", "estimate_gradients", "set_lambdas",
     "Orthogonal", "UnitaryConfig", "UnitaryFullWeight", "UnitaryWeight", "UnitVectors",
-    "SelectiveConfig", "SelectiveWeight", "Selection", "module_scores", "select_modules", "selective_spec",
+    "SelectiveConfig", "SelectiveWeight", "selective_spec",
 ]

@@ -41,7 +41,7 @@ class AdapterSpec:
         """One method on `targets` (patterns; default: the family's table for the method), except paths
         matching a `frozen` pattern."""
         if targets is None:
-            targets = [default_pattern(method.name, family)]
+            targets = [default_pattern(method.TARGETS, family)]
         elif isinstance(targets, str):
             targets = [targets]
         return cls(tuple((p, None) for p in frozen) + tuple((p, method) for p in targets))

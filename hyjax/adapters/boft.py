@@ -24,9 +24,10 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
+from hyjax.adapters.node import AdaptedWeight, DropoutKeyed, peft_per_layer, peft_unsupported
 from hyjax.adapters.stacking import StackedInit
 from pallas_kernels.butterfly import butterfly_apply, butterfly_apply_transposed
 
@@ -64,6 +65,9 @@ class BOFTWeight(DropoutKeyed, AdaptedWeight):
     NAME: ClassVar[str] = "boft"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("r", "s")
     AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "r": (None, "adapter_block", None, None), "s": ("out",)}
+    PEFT_TYPE: ClassVar[str | None] = "BOFT"
+    PEFT_CONFIG: ClassVar[dict] = {"boft_block_num": 0, "init_weights": True}
+    PEFT_TENSORS: ClassVar[dict[str, float]] = {"boft_R": 0.0, "boft_s": 1.0}  # identity: r = 0, s = 1
 
     def blocks(self) -> jax.Array:
         """The orthogonal `[m, d_in / b, b, b]` blocks, with block dropout when a dropout key is set."""
@@ -91,6 +95,24 @@ class BOFTWeight(DropoutKeyed, AdaptedWeight):
     def unmerge_2d(self, merged):
         unscaled = merged.astype(jnp.float32) / self.s.astype(jnp.float32)
         return self.rotate_rows(unscaled, inverse=True).astype(merged.dtype)
+
+    # ---------------------------------------------------------------- Hugging Face PEFT
+
+    def peft_settings(self, path):
+        if self.neumann_terms:
+            raise peft_unsupported(f"{path} uses a Neumann-series Cayley transform, PEFT's BOFT only the exact one")
+        return {"boft_block_size": int(self.r.shape[-1]), "boft_n_butterfly_factor": int(self.r.shape[-4]),
+                "boft_dropout": self.dropout}
+
+    def peft_layers(self, num_layers):
+        return peft_per_layer({"boft_R": np.asarray(self.r, np.float32),
+                               "boft_s": np.asarray(self.s, np.float32)[..., None]}, num_layers)
+
+    @classmethod
+    def from_peft(cls, peft, base, tensors):
+        # boft_R: [..., m, d_in / b, b, b]; boft_s: [..., d_out, 1]
+        return cls(base=base, r=jnp.asarray(tensors["boft_R"]), s=jnp.asarray(tensors["boft_s"][..., 0]),
+                   dropout=float(peft.get("boft_dropout", 0.0)))
 
 
 def _block_dropout(blocks: jax.Array, rate: float, key: jax.Array) -> jax.Array:

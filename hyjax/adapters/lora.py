@@ -13,9 +13,10 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
+from hyjax.adapters.node import AdaptedWeight, DropoutKeyed, peft_kernel, peft_per_layer
 from hyjax.adapters.stacking import StackedInit
 
 
@@ -30,6 +31,9 @@ class LoRAWeight(DropoutKeyed, AdaptedWeight):
     NAME: ClassVar[str] = "lora"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("a", "b")
     AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "a": ("in", "adapter_rank"), "b": ("adapter_rank", "out")}
+    PEFT_TYPE: ClassVar[str | None] = "LORA"
+    PEFT_CONFIG: ClassVar[dict] = {"use_rslora": False, "init_lora_weights": True}  # scale = lora_alpha / r
+    PEFT_TENSORS: ClassVar[dict[str, float]] = {"lora_A.weight": 0.0, "lora_B.weight": 0.0}
 
     def apply_to(self, x):
         y = jnp.dot(x, self.base.astype(x.dtype))
@@ -48,6 +52,36 @@ class LoRAWeight(DropoutKeyed, AdaptedWeight):
 
     def unmerge_2d(self, merged):
         return (merged.astype(jnp.float32) - self.delta_2d()).astype(merged.dtype)
+
+    # ---------------------------------------------------------------- Hugging Face PEFT
+
+    def peft_settings(self, path):
+        rank = self.a.shape[-1]
+        return {"r": int(rank), "lora_alpha": self.scale * rank, "lora_dropout": self.dropout}
+
+    def peft_layers(self, num_layers):
+        return peft_per_layer({"lora_A.weight": peft_kernel(self.a), "lora_B.weight": peft_kernel(self.b)},
+                              num_layers)
+
+    @classmethod
+    def check_peft_config(cls, peft, source):
+        for key in ("use_dora", "lora_bias"):
+            if peft.get(key):
+                raise ValueError(f"{source}: {key}=true is not supported by import_peft")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if peft.get(key):
+                raise ValueError(f"{source}: per-module {key}={peft[key]} is not supported by import_peft")
+
+    @classmethod
+    def from_peft(cls, peft, base, tensors):
+        rank = int(peft["r"])
+        scale = peft["lora_alpha"] / (np.sqrt(rank) if peft.get("use_rslora") else rank)
+        a = np.swapaxes(tensors["lora_A.weight"], -1, -2)  # [..., d_in, r]
+        b = np.swapaxes(tensors["lora_B.weight"], -1, -2)  # [..., r, d_out]
+        if a.shape[-1] != rank:
+            raise ValueError(f"PEFT adapter declares r={rank} but lora_A has rank {a.shape[-1]}")
+        return cls(base=base, a=jnp.asarray(a), b=jnp.asarray(b), scale=float(scale),
+                   dropout=float(peft.get("lora_dropout", 0.0)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ import optax
 from hyjax.adapters.lora import LoRAWeight
 from hyjax.adapters.stacking import StackedInit
 from hyjax.adapters.targets import default_pattern, iter_paths, map_paths, match_rule, nest
+from hyjax.model import apply as model_apply
 
 # --------------------------------------------------------------------------------- the node
 
@@ -65,6 +66,8 @@ class LoRAGAWeight(LoRAWeight):
     b0: jax.Array = None  # [r, d_out] frozen copy of the initial b
     NAME: ClassVar[str] = "lora_ga"
     AXES: ClassVar[dict] = {**LoRAWeight.AXES, "a0": ("in", "adapter_rank"), "b0": ("adapter_rank", "out")}
+    # A PEFT LoRA would sit on the pretrained W0, this one sits on the offset base: export it merged.
+    PEFT_TYPE: ClassVar[str | None] = None
 
     def original_base_2d(self) -> jax.Array:
         """The weight before the offset, `W0 = base + eta a0 b0`."""
@@ -175,8 +178,6 @@ def randomized_svd(m: jax.Array, q: int, iterations: int, key: jax.Array):
 def next_token_loss(model_config, params: dict, batch) -> jax.Array:
     """Mean next-token cross-entropy. `batch`: tokens `[batch, seq]`, or a dict with `tokens` and
     optional `loss_mask` (1 where a token is predicted, aligned with `tokens`) and `segment_ids`."""
-    from hyjax.model import apply as model_apply
-
     if not isinstance(batch, dict):
         batch = {"tokens": batch}
     tokens = batch["tokens"]
@@ -232,7 +233,7 @@ def _target_grads(loss_fn, weights: dict[str, jax.Array], params: dict, batch):
 
 def _target_paths(params: dict, targets) -> set[str]:
     if targets is None:
-        targets = default_pattern("lora_ga")
+        targets = default_pattern()
     if isinstance(targets, str):
         targets = [targets]
     rules = targets.rules if hasattr(targets, "rules") else tuple((p, True) for p in targets)

@@ -4,6 +4,10 @@ Every method defines one subclass (a pytree dataclass). Its leaves are either fr
 keys, mixing weights) or trainable (the fields named in `TRAINABLE`), so trainable parameters are chosen
 by type, never by hand-written masks. In the model's scanned layers every leaf carries the weight's
 leading `layers` axis; inside the scan each node sees one layer, where `apply_to` runs.
+
+Each subclass also converts itself to and from Hugging Face PEFT's format (the `PEFT_*` class
+attributes and `peft_*` / `from_peft` methods, used by `hyjax.adapters.peft_io`); the defaults say that
+PEFT cannot hold the adapter.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
 from flax import struct
 
 from hyjax.adapters.stacking import split_keys
@@ -30,6 +35,16 @@ class AdaptedWeight(struct.PyTreeNode):
     # weight; "in"/"out" stand for the base weight's names (see hyjax.sharding.axes). Unlisted fields
     # are replicated.
     AXES: ClassVar[dict[str, tuple[str | None, ...]]] = {}
+
+    # Hugging Face PEFT (see hyjax.adapters.peft_io). PEFT_TYPE: the `peft_type` the adapter is written
+    # as (None: PEFT cannot hold it); PEFT_CONFIG: that type's fixed adapter_config.json entries;
+    # PEFT_SAVED_WHOLE: the weight is trained fully and written whole (PEFT's `modules_to_save`).
+    # The class that reads a PEFT_TYPE back defines `from_peft` and, in PEFT_TENSORS, the type's tensor
+    # names per module, each with its identity value (filled in for layers an adapter leaves out).
+    PEFT_TYPE: ClassVar[str | None] = None
+    PEFT_CONFIG: ClassVar[dict[str, Any]] = {}
+    PEFT_SAVED_WHOLE: ClassVar[bool] = False
+    PEFT_TENSORS: ClassVar[dict[str, float]] = {}
 
     def apply_to(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -65,6 +80,30 @@ class AdaptedWeight(struct.PyTreeNode):
     def frozen(self) -> "AdaptedWeight":
         return self.replace(**{name: None for name in self.TRAINABLE})
 
+    # ---------------------------------------------------------------- Hugging Face PEFT
+
+    def peft_settings(self, path: str) -> dict[str, Any]:
+        """PEFT's hyperparameters of this adapter (written to adapter_config.json; one set per tree).
+        Raises `peft_unsupported` naming `path` where PEFT cannot represent it. For PEFT_TYPE classes."""
+        raise NotImplementedError(f"{type(self).__name__} declares PEFT_TYPE={self.PEFT_TYPE!r} without peft_settings")
+
+    def peft_layers(self, num_layers: int | None) -> list:
+        """Per layer (`num_layers`; one entry for an unstacked weight, `None`): the PEFT tensors of the
+        layer's adapter by name, in PEFT's layout, or the whole trained weight `W^T` `[d_out, d_in]` as one
+        array for a layer trained fully. For PEFT_TYPE and PEFT_SAVED_WHOLE classes."""
+        raise NotImplementedError(f"{type(self).__name__} has no PEFT form")
+
+    @classmethod
+    def check_peft_config(cls, peft: dict[str, Any], source: str) -> None:
+        """Raises a ValueError starting `{source}: ` for settings of PEFT's adapter_config `peft` that
+        `from_peft` cannot read. Default: none."""
+
+    @classmethod
+    def from_peft(cls, peft: dict[str, Any], base: jax.Array, tensors: dict[str, np.ndarray]) -> "AdaptedWeight":
+        """The adapter on `base` read from PEFT's adapter_config `peft` and `tensors` (PEFT_TENSORS' names,
+        PEFT's layout, stacked like `base`). Defined by the class that imports its PEFT_TYPE."""
+        raise NotImplementedError(f"{cls.__name__} does not import PEFT adapters")
+
 
 class DropoutKeyed:
     """`with_rng` for adapted weights with a static `dropout` rate and a `dropout_key` leaf: one key per
@@ -76,6 +115,24 @@ class DropoutKeyed:
         if key is None:
             return self.replace(dropout_key=None)
         return self.replace(dropout_key=split_keys(key, self.leading_shape))
+
+
+def peft_unsupported(reason: str) -> ValueError:
+    """The error for an adapter tree PEFT's format cannot hold; it points to the merged export."""
+    return ValueError(f"PEFT cannot represent this adapter tree: {reason}. Write a merged Hugging Face "
+                      "checkpoint instead with hyjax.adapters.export_merged(folder, config, adapted_params)")
+
+
+def peft_kernel(w) -> np.ndarray:
+    """A `[..., d_in, d_out]` kernel (or factor) in PEFT's (torch Linear) layout `[..., d_out, d_in]`, float32."""
+    return np.swapaxes(np.asarray(w, np.float32), -1, -2)
+
+
+def peft_per_layer(tensors: dict[str, np.ndarray], num_layers: int | None) -> list[dict[str, np.ndarray]]:
+    """PEFT tensors stacked over `num_layers` layers split into one dict per layer (`None`: unstacked, one)."""
+    if not num_layers:
+        return [tensors]
+    return [{name: value[i] for name, value in tensors.items()} for i in range(num_layers)]
 
 
 def _vmap_leading(fn, n: int):

@@ -24,12 +24,13 @@ from typing import ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from hyjax.adapters.api import AdapterSpec
 from hyjax.adapters.full import FullConfig
 from hyjax.adapters.lora import LoRAConfig, LoRAWeight
-from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
+from hyjax.adapters.node import AdaptedWeight, DropoutKeyed, peft_kernel
 from hyjax.adapters.targets import stacked_axes
 
 
@@ -48,6 +49,9 @@ class SelectiveWeight(DropoutKeyed, AdaptedWeight):
     TRAINABLE: ClassVar[tuple[str, ...]] = ("a", "b", "full")
     AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "a": ("in", "adapter_rank"), "b": ("adapter_rank", "out"),
                             "full": ("in", "out")}
+    # PEFT: LoRA on the other layers, the chosen layers written whole (`modules_to_save`).
+    PEFT_TYPE: ClassVar[str | None] = LoRAWeight.PEFT_TYPE
+    PEFT_CONFIG: ClassVar[dict] = LoRAWeight.PEFT_CONFIG
 
     def scan_form(self) -> LoRAWeight:
         """The equivalent `LoRAWeight` with every leaf stacked over all L layers: the chosen layers'
@@ -74,6 +78,19 @@ class SelectiveWeight(DropoutKeyed, AdaptedWeight):
         base = jnp.asarray(lora.base).at[self.chosen].set(self.base[self.chosen])
         return self.replace(base=base, full=merged[self.chosen].astype(self.full.dtype))
 
+    def _lora(self) -> LoRAWeight:
+        """The LoRA of every layer, chosen ones included (PEFT export replaces those)."""
+        return LoRAWeight(base=self.base, a=self.a, b=self.b, scale=self.scale, dropout=self.dropout)
+
+    def peft_settings(self, path):
+        return self._lora().peft_settings(path)
+
+    def peft_layers(self, num_layers):
+        layers = self._lora().peft_layers(num_layers)
+        for j, i in enumerate(np.asarray(self.chosen).tolist()):
+            layers[i] = peft_kernel(self.full[j])
+        return layers
+
 
 @dataclasses.dataclass(frozen=True)
 class SelectiveConfig:
@@ -85,6 +102,7 @@ class SelectiveConfig:
     lora: LoRAConfig
     chosen: tuple[int, ...]
     name: ClassVar[str] = "hybrid_lora"
+    TARGETS: ClassVar[str] = "projections"  # default targets (hyjax.adapters.targets)
 
     def __post_init__(self):
         chosen = tuple(sorted(int(i) for i in self.chosen))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import jax
 
@@ -18,6 +19,8 @@ def split_keys(key: jax.Array, lead: tuple[int, ...]) -> jax.Array:
 class StackedInit:
     """Mixin for method configs whose `init(base_2d, key, gradient_2d)` builds one node for a single
     `[d_in, d_out]` matrix: `init_stacked` maps it over the stacked layer axes with one key each."""
+
+    TARGETS: ClassVar[str] = "projections"  # default targets: the attention and MLP projections
 
     def init(self, base: jax.Array, key: jax.Array, gradient: jax.Array | None = None):
         raise NotImplementedError

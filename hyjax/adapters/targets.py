@@ -26,11 +26,11 @@ def stacked_axes(path: str) -> int:
     return 1 if path.startswith("layers/") else 0
 
 
-def default_pattern(method_name: str, family: str = "llama") -> str:
-    """The default target pattern of a method for a model family."""
+def default_pattern(kind: str = "projections", family: str = "llama") -> str:
+    """The default target pattern of a kind of method (an adapter config's `TARGETS`: "projections"
+    or "everything") for a model family."""
     if family not in DEFAULT_TARGETS:
         raise KeyError(f"no default targets for model family {family!r}; known: {sorted(DEFAULT_TARGETS)}")
-    kind = "everything" if method_name == "full" else "projections"
     return DEFAULT_TARGETS[family][kind]
 
 

@@ -2,7 +2,7 @@
 into frozen typed sections before anything is loaded or compiled.
 
     config = load_config("quickstart", ["train.learning_rate=3e-4", "method.lora.rank=16"])
-    spec = config.to_adapter_spec()          # hyjax.adapters.AdapterSpec of the chosen method
+    method = hyjax.methods.method_of(config) # the chosen method: its adapter spec, optimizer part, ...
     config.save(f"{config.logging.output_dir}/config.yaml")   # load_config(that file) == config
 """
 
@@ -11,7 +11,6 @@ from hyjax.config.methods import METHODS, HybridSection, MethodSection, UnitaryS
 from hyjax.config.run import RunConfig
 from hyjax.config.sections import (
     CheckpointSection,
-    DataSection,
     EvalSection,
     ExportSection,
     HybridWeightsSection,
@@ -23,7 +22,7 @@ from hyjax.config.sections import (
 from hyjax.config.typed import ConfigError
 
 __all__ = [
-    "ENV_CONFIGS", "METHODS", "CheckpointSection", "ConfigError", "DataSection", "EvalSection", "ExportSection",
+    "ENV_CONFIGS", "METHODS", "CheckpointSection", "ConfigError", "EvalSection", "ExportSection",
     "HybridSection", "HybridWeightsSection", "LoggingSection", "MeshSection", "MethodSection", "ModelSection",
     "RunConfig", "TrainSection", "UnitarySection", "apply_override", "configs_dir", "find_config", "load_config",
     "parse_value",

@@ -1,23 +1,25 @@
-"""The `method` section: which adapter method, where, and its hyperparameters; `to_adapter_spec()`.
+"""The `method` section: which method (`hyjax.methods`), where, and every method's hyperparameters.
 
 Sub-sections are the adapters' own config dataclasses (`hyjax.adapters.LoRAConfig`, ...), so their
 fields, defaults and validation are the adapters'. The exception is `unitary`: `UnitaryConfig` asks JAX
 for its backend when built, which must not happen before `jax.distributed.initialize`, so the section
-mirrors its fields (a test keeps the two in step) and builds the real one in `to_adapter_spec()`.
+mirrors its fields (a test keeps the two in step) and the method builds the real one.
 
-Adding a method: give MethodSection a sub-section field for its hyperparameters, register a `Method` in
-METHODS, add configs/methods/<name>.yaml and its base.yaml block.
+Adding a method: its entry in hyjax/methods/registry.py, a sub-section field here when it has
+hyperparameters of its own, configs/methods/<name>.yaml and its base.yaml block.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
-from hyjax.adapters import AdapterSpec, BOFTConfig, FullConfig, HybridConfig, LoRAConfig, LoRAGAConfig
-from hyjax.adapters.module_scores import SCORES
+from hyjax.adapters import BOFTConfig, LoRAConfig, LoRAGAConfig
 from hyjax.adapters.hybrid import MIXES
-from hyjax.config.sections import at_least, in_range, one_of, valid_regex
+from hyjax.methods import METHODS, method_of
+from hyjax.methods.hybrid_lora import SCORES
+from hyjax.methods.zo_fo import ZerothOrderFirstOrder
+from hyjax.validation import at_least, in_range, one_of, valid_regex
+from pallas_kernels.dispatch import IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,7 @@ class UnitarySection:
     dtype: str = "float32"  # dtype of the trainable parameters
 
     def __post_init__(self):
-        one_of("impl", self.impl, ("auto", "xla", "pallas"))
+        one_of("impl", self.impl, IMPLS)
         if self.max_full_capacity_dim < 1:
             raise ValueError(f"max_full_capacity_dim={self.max_full_capacity_dim} must be >= 1")
 
@@ -45,9 +47,6 @@ class HybridSection:
     def __post_init__(self):
         one_of("mix", self.mix, MIXES)
 
-
-# The first-order adapters the ZO + FO hybrid can carry (methods that need no gradient at the start).
-ZO_FO_ADAPTERS = ("lora", "oft", "boft", "unitary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,7 @@ class ZerothOrderSection:
     targets: tuple[str, ...] = (".*",)  # regexes over weight paths trained by SPSA (default: every weight)
 
     def __post_init__(self):
-        one_of("adapter", self.adapter, ZO_FO_ADAPTERS)
+        one_of("adapter", self.adapter, list(ZerothOrderFirstOrder.ADAPTERS))
         for name in ("learning_rate", "mu"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
@@ -98,45 +97,6 @@ class HybridLoRASection:
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-    """A registered method: how to build its adapter config from the section, whether PEFT can hold it."""
-
-    build: Callable[["MethodSection"], Any]
-    peft: Callable[["MethodSection"], bool]
-    description: str
-
-
-def _oft(section: "MethodSection") -> BOFTConfig:
-    if section.boft.n_factors != 1:
-        raise ValueError(f"name='oft' is BOFT with one butterfly factor, but method.boft.n_factors="
-                         f"{section.boft.n_factors}; set it to 1 or use name='boft'")
-    return section.boft
-
-
-def _unitary(section: "MethodSection"):
-    from hyjax.adapters import UnitaryConfig
-    return UnitaryConfig(**dataclasses.asdict(section.unitary))
-
-
-# Method name -> Method. Only methods that hyjax.adapters implements are listed.
-METHODS: dict[str, Method] = {
-    "full": Method(lambda s: FullConfig(), lambda s: False, "full fine-tuning of the targets"),
-    "lora": Method(lambda s: s.lora, lambda s: True, "LoRA (method.lora)"),
-    "lora_ga": Method(lambda s: s.lora_ga, lambda s: False, "LoRA-GA (method.lora_ga)"),
-    "oft": Method(_oft, lambda s: s.boft.neumann_terms == 0, "OFT: BOFT with n_factors=1 (method.boft)"),
-    "boft": Method(lambda s: s.boft, lambda s: s.boft.neumann_terms == 0, "BOFT (method.boft)"),
-    "unitary": Method(_unitary, lambda s: False, "uRNN-style unitary adapter (method.unitary)"),
-    "hybrid": Method(lambda s: HybridConfig(boft=s.boft, lora_ga=s.lora_ga, mix=s.hybrid.mix), lambda s: False,
-                     "hybrid BOFT + LoRA-GA (method.boft, method.lora_ga, method.hybrid)"),
-    "hybrid_lora": Method(lambda s: s.lora, lambda s: True,
-                          "Hybrid-LoRA: the best-scored modules fully fine-tuned, LoRA (method.lora) on the rest "
-                          "(method.hybrid_lora)"),
-    "zo_fo": Method(lambda s: METHODS[s.zo_fo.adapter].build(s), lambda s: False,
-                    "zeroth-order SPSA on the base weights + a first-order adapter (method.zo_fo)"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
 class MethodSection:
     """The fine-tuning method, the weights it acts on, and every method's hyperparameters (only the
     sub-sections the chosen method uses matter)."""
@@ -160,33 +120,8 @@ class MethodSection:
             valid_regex(f"targets[{i}]", pattern)
         for i, pattern in enumerate(self.frozen):
             valid_regex(f"frozen[{i}]", pattern)
-        if self.name == "oft" or (self.name == "zo_fo" and self.zo_fo.adapter == "oft"):
-            _oft(self)
+        method_of(self).check(self)
 
     def adapter_config(self):
-        """The `hyjax.adapters` config object of the chosen method (e.g. `LoRAConfig(rank=16)`; for
-        hybrid_lora the LoRA of its unchosen modules, `selective_spec` places the chosen ones)."""
-        return METHODS[self.name].build(self)
-
-    def to_adapter_spec(self, family: str = "llama") -> AdapterSpec:
-        """`AdapterSpec.for_method(<method config>, targets=..., frozen=...)` for `hyjax.adapters.apply`."""
-        targets = list(self.targets) if self.targets is not None else None
-        return AdapterSpec.for_method(self.adapter_config(), targets=targets, frozen=list(self.frozen),
-                                      family=family)
-
-    @property
-    def from_gradients(self) -> bool:
-        """Whether the method starts from gradients of the pretrained model (LoRA-GA and the hybrid
-        initialise from them, Hybrid-LoRA scores its modules with them)."""
-        return self.name in ("lora_ga", "hybrid", "hybrid_lora")
-
-    @property
-    def gradient_batches(self) -> tuple[int, int]:
-        """`(n_batches, batch_size)` of the gradient estimate a `from_gradients` method starts from."""
-        section = self.hybrid_lora if self.name == "hybrid_lora" else self.lora_ga
-        return section.n_batches, section.batch_size
-
-    @property
-    def peft_exportable(self) -> bool:
-        """Whether Hugging Face PEFT can hold this method's adapters (else export merged)."""
-        return METHODS[self.name].peft(self)
+        """The `hyjax.adapters` config object of the chosen method (e.g. `LoRAConfig(rank=16)`)."""
+        return method_of(self).adapter_config(self)

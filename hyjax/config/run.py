@@ -6,12 +6,13 @@ import dataclasses
 import os
 import pathlib
 
+import jax
 import yaml
 
+from hyjax import adapters
 from hyjax.config.methods import MethodSection
 from hyjax.config.sections import (
     CheckpointSection,
-    DataSection,
     EvalSection,
     ExportSection,
     LoggingSection,
@@ -20,6 +21,9 @@ from hyjax.config.sections import (
     TrainSection,
 )
 from hyjax.config.typed import ConfigError, to_plain
+from hyjax.data import DataConfig
+from hyjax.methods import method_of
+from hyjax.model.params import abstract_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +32,7 @@ class RunConfig:
 
     model: ModelSection = ModelSection()
     method: MethodSection = MethodSection()
-    data: DataSection = DataSection()
+    data: DataConfig = DataConfig()
     train: TrainSection = TrainSection()
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -38,12 +42,13 @@ class RunConfig:
 
     def __post_init__(self):
         # Checks that span sections; each message names the keys involved.
-        if self.export.peft_adapter and not self.method.peft_exportable:
+        method = method_of(self.method)
+        if self.export.peft_adapter and not method.peft_exportable(self.method):
             raise ConfigError(
                 f"export.peft_adapter=true, but method.name={self.method.name!r} cannot be written in PEFT's "
                 "format (only lora, and oft/boft with neumann_terms=0); set export.peft_adapter=false "
                 "(export.merged_model=true writes the merged model)")
-        if self.method.from_gradients and self.model.path is None:
+        if method.from_gradients and self.model.path is None:
             raise ConfigError(f"method.name={self.method.name!r} initialises from gradients of the pretrained "
                               "model, but model.path is null (random weights); give a checkpoint")
 
@@ -51,10 +56,6 @@ class RunConfig:
     def checkpoint_dir(self) -> str:
         """`checkpoint.dir`, or `<logging.output_dir>/checkpoints` when it is null."""
         return self.checkpoint.dir or os.path.join(self.logging.output_dir, "checkpoints")
-
-    def to_adapter_spec(self):
-        """The adapter spec of `method` for `model.family` (see `MethodSection.to_adapter_spec`)."""
-        return self.method.to_adapter_spec(family=self.model.family)
 
     def check_model(self, model_config=None) -> dict:
         """Applies the adapter spec to the model's abstract parameters (shapes only, nothing allocated)
@@ -65,31 +66,16 @@ class RunConfig:
         model_config: the `LlamaConfig` (default: the preset's). Initialises JAX: call it after
         `jax.distributed.initialize`.
         """
-        import jax
-
-        from hyjax import adapters
-        from hyjax.model.params import abstract_params
-
         model_config = model_config or self.model.preset_config()
         if model_config is None:
             raise ConfigError("model.preset is null: pass the checkpoint's LlamaConfig to check_model")
-        spec = self.to_adapter_spec()
+        spec = method_of(self.method).adapter_spec(self, model_config)
         params = abstract_params(model_config)
         try:  # the gradients LoRA-GA and the hybrid start from have the weights' shapes
             return jax.eval_shape(lambda p: adapters.apply(spec, p, jax.random.key(0), gradients=p), params)
         except ValueError as err:
             raise ConfigError(f"method.name={self.method.name!r} does not fit model.preset="
                               f"{self.model.preset!r}: {err}") from err
-
-    def to_data_config(self):
-        """The `hyjax.data.DataConfig` of the training file, batched by `train.global_batch_size`."""
-        return self.data.to_data_config(self.train.global_batch_size)
-
-    def hybrid_weights_kwargs(self) -> dict:
-        """Keyword arguments of `hyjax.optim.hybrid_weights` (without `inner`)."""
-        hw = self.train.hybrid_weights
-        return dict(direction=hw.direction, temperature=hw.temperature, ema=hw.ema, clip=tuple(hw.clip),
-                    warmup_steps=hw.warmup_steps, mix=self.method.hybrid.mix, share_correction=hw.share_correction)
 
     def to_dict(self) -> dict:
         """Plain nested dicts and lists: the resolved config, loadable again with `load_config`."""

@@ -1,4 +1,5 @@
-"""The typed sections of a run configuration (all but `method`, which lives in `methods.py`).
+"""The typed sections of a run configuration (all but `method`, in `methods.py`, and `data`, which is
+`hyjax.data.DataConfig`).
 
 Each section is a frozen dataclass; `__post_init__` checks ranges and choices with messages that start
 with `field=value` (the loader prefixes the section, giving e.g. `train.schedule='cosin' must be ...`).
@@ -8,51 +9,17 @@ configs/base.yaml repeats every field with its comment.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
 
-from hyjax.model.config import REMAT_POLICIES
-
-DTYPES = ("float32", "bfloat16", "float16")
-# `model.path` values that name a checkpoint hyjax fetches itself (see hyjax.pretrained).
-PRETRAINED = ("smollm2-135m-instruct",)
-TASKS = ("classification", "sst2", "math", "gsm8k", "instructions")  # hyjax.data.TASKS
-FORMATS = ("tsv", "csv", "jsonl", "parquet", "disk")  # hyjax.data.FORMATS
-SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "adafactor", "sgd")
-DIRECTIONS = ("proportional", "inverse")  # hyjax.optim.hybrid_weights.DIRECTIONS
-
-
-def one_of(field: str, value, allowed) -> None:
-    """Raises `field='x' must be one of [...]` (with the closest choice) unless value is allowed."""
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{field}={value!r} must be one of {list(allowed)}{hint}")
-
-
-def at_least(field: str, value, low, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value < low:
-        raise ValueError(f"{field}={value!r} must be >= {low}" + (" (or null)" if allow_none else ""))
-
-
-def in_range(field: str, value, low, high, low_open=False, high_open=False, allow_none=False) -> None:
-    if value is None and allow_none:
-        return
-    ok = value is not None and (low < value if low_open else low <= value) and (
-        value < high if high_open else value <= high)
-    if not ok:
-        interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
-        raise ValueError(f"{field}={value!r} must be in {interval}" + (" (or null)" if allow_none else ""))
-
-
-def valid_regex(field: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{field}={pattern!r} is not a valid regular expression: {err}") from err
+from hyjax.adapters.targets import DEFAULT_TARGETS
+from hyjax.model import presets
+from hyjax.model.config import DTYPES, REMAT_POLICIES
+from hyjax.optim.hybrid_weights import DIRECTIONS
+from hyjax.optim.optimizers import OPTIMIZERS
+from hyjax.optim.schedule import SCHEDULES
+from hyjax.pretrained import SMOLLM2_135M_INSTRUCT, is_known
+from hyjax.sharding.mesh import check_sizes
+from hyjax.sharding.rules import Rules
+from hyjax.validation import at_least, in_range, one_of, valid_regex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +32,7 @@ class ModelSection:
     # Checkpoint: a .gguf file, a Hugging Face folder (config.json + safetensors), or a name hyjax fetches
     # itself ("smollm2-135m-instruct": the real SmolLM2-135M-Instruct, see hyjax.pretrained). null:
     # random initialisation from the preset (for compile and memory checks).
-    path: str | None = "smollm2-135m-instruct"
+    path: str | None = SMOLLM2_135M_INSTRUCT
     # Tokenizer file or folder (.gguf, sentencepiece .model, tokenizer.json); null: the checkpoint's own.
     tokenizer: str | None = None
     # Model family, for the default adapter targets (hyjax.adapters.targets.DEFAULT_TARGETS).
@@ -78,9 +45,7 @@ class ModelSection:
         if self.preset is None and self.path is None:
             raise ValueError("preset=None and path=None: give a preset, a checkpoint path, or both")
         if self.preset is not None:
-            from hyjax.model.presets import PRESETS
-            one_of("preset", self.preset.lower(), sorted(PRESETS))
-        from hyjax.adapters.targets import DEFAULT_TARGETS
+            one_of("preset", self.preset.lower(), sorted(presets.PRESETS))
         one_of("family", self.family, sorted(DEFAULT_TARGETS))
         one_of("param_dtype", self.param_dtype, DTYPES)
         one_of("dtype", self.dtype, DTYPES)
@@ -88,98 +53,14 @@ class ModelSection:
 
     @property
     def pretrained(self) -> bool:
-        """Whether `path` names a checkpoint hyjax fetches itself."""
-        return self.path in PRETRAINED
+        """Whether `path` names a checkpoint hyjax fetches itself (`hyjax.pretrained.KNOWN`)."""
+        return is_known(self.path)
 
     def preset_config(self):
         """The preset's `LlamaConfig` with this section's dtypes and remat (None without a preset)."""
         if self.preset is None:
             return None
-        from hyjax.model.presets import preset
-        return preset(self.preset, param_dtype=self.param_dtype, dtype=self.dtype, remat=self.remat)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    """The training data: a file, a task that turns its rows into (prompt, answer) pairs, batching."""
-
-    path: str | None = None  # tsv/csv/jsonl/parquet file or save_to_disk folder (required to train)
-    format: str | None = None  # one of tsv, csv, jsonl, parquet, disk; null: from the file suffix
-    split: str | None = None  # split of a saved DatasetDict folder
-    task: str = "classification"  # classification (sst2) | math (gsm8k) | instructions
-    text_column: str | None = None  # text / question / prompt column; null: the task's default
-    label_column: str | None = None  # label / answer / completion column; null: the task's default
-    # classification: [label, answer text] pairs, e.g. [[0, " negative"], [1, " positive"]]; null: SST-2's
-    verbalizer: tuple[tuple[int | str, str], ...] | None = None
-    template: str | None = None  # prompt template ({text} or {question} or {prompt}); null: the task's
-    chat: bool | str = "auto"  # wrap prompts in the tokenizer's chat template: auto | true | false
-    system: str | None = None  # system message in chat mode
-    max_length: int = 512  # tokens per row; longer examples lose prompt tokens from the left
-    bucket: int = 64  # without packing, pad the row length up to a multiple of this
-    packing: bool = False  # pack several examples per row instead of padding each
-    max_rows: int | None = None  # use only the first N rows of the file (a slice); null: all
-    eval_path: str | None = None  # held-out file for evaluation; null: split the training file
-    eval_fraction: float | None = None  # without eval_path: hold out this share of the rows...
-    eval_count: int | None = None  # ...or this many rows (null and null: no held-out set)
-    max_bad_fraction: float | None = 0.01  # stop when more than this share of rows is malformed...
-    max_bad_rows: int | None = 100  # ...or more than this many (null: no limit)
-    shuffle_seed: int = 0  # shuffling per epoch and the held-out split
-
-    def __post_init__(self):
-        one_of("task", self.task, TASKS)
-        if self.format is not None:
-            one_of("format", self.format, FORMATS)
-        if isinstance(self.chat, str):
-            one_of("chat", self.chat, ("auto",))
-        if self.verbalizer is not None:
-            if self.task not in ("classification", "sst2"):
-                raise ValueError(f"verbalizer={list(self.verbalizer)!r} only applies to task=classification, "
-                                 f"not task={self.task!r}")
-            labels = [str(label) for label, _ in self.verbalizer]
-            if not labels or len(set(labels)) != len(labels):
-                raise ValueError(f"verbalizer={list(self.verbalizer)!r} needs distinct labels, at least one")
-        at_least("max_length", self.max_length, 2)
-        at_least("bucket", self.bucket, 1)
-        at_least("max_rows", self.max_rows, 1, allow_none=True)
-        in_range("eval_fraction", self.eval_fraction, 0, 1, low_open=True, high_open=True, allow_none=True)
-        at_least("eval_count", self.eval_count, 1, allow_none=True)
-        if self.eval_fraction is not None and self.eval_count is not None:
-            raise ValueError(f"eval_fraction={self.eval_fraction} and eval_count={self.eval_count}: give one")
-        if self.eval_path is not None and (self.eval_fraction is not None or self.eval_count is not None):
-            raise ValueError(f"eval_path={self.eval_path!r} is given, so eval_fraction and eval_count must "
-                             "be null (nothing is held out of the training file)")
-        in_range("max_bad_fraction", self.max_bad_fraction, 0, 1, allow_none=True)
-        at_least("max_bad_rows", self.max_bad_rows, 0, allow_none=True)
-
-    def task_options(self) -> dict:
-        """Fields of the task class in `hyjax.data` (Classification, MathWordProblems, Instructions)."""
-        kind = {"sst2": "classification", "gsm8k": "math"}.get(self.task, self.task)
-        text, label = {"classification": ("text_column", "label_column"),
-                       "math": ("question_column", "answer_column"),
-                       "instructions": ("prompt_column", "completion_column")}[kind]
-        options = {}
-        if self.text_column is not None:
-            options[text] = self.text_column
-        if self.label_column is not None:
-            options[label] = self.label_column
-        if self.template is not None:
-            options["template"] = self.template
-        if self.verbalizer is not None:
-            options["answers"] = tuple(tuple(pair) for pair in self.verbalizer)
-        return options
-
-    def to_data_config(self, global_batch_size: int):
-        """The `hyjax.data.DataConfig` for the training file."""
-        if self.path is None:
-            from hyjax.config.typed import ConfigError
-            raise ConfigError("data.path is not set: give the training file (e.g. data.path=train.tsv)")
-        from hyjax.data import DataConfig
-        return DataConfig(path=self.path, task=self.task, task_options=self.task_options(), format=self.format,
-                          split=self.split, chat=self.chat, system=self.system,
-                          max_bad_fraction=self.max_bad_fraction, max_bad_rows=self.max_bad_rows,
-                          max_length=self.max_length, bucket=self.bucket, pack=self.packing,
-                          global_batch_size=global_batch_size, seed=self.shuffle_seed,
-                          eval_fraction=self.eval_fraction, eval_count=self.eval_count, max_rows=self.max_rows)
+        return presets.preset(self.preset, param_dtype=self.param_dtype, dtype=self.dtype, remat=self.remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,9 +166,6 @@ class MeshSection:
     rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
-        from hyjax.sharding.mesh import check_sizes
-        from hyjax.sharding.rules import Rules
-
         check_sizes(self.sizes())  # bad sizes and unknown axis names fail here, before anything runs
         at_least("slices", self.slices, 1)
         Rules().override(self.rules)

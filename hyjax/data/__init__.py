@@ -8,12 +8,13 @@
 
 from hyjax.data.batching import BATCH_KEYS, pack_rows, packed_batch, pad_batch, round_up, truncate
 from hyjax.data.classification import TEXT_COLUMNS, Classification, sst2
-from hyjax.data.evaluation import EvalResult, answer_log_likelihood, classification_accuracy, math_exact_match
+from hyjax.data.scoring import EvalResult, answer_log_likelihood, classification_accuracy, math_exact_match
 from hyjax.data.examples import Example, PromptStyle, build_examples
 from hyjax.data.instructions import Instructions
 from hyjax.data.iterator import BatchIterator, epoch_order
 from hyjax.data.loss import masked_cross_entropy, masked_log_likelihood
-from hyjax.data.pipeline import TASKS, DataConfig, PreparedData, make_task, prepare
+from hyjax.data.config import TASKS, DataConfig
+from hyjax.data.pipeline import PreparedData, make_task, prepare
 from hyjax.data.math_problems import MathWordProblems, extract_final_answer, gsm8k, normalize_number
 from hyjax.data.reading import FORMATS, Rows, infer_format, load_rows, pick_column
 from hyjax.data.report import BadRow, BadRowLimit, DataReport, MalformedDataError, MalformedRow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from hyjax.data.batching import pack_rows, packed_batch, pad_batch, round_up, truncate
@@ -25,8 +26,6 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:

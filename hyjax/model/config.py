@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")  # of parameters and computation
 
 
 class UnsupportedConfigError(ValueError):
@@ -78,8 +79,8 @@ class LlamaConfig:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         for name in ("param_dtype", "dtype"):
             value = getattr(self, name)
-            if value not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{name}={value!r} must be one of float32, bfloat16, float16")
+            if value not in DTYPES:
+                raise ValueError(f"{name}={value!r} must be one of {', '.join(DTYPES)}")
 
     @property
     def jnp_param_dtype(self):
@@ -170,7 +171,7 @@ class LlamaConfig:
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         )
         dtype = hf.get("torch_dtype") or hf.get("dtype")
-        if dtype in ("float32", "bfloat16", "float16"):
+        if dtype in DTYPES:
             fields["param_dtype"] = dtype
         fields.update(overrides)
         return cls(**fields)

@@ -6,7 +6,7 @@ import pathlib
 
 from hyjax.tokenization.base import Tokenizer
 from hyjax.tokenization.chat_templates import resolve_chat_template
-from hyjax.checkpoints.gguf_reader import read_gguf_metadata
+from hyjax.weights.gguf_reader import read_gguf_metadata
 from hyjax.tokenization.gguf_bpe import tokenizer_from_gguf_metadata
 from hyjax.tokenization.hf import HFTokenizer
 from hyjax.tokenization.spm import SentencePieceTokenizer

@@ -161,7 +161,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _check_llama_style(self) -> None:
         """Raise ValueError unless transformers' `LlamaTokenizer` reproduces this model."""
-        from sentencepiece import sentencepiece_model_pb2
+        from sentencepiece import sentencepiece_model_pb2  # deferred: protobuf, needed only by this check
 
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self._processor.serialized_model_proto())

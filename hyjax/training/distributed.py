@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 
@@ -65,8 +66,6 @@ def to_host(tree: Any) -> Any:
     shards (every process must call this at the same point in a multi-process run)."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -74,6 +73,4 @@ def any_process(flag: bool) -> bool:
     """Whether `flag` is set on any process (every process must call this at the same point)."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

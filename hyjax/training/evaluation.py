@@ -19,17 +19,16 @@ from hyjax.data import (
     math_exact_match,
 )
 from hyjax.data.report import BadRowLimit, MalformedRow
-from hyjax.generation import SamplingConfig, generate
+from hyjax.sampling import SamplingConfig, generate
 from hyjax.model import apply as model_apply
-from hyjax.training.step import state_params
 
 
 class Evaluator:
     """Evaluates states of one run on `setup.eval_rows` (built once: examples, compiled functions)."""
 
-    def __init__(self, setup, eval_step):
+    def __init__(self, setup):
         self.setup = setup
-        self.eval_step = eval_step
+        self.eval_step = setup.plan.eval_step()
         config = setup.config
         self.rows = setup.eval_rows
         self.task = setup.eval_task
@@ -62,7 +61,7 @@ class Evaluator:
         loss = total / max(count, 1.0)
         metrics: dict[str, Any] = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)),
                                    "eval/examples": len(self.examples)}
-        params = state_params(state, frozen, setup.hybrid)
+        params = setup.plan.params(state, frozen)
         if isinstance(self.task, Classification):
             score = answer_log_likelihood(lambda *batch: self._logits(params, *batch), setup.tokenizer.pad_id,
                                           self.max_length, self.bucket)

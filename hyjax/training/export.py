@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import pathlib
 
-from hyjax import adapters
-
-# The Hugging Face id of the checkpoint `model.path: smollm2-135m-instruct` holds, for PEFT's config.
-PRETRAINED_HF_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+from hyjax import adapters, pretrained
 
 
 def export_run(setup, adapted, log) -> dict[str, str]:
@@ -18,7 +15,8 @@ def export_run(setup, adapted, log) -> dict[str, str]:
     folder = pathlib.Path(config.logging.output_dir) / "export"
     written = {}
     if config.export.peft_adapter:
-        base = PRETRAINED_HF_IDS.get(config.model.path, str(setup.model_path or config.model.preset))
+        base = (pretrained.hub_id(config.model.path) if config.model.pretrained
+                else str(setup.model_path or config.model.preset))
         path = adapters.export_peft(folder / "peft_adapter", setup.model_config, adapted, base_model_name_or_path=base)
         written["peft_adapter"] = str(path)
         log(f"exported the adapter in PEFT's format to {path} (base model {base})")

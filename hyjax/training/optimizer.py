@@ -6,13 +6,12 @@ The chain, outermost first:
 
     apply_if_finite(                         # a NaN/inf gradient leaves parameters and state untouched
       chain(clip_by_global_norm,             # train.grad_clip_norm
-            hybrid_weights(...),             # method hybrid only: sets lambda from the gradient norms
-            multi_transform(groups),         # one base optimizer per lr_multipliers group (0: frozen),
-                                             # Cayley steps on full-capacity unitary matrices
-            unit_norm_projection()))         # unitary adapters' reflection vectors back to unit norm
-
-With `method.hybrid.mix=update` the groups run inside `hybrid_weights(inner=...)`, which scales their
-updates by lambda.
+            <the method's part>))            # Method.optimizer around the groups:
+                                             #   multi_transform(groups): one base optimizer per
+                                             #   lr_multipliers group (0: frozen), Cayley steps on
+                                             #   full-capacity unitary matrices;
+                                             #   hybrid: hybrid_weights(...) first (sets lambda from the
+                                             #   gradient norms); unitary: unit_norm_projection() after
 """
 
 from __future__ import annotations
@@ -23,41 +22,15 @@ from typing import Any
 import jax
 import optax
 
-from hyjax.optim import hybrid_weights
-from hyjax.optim.stiefel import cayley_retraction
-from hyjax.optim.unit_norm import unit_norm_projection
 from hyjax.adapters.unitary_full import Orthogonal
+from hyjax.methods import method_of
+from hyjax.optim.optimizers import base_optimizer
+from hyjax.optim.schedule import learning_rate_schedule
+from hyjax.optim.stiefel import cayley_retraction
 
 # apply_if_finite never lets non-finite updates through by itself; the loop stops the run after
 # `train.max_skipped_steps` consecutive skips instead.
 _NEVER = 2**31 - 1
-
-
-def learning_rate_schedule(train, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 over `train.warmup_steps`, then cosine / linear decay to
-    `learning_rate * final_lr_fraction` at `total_steps`, or constant."""
-    peak = train.learning_rate
-    decay_steps = max(total_steps - train.warmup_steps, 1)
-    if train.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.final_lr_fraction)
-    elif train.schedule == "linear":
-        after = optax.linear_schedule(peak, peak * train.final_lr_fraction, decay_steps)
-    else:
-        after = optax.constant_schedule(peak)
-    if train.warmup_steps == 0:
-        return after
-    warmup = optax.linear_schedule(0.0, peak, train.warmup_steps)
-    return optax.join_schedules([warmup, after], [train.warmup_steps])
-
-
-def base_optimizer(train, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    """`train.optimizer` at `learning_rate`, with decoupled weight decay."""
-    if train.optimizer == "adamw":
-        return optax.adamw(learning_rate, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay)
-    if train.optimizer == "adafactor":
-        return optax.adafactor(learning_rate, weight_decay_rate=train.weight_decay or None)
-    sgd = optax.sgd(learning_rate, momentum=train.b1 or None)
-    return optax.chain(optax.add_decayed_weights(train.weight_decay), sgd) if train.weight_decay else sgd
 
 
 def path_string(key_path) -> str:
@@ -104,21 +77,12 @@ def _grouped(train, schedule: optax.Schedule) -> optax.GradientTransformation:
 
 
 def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`(optimizer, schedule)` of a `RunConfig` (the chain in the module docstring)."""
+    """`(optimizer, schedule)` of a `RunConfig` (the chain in the module docstring; the method adds
+    its part through `Method.optimizer`)."""
     train = config.train
     schedule = learning_rate_schedule(train, total_steps)
-    grouped = _grouped(train, schedule)
     chain = []
     if train.grad_clip_norm is not None:
         chain.append(optax.clip_by_global_norm(train.grad_clip_norm))
-    if config.method.name == "hybrid":
-        kwargs = config.hybrid_weights_kwargs()
-        if kwargs["mix"] == "update":
-            chain.append(hybrid_weights(**kwargs, inner=grouped))
-        else:
-            chain += [hybrid_weights(**kwargs), grouped]
-    else:
-        chain.append(grouped)
-    if config.method.name == "unitary":
-        chain.append(unit_norm_projection())
+    chain += method_of(config).optimizer(config, _grouped(train, schedule))
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=_NEVER), schedule

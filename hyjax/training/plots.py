@@ -8,6 +8,7 @@ import numpy as np
 
 
 def _pyplot():
+    # deferred: matplotlib loads only when a plot is drawn, its headless backend chosen first
     import matplotlib
 
     matplotlib.use("Agg")

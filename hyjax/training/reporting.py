@@ -10,6 +10,7 @@ import resource
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -39,7 +40,7 @@ class MetricsLog:
             kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # deferred: only runs with logging.tensorboard load it
 
             self.writer = SummaryWriter(str(pathlib.Path(output_dir) / "tensorboard"), purge_step=resume_step)
 
@@ -84,8 +85,6 @@ def peak_host_memory_mib() -> float:
 
 def peak_device_memory_mib() -> float | None:
     """Peak bytes in use on the first local accelerator (None where the backend does not say, e.g. CPU)."""
-    import jax
-
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**20

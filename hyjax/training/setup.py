@@ -1,5 +1,6 @@
-"""Everything a run needs before its first step: checks that need no model, then the model, tokenizer,
-data, adapters (LoRA-GA's gradient estimate included) and optimizer.
+"""Everything a run needs before its first step, on top of its `RunPlan`: checks that need no model,
+then the model's weights and tokenizer, the data, the method's start-up gradient estimate and choice,
+and the adapted tree on the devices.
 
 `preflight` runs first and only reads the config and the file system, so a missing data file or an
 unwritable output folder is reported before any download or compile.
@@ -12,18 +13,21 @@ import math
 import os
 import pathlib
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
-from hyjax import adapters
+from hyjax import adapters, pretrained
 from hyjax.config import ConfigError, RunConfig
-from hyjax.data import BatchIterator, PreparedData, load_rows, make_task, prepare
-from hyjax.training.optimizer import build_optimizer
-from hyjax.adapters import Selection
-from hyjax.training.module_selection import choose_modules, module_sizes, selection_spec
-from hyjax.training.step import AnswerLoss
-from hyjax.training.zeroth_order import from_config as zeroth_order_from_config
+from hyjax.data import BatchIterator, PreparedData, Rows, load_rows, make_task, prepare
+from hyjax.methods import method_of
+from hyjax.model import init_params
+from hyjax.model.config import LlamaConfig
+from hyjax.sharding import Layout, put_local
+from hyjax.tokenization import Tokenizer, load_tokenizer
+from hyjax.training.run_plan import RunPlan, base_shardings, check_batch_split, plan_run
+from hyjax.training.step import AnswerLoss, TrainState
+from hyjax.weights import load_checkpoint_sharded
 
 
 def preflight(config: RunConfig) -> None:
@@ -41,7 +45,7 @@ def preflight(config: RunConfig) -> None:
         raise ConfigError(f"model.tokenizer={config.model.tokenizer!r} does not exist")
     if config.model.path is not None and not config.model.pretrained and not pathlib.Path(config.model.path).exists():
         raise ConfigError(f"model.path={config.model.path!r} does not exist: give a .gguf file, a Hugging Face "
-                          "folder, or smollm2-135m-instruct")
+                          f"folder, or one of {sorted(pretrained.KNOWN)}")
     for key, folder in (("logging.output_dir", config.logging.output_dir), ("checkpoint.dir", config.checkpoint_dir)):
         _check_writable(key, pathlib.Path(folder))
 
@@ -66,42 +70,49 @@ def fingerprint(config: RunConfig) -> dict:
 
 @dataclasses.dataclass
 class RunSetup:
-    """A run, ready to train: model and tokenizer, frozen and initial trainable parameters, data,
-    optimizer and the step count."""
+    """A run, ready to train: its plan, the model's tokenizer, the initial trainable / frozen /
+    zeroth-order parts on the devices, and the data."""
 
-    config: RunConfig
-    model_config: Any  # LlamaConfig
-    model_path: pathlib.Path | None
-    tokenizer: Any
-    trainable: Any  # initial trainable adapter parameters (host or local device arrays)
+    plan: RunPlan
+    model_path: pathlib.Path | None  # the checkpoint read (None: random weights)
+    tokenizer: Tokenizer
+    trainable: Any  # initial trainable adapter parameters
     frozen: dict  # everything else of the adapted tree (less `base`)
-    base: Any  # the base weights trained zeroth-order (method zo_fo; None otherwise)
-    zeroth_order: Any  # hyjax.training.zeroth_order.ZerothOrder of method zo_fo, else None
+    base: dict | None  # the base weights trained zeroth-order (method zo_fo; None otherwise)
     data: PreparedData
-    eval_rows: Any  # held-out rows, at most eval.num_examples (None: no evaluation)
+    eval_rows: Rows | None  # held-out rows, at most eval.num_examples (None: no evaluation)
     eval_task: Any  # the task format resolved against the held-out rows' columns
-    optimizer: Any
-    schedule: Any
-    total_steps: int
-    trainable_counts: dict[str, int]
-    shardings: Any  # hyjax.training.layout.StepShardings of the state, frozen tree and batches
     rows: tuple[int, int]  # (index, count) of this process's part of each batch
-    selection: Any = None  # hyjax.adapters.Selection of method hybrid_lora (the fully trained modules)
 
     @property
-    def hybrid(self) -> bool:
-        return self.config.method.name == "hybrid"
+    def config(self) -> RunConfig:
+        return self.plan.config
+
+    @property
+    def model_config(self) -> LlamaConfig:
+        return self.plan.model_config
+
+    @property
+    def selection(self) -> Any:
+        """The method's start-up choice (Hybrid-LoRA's modules), or None."""
+        return self.plan.selection
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    @property
+    def trainable_counts(self) -> dict[str, int]:
+        return self.plan.trainable_counts
+
+    def initial_state(self) -> TrainState:
+        """The fresh state, laid out on the run's devices."""
+        return self.plan.create_state(self.trainable, self.base)
 
 
 def load_model(config: RunConfig, layout):
     """`(model_config, params, tokenizer, checkpoint path)` of `config.model`, the weights placed on
     `layout`'s devices as they are read: each process reads only the slices its devices hold."""
-    from hyjax import pretrained
-    from hyjax.checkpoints import load_checkpoint_sharded
-    from hyjax.model import init_params
-    from hyjax.tokenization import load_tokenizer
-    from hyjax.training.layout import base_shardings
-
     section = config.model
     dtypes = dict(param_dtype=section.param_dtype, dtype=section.dtype, remat=section.remat)
     path = None
@@ -110,7 +121,7 @@ def load_model(config: RunConfig, layout):
         params = jax.jit(init_params, static_argnums=0, out_shardings=base_shardings(layout, model_config))(
             model_config, jax.random.key(config.train.seed))
     else:
-        path = pretrained.smollm2_135m_instruct() if section.pretrained else pathlib.Path(section.path)
+        path = pretrained.fetch(section.path) if section.pretrained else pathlib.Path(section.path)
         model_config, params = load_checkpoint_sharded(path, lambda found: base_shardings(layout, found), **dtypes)
         expected = section.preset_config()
         if expected is not None and _architecture(expected) != _architecture(model_config):
@@ -159,13 +170,10 @@ def total_steps(config: RunConfig, batches: BatchIterator) -> int:
     return max(1, math.ceil(config.train.epochs * batches.steps_per_epoch(0)))
 
 
-def _gradient_batches(config: RunConfig, data: PreparedData, layout):
-    """The batches the start-up gradient is averaged over (`MethodSection.gradient_batches`: n batches
-    of `batch_size` training examples), in an order of their own (the same on every process), split
-    over the mesh like training batches when their rows divide (else every device computes all rows)."""
-    from hyjax.sharding import put_local
-
-    n_batches, batch_size = config.method.gradient_batches
+def _gradient_batches(config: RunConfig, data: PreparedData, layout: Layout, n_batches: int, batch_size: int):
+    """The batches the start-up gradient is averaged over (n batches of `batch_size` training
+    examples), in an order of their own (the same on every process), split over the mesh like training
+    batches when their rows divide (else every device computes all rows)."""
     batches = BatchIterator(data.train.examples, global_batch_size=batch_size,
                             max_length=data.train.max_length, pad_id=data.train.pad_id,
                             seed=config.data.shuffle_seed + 1, bucket=data.train.bucket, process_index=0,
@@ -177,19 +185,18 @@ def _gradient_batches(config: RunConfig, data: PreparedData, layout):
         yield {key: put_local(value, rows) for key, value in batch.items()} if split else batch
 
 
-def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None, selection: dict | None = None,
-                log=print) -> RunSetup:
-    """Loads the model and data and builds adapters and optimizer on `layout` (a `hyjax.sharding.Layout`;
-    every process calls this identically). `selection`: Hybrid-LoRA's module choice as a checkpoint
-    recorded it (`Selection.to_json`), instead of scoring the modules again."""
-    from hyjax.training.layout import adapted_shardings, check_batch_split, step_shardings
-
+def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None = None,
+                selection: Any = None, log: Callable[[str], None] = print) -> RunSetup:
+    """Loads the model and data, runs the method's start-up gradient estimate and choice, plans the run
+    and builds its adapted tree on `layout` (a `hyjax.sharding.Layout`; every process calls this
+    identically). `selection`: the method's start-up choice as a checkpoint recorded it (JSON), used
+    instead of choosing again."""
     check_batch_split(config, layout)
     rows = layout.process_rows(config.train.micro_batch)
     model_config, params, tokenizer, path = load_model(config, layout)
     config.check_model(model_config)
-    data = prepare(config.to_data_config(), tokenizer, process_index=rows[0], process_count=rows[1],
-                   position=data_position)
+    data = prepare(config.data, tokenizer, global_batch_size=config.train.global_batch_size,
+                   process_index=rows[0], process_count=rows[1], position=data_position)
     if data.train.steps_per_epoch(0) == 0:
         raise ConfigError(f"{len(data.train.examples)} training examples make no full batch of "
                           f"train.global_batch_size={config.train.global_batch_size}; lower it or add data")
@@ -197,37 +204,26 @@ def prepare_run(config: RunConfig, *, layout, data_position: dict | None = None,
     eval_rows = _eval_rows(config, data)
     eval_task = None
     if eval_rows is not None:  # a separate eval file may name its columns differently (SST-2's dev.tsv does)
-        eval_task = make_task(config.to_data_config()).resolve(eval_rows.column_names, eval_rows.path)
-    spec = config.to_adapter_spec()
-    hybrid_lora = config.method.name == "hybrid_lora"
-    selection = Selection.from_json(selection) if hybrid_lora and selection is not None else None
+        eval_task = make_task(config.data).resolve(eval_rows.column_names, eval_rows.path)
+    method = method_of(config)
+    if selection is not None:
+        selection = method.selection_from_json(selection)
     gradients = None
-    if config.method.from_gradients and selection is None:
-        n_batches, batch_size = config.method.gradient_batches
-        log(f"{config.method.name}: averaging the full gradient over {n_batches} batches of {batch_size}")
-        gradients = adapters.estimate_gradients(model_config, params, _gradient_batches(config, data, layout),
-                                                targets=spec, loss_fn=AnswerLoss(model_config), n_batches=n_batches)
-    if hybrid_lora:
-        if selection is None:
-            selection = choose_modules(config.method, gradients, module_sizes(gradients))
-            gradients = None
-        log(f"hybrid_lora modules:\n{selection.table()}")
-        spec = selection_spec(config.method, selection, model_config.num_layers)
+    if method.from_gradients and selection is None:
+        n_batches, batch_size = method.gradient_batches(config.method)
+        log(f"{method.name}: averaging the full gradient over {n_batches} batches of {batch_size}")
+        gradients = adapters.estimate_gradients(
+            model_config, params, _gradient_batches(config, data, layout, n_batches, batch_size),
+            targets=method.adapter_spec(config, model_config), loss_fn=AnswerLoss(model_config), n_batches=n_batches)
+        selection = method.select(config, gradients)
+    if selection is not None:
+        log(selection.table())
+    plan = plan_run(config, model_config, layout, total_steps(config, data.train), selection)
     # Op by op rather than one jitted program: XLA:CPU can deadlock on a program with many independent
     # collectives over fake devices (the randomized SVDs of LoRA-GA on FSDP-split gradients did).
-    adapted = adapters.apply(spec, params, jax.random.key(config.train.seed), gradients=gradients)
-    adapted = jax.device_put(adapted, adapted_shardings(layout, model_config, adapted))
+    adapted = adapters.apply(plan.spec, params, jax.random.key(config.train.seed), gradients=gradients)
     del params, gradients
-    trainable, frozen = adapters.split_trainable(adapted)
-    steps = total_steps(config, data.train)
-    optimizer, schedule = build_optimizer(config, steps)
-    zeroth_order = zeroth_order_from_config(config, steps)
-    base = None
-    if zeroth_order is not None:
-        base, frozen = zeroth_order.split(frozen)
-    return RunSetup(config=config, model_config=model_config, model_path=path, tokenizer=tokenizer,
-                    trainable=trainable, frozen=frozen, base=base, zeroth_order=zeroth_order, data=data,
-                    eval_rows=eval_rows, eval_task=eval_task, optimizer=optimizer, schedule=schedule,
-                    total_steps=steps, trainable_counts=adapters.count_trainable(adapted),
-                    shardings=step_shardings(layout, model_config, adapted, optimizer, zeroth_order), rows=rows,
-                    selection=selection)
+    plan.check_adapted(adapted)
+    trainable, frozen, base = plan.split(jax.device_put(adapted, plan.adapted_shardings))
+    return RunSetup(plan=plan, model_path=path, tokenizer=tokenizer, trainable=trainable, frozen=frozen, base=base,
+                    data=data, eval_rows=eval_rows, eval_task=eval_task, rows=rows)

@@ -8,10 +8,9 @@ The loss of a step is the mean cross-entropy over every answer token of the glob
 so accumulating over micro-batches, or splitting the batch over devices and processes, computes the
 same quantity as one pass over the whole batch (only the summation order differs).
 
-With the ZO + FO hybrid (`zeroth_order`), the step also estimates the loss's directional derivatives
-along random directions of the base weights by SPSA (two more forward passes over the batch per
-direction, at the same adapters and the same dropout) and moves the base weights along them; the
-adapters' gradients are taken at the unperturbed point, so both updates start from one point.
+The step is built from parts: `first_order_step` (gradients of the trainable leaves, the optimizer
+update), optionally wrapped by `hyjax.optim.zeroth_order.zeroth_order_step` (the ZO + FO hybrid:
+SPSA on the base weights at the same point), and `seeded`, which gives each step its randomness.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from hyjax.adapters.hybrid import set_lambdas
 from hyjax.data.loss import masked_log_likelihood
 from hyjax.model import apply as model_apply
 from hyjax.optim import current_lambdas
-from hyjax.training.zeroth_order import ZerothOrder, join_base, projected_gradients, spsa_update
+from hyjax.optim.zeroth_order import ZerothOrder, join_base, zeroth_order_step
 
 
 class TrainState(struct.PyTreeNode):
@@ -49,18 +48,19 @@ class TrainState(struct.PyTreeNode):
                    rng=jax.random.PRNGKey(seed), base=base)
 
 
-def forward_params(trainable, frozen, opt_state, key: jax.Array | None, hybrid: bool) -> dict:
+def forward_params(trainable, frozen, opt_state, key: jax.Array | None, lambdas: bool) -> dict:
     """The adapted parameter tree the model runs with: trainable and frozen parts joined, fresh dropout
-    randomness (`key`; None: dropout off) and, for hybrid runs, the lambdas held in the optimizer state."""
+    randomness (`key`; None: dropout off) and, with `lambdas` (the hybrid), the per-layer mixing
+    weights held in the optimizer state."""
     params = adapters.with_rng(adapters.combine(trainable, frozen), key)
-    if hybrid:
+    if lambdas:
         params = set_lambdas(params, current_lambdas(opt_state))
     return params
 
 
-def state_params(state: TrainState, frozen: dict, hybrid: bool) -> dict:
+def state_params(state: TrainState, frozen: dict, lambdas: bool) -> dict:
     """The adapted parameter tree of a state, dropout off (for evaluation and export)."""
-    return forward_params(state.trainable, join_base(state.base, frozen), state.opt_state, None, hybrid)
+    return forward_params(state.trainable, join_base(state.base, frozen), state.opt_state, None, lambdas)
 
 
 def answer_nll_sum(model_config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -82,50 +82,45 @@ class AnswerLoss:
         return total / jnp.maximum(count, 1.0)
 
 
-def make_train_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    hybrid: bool, zeroth_order: ZerothOrder | None = None):
-    """`step(state, frozen, batch) -> (state, metrics)`, not yet jitted.
-
-    `batch` holds `[accumulation, micro_batch, T]` arrays (tokens, targets, loss_mask, segment_ids,
-    positions). Metrics: loss, grad_norm (before clipping), learning_rate, answer_tokens, and
-    `skipped` (1 when the gradient was not finite and the update was skipped). With `zeroth_order`
-    (then `state.base` holds the base weights it trains and `frozen` the rest): also
-    `zo_projected_grad` (the mean SPSA estimate), `zo_loss_difference` (L+ - L-, its mean over
-    directions) and `zo_learning_rate`.
-    """
-
-    def micro_loss(trainable, frozen, opt_state, batch, key):
-        params = forward_params(trainable, frozen, opt_state, key, hybrid)
-        return answer_nll_sum(model_config, params, batch)
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+def make_batch_loss(model_config, lambdas: bool):
+    """`loss(trainable, frozen, opt_state, batch, key)`: the step's mean answer-token loss by forward
+    passes alone over `[accumulation, micro_batch, T]` arrays (micro-batch i with dropout key
+    `fold_in(key, i)`, as the gradient's)."""
 
     def batch_loss(trainable, frozen, opt_state, batch, key):
-        """The step's loss at these parameters, forward passes only (the same dropout as the gradient's)."""
         def add(carry, inputs):
             index, micro_batch = inputs
-            nll, tokens = micro_loss(trainable, frozen, opt_state, micro_batch, jax.random.fold_in(key, index))
+            params = forward_params(trainable, frozen, opt_state, jax.random.fold_in(key, index), lambdas)
+            nll, tokens = answer_nll_sum(model_config, params, micro_batch)
             return (carry[0] + nll, carry[1] + tokens), None
 
         accumulation = batch["tokens"].shape[0]
         (total, count), _ = jax.lax.scan(add, (jnp.float32(0), jnp.float32(0)), (jnp.arange(accumulation), batch))
         return total / jnp.maximum(count, 1.0)
 
-    def step(state: TrainState, frozen: dict, batch: dict):
-        step_key = jax.random.fold_in(state.rng, state.step)
-        metrics = {}
-        if zeroth_order is not None:
-            step_key, zo_key = jax.random.split(step_key)
-            g, plus, minus, work = projected_gradients(
-                lambda base: batch_loss(state.trainable, join_base(base, frozen), state.opt_state, batch, step_key),
-                state.base, zo_key, zeroth_order.mu, zeroth_order.directions)
-            frozen = join_base(state.base, frozen)
+    return batch_loss
 
+
+def first_order_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                     lambdas: bool):
+    """`step(state, frozen, batch, key) -> (state, metrics)`: gradients of the trainable leaves
+    accumulated in float32 over the micro-batches (micro-batch i with dropout key `fold_in(key, i)`)
+    and one optimizer update.
+
+    Metrics: loss, grad_norm (before clipping), learning_rate, answer_tokens, and `skipped` (1 when
+    the gradient was not finite and the update was skipped)."""
+
+    def micro_loss(trainable, frozen, opt_state, batch, key):
+        return answer_nll_sum(model_config, forward_params(trainable, frozen, opt_state, key, lambdas), batch)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, frozen: dict, batch: dict, key: jax.Array):
         def accumulate(carry, inputs):
             grads, total, count = carry
             index, micro_batch = inputs
             (nll, tokens), micro_grads = grad_fn(state.trainable, frozen, state.opt_state, micro_batch,
-                                                 jax.random.fold_in(step_key, index))
+                                                 jax.random.fold_in(key, index))
             return (jax.tree.map(jnp.add, grads, micro_grads), total + nll, count + tokens), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)  # accumulate in float32
@@ -137,32 +132,45 @@ def make_train_step(model_config, optimizer: optax.GradientTransformation, sched
         grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        skipped = jnp.logical_not(opt_state.last_finite)
-        if zeroth_order is not None:
-            zo_learning_rate = zeroth_order.schedule(state.step)  # the update goes into the SPSA working copy
-            state = state.replace(base=spsa_update(state.base, zo_key, g, zo_learning_rate, zeroth_order.weight_decay,
-                                                   into=work))
-            skipped = jnp.logical_or(skipped, jnp.logical_not(jnp.all(jnp.isfinite(g))))
-            metrics = {"zo_projected_grad": jnp.mean(g), "zo_loss_difference": jnp.mean(plus - minus),
-                       "zo_learning_rate": zo_learning_rate}
         metrics = {
             "loss": total / count,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "answer_tokens": count,
-            "skipped": skipped.astype(jnp.int32),
-            **metrics,
+            "skipped": jnp.logical_not(opt_state.last_finite).astype(jnp.int32),
         }
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
     return step
 
 
-def make_eval_step(model_config, hybrid: bool):
+def seeded(step):
+    """`step(state, frozen, batch)` of a `step(state, frozen, batch, key)`: the key of a step is the
+    run's key folded with the step number, so a resumed run draws what an uninterrupted one does."""
+
+    def seeded_step(state: TrainState, frozen: dict, batch: dict):
+        return step(state, frozen, batch, jax.random.fold_in(state.rng, state.step))
+
+    return seeded_step
+
+
+def make_train_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    lambdas: bool, zeroth_order: ZerothOrder | None = None):
+    """`step(state, frozen, batch) -> (state, metrics)`, not yet jitted: the first-order step, wrapped
+    by the ZO + FO hybrid's SPSA part when `zeroth_order` is given (then `state.base` holds the base
+    weights it trains and `frozen` the rest), with the step's randomness. `batch` holds
+    `[accumulation, micro_batch, T]` arrays (tokens, targets, loss_mask, segment_ids, positions)."""
+    step = first_order_step(model_config, optimizer, schedule, lambdas)
+    if zeroth_order is not None:
+        step = zeroth_order_step(step, make_batch_loss(model_config, lambdas), zeroth_order)
+    return seeded(step)
+
+
+def make_eval_step(model_config, lambdas: bool):
     """`eval_step(state, frozen, batch) -> (sum of answer-token nll, answer tokens)` on `[B, T]` arrays,
     dropout off."""
 
     def eval_step(state: TrainState, frozen: dict, batch: dict):
-        return answer_nll_sum(model_config, state_params(state, frozen, hybrid), batch)
+        return answer_nll_sum(model_config, state_params(state, frozen, lambdas), batch)
 
     return eval_step

@@ -22,10 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import SafetensorError
 
-from hyjax.checkpoints.errors import CheckpointError
-from hyjax.checkpoints.gguf_reader import load_gguf
-from hyjax.checkpoints.hf import TensorSlices, _atomic_write
-from hyjax.checkpoints.names import TensorName, check_shape, stored_names, stored_shape, tensor_names
+from hyjax.weights.errors import CheckpointError
+from hyjax.weights.gguf_reader import load_gguf
+from hyjax.weights.hf import TensorSlices, _atomic_write
+from hyjax.weights.names import TensorName, check_shape, stored_names, stored_shape, tensor_names
 from hyjax.model.config import LlamaConfig
 from hyjax.model.params import Params, abstract_params
 

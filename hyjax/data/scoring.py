@@ -6,8 +6,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from hyjax.data.batching import pad_batch, round_up, truncate
 from hyjax.data.classification import Classification
 from hyjax.data.examples import Example
+from hyjax.data.loss import masked_log_likelihood
 from hyjax.data.math_problems import MathWordProblems, extract_final_answer
 from hyjax.data.report import MalformedRow
 
@@ -40,9 +42,6 @@ def answer_log_likelihood(
       max_length: longest example; longer ones lose prompt tokens from the left.
       bucket: padding granularity (few distinct shapes, few compilations).
     """
-    from hyjax.data.batching import pad_batch, round_up, truncate
-    from hyjax.data.loss import masked_log_likelihood
-
     def score(examples: Sequence[Example]) -> list[float]:
         examples = [truncate(e, max_length)[0] for e in examples]
         batch = pad_batch(examples, round_up(max(len(e) for e in examples), bucket, max_length), pad_id)

@@ -18,7 +18,7 @@ place; stacked weights one layer at a time) and forward passes: no gradients, no
 
 The zeroth-order weights live in `TrainState.base` (checkpointed with the run); `split` takes them out
 of the frozen tree (an adapted weight gives its `base`, a plain weight itself) and `join_base` puts
-them back.
+them back. `zeroth_order_step` wraps a first-order training step into the hybrid's step.
 """
 
 from __future__ import annotations
@@ -170,14 +170,31 @@ def spsa_update(base: Any, key: jax.Array, g: jax.Array, learning_rate: jax.Arra
     return treedef.unflatten([_write(out, w, new(j)) for j, (out, w) in enumerate(zip(outs, leaves))])
 
 
-def from_config(config, total_steps: int) -> ZerothOrder | None:
-    """The `ZerothOrder` of a `RunConfig` with `method.name: zo_fo` (None for every other method). Its
-    learning rate follows `train`'s schedule (warmup, decay) scaled to `method.zo_fo.learning_rate`."""
-    from hyjax.training.optimizer import learning_rate_schedule
+def zeroth_order_step(first_order, batch_loss, zeroth_order: ZerothOrder):
+    """The ZO + FO hybrid's step around a first-order step.
 
-    if config.method.name != "zo_fo":
-        return None
-    section = config.method.zo_fo
-    train = dataclasses.replace(config.train, learning_rate=section.learning_rate)
-    return ZerothOrder(targets=tuple(section.targets), mu=section.mu, directions=section.directions,
-                       schedule=learning_rate_schedule(train, total_steps), weight_decay=section.weight_decay)
+    `first_order(state, frozen, batch, key) -> (state, metrics)` is the adapters' backprop step and
+    `batch_loss(trainable, frozen, opt_state, batch, key)` the step's loss by forward passes alone.
+    The returned `step(state, frozen, batch, key)` (with `state.base` the zeroth-order weights and
+    `frozen` the rest) splits `key` into the first-order step's randomness and the SPSA directions',
+    estimates the directional derivatives at the current point (same adapters, same dropout), takes the
+    first-order step there, and moves `state.base` by `spsa_update` in the SPSA working copy. A step
+    whose estimate is not finite counts as skipped. Added metrics: `zo_projected_grad` (the mean
+    estimate), `zo_loss_difference` (mean L+ - L-) and `zo_learning_rate`.
+    """
+
+    def step(state, frozen, batch, key):
+        key, zo_key = jax.random.split(key)
+        g, plus, minus, work = projected_gradients(
+            lambda base: batch_loss(state.trainable, join_base(base, frozen), state.opt_state, batch, key),
+            state.base, zo_key, zeroth_order.mu, zeroth_order.directions)
+        updated, metrics = first_order(state, join_base(state.base, frozen), batch, key)
+        learning_rate = zeroth_order.schedule(state.step)  # the update goes into the SPSA working copy
+        base = spsa_update(state.base, zo_key, g, learning_rate, zeroth_order.weight_decay, into=work)
+        finite = jnp.all(jnp.isfinite(g))
+        metrics = {**metrics, "skipped": jnp.maximum(metrics["skipped"], jnp.logical_not(finite).astype(jnp.int32)),
+                   "zo_projected_grad": jnp.mean(g), "zo_loss_difference": jnp.mean(plus - minus),
+                   "zo_learning_rate": learning_rate}
+        return updated.replace(base=base), metrics
+
+    return step

@@ -15,8 +15,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from hyjax.checkpoints.errors import CheckpointError
-from hyjax.checkpoints.names import assemble_params
+from hyjax.weights.errors import CheckpointError
+from hyjax.weights.names import assemble_params
 from hyjax.model.config import LlamaConfig, RopeScaling, UnsupportedConfigError
 from hyjax.model.params import Params
 from hyjax.model.rope import inverse_frequencies

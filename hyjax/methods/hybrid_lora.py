@@ -1,4 +1,5 @@
-"""Hybrid-LoRA's choice of modules: score each module from its full gradient, train the best fully.
+"""Hybrid-LoRA (`method.name: hybrid_lora`): score each module from its full gradient, train the best
+fully (`hyjax.adapters.SelectiveWeight`), LoRA on the rest.
 
 A module is one projection of one layer (layer 3's q_proj). Its score comes from the full weight
 gradient G averaged over a few batches (`estimate_gradients`), with singular values s_i of G and
@@ -10,7 +11,10 @@ r the LoRA rank:
     grad_norm_x_residual  ||G||_F * residual_share          (default) the energy a rank-r adapter misses
 
 `select_modules` trains the top-scored modules fully within a budget (a share of the modules or a
-number of parameters); `Selection` records the scores and the choice for the log and the checkpoint.
+number of parameters); `Selection` records the scores and the choice for the log and the checkpoint,
+so a resumed run keeps its modules (and the state's structure) whatever the data order or mesh. The
+planner has no gradients; `planned_selection` assumes the budget's count of modules, taken in path
+order, which is what the memory of a step depends on.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from hyjax.adapters import AdaptedWeight, AdapterSpec, apply, selective_spec
 from hyjax.adapters.lora_ga import randomized_svd
-from hyjax.adapters.targets import iter_paths
+from hyjax.adapters.targets import iter_paths, stacked_axes
+from hyjax.methods.base import Method
+from hyjax.model import abstract_params
 
 SCORES = ("grad_norm_x_residual", "grad_norm", "residual_share", "residual_norm")
 EXACT_SVD_LIMIT = 4096  # matrices whose smaller side is larger get a randomized SVD
@@ -62,7 +70,6 @@ def module_scores(gradients: dict, rank: int, score: str = "grad_norm_x_residual
 def _on_host(x: jax.Array) -> np.ndarray:
     """A small result as float64 numpy, gathered from every process when it is split across hosts."""
     if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x, np.float64)
 
@@ -188,3 +195,66 @@ class Selection:
             name = f"{m.path}[{m.layer}]"
             lines.append(f"  {name:<32} {m.score:>11.4g} {m.params:>12,}  {'yes' if m.chosen else ''}")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- the method
+
+def module_sizes(gradients: dict) -> dict[str, int]:
+    """`{path: d_in * d_out}`: the parameters of one module of each target, from its gradient's shape."""
+    return {path: math.prod(gradient.shape[-2:]) for path, gradient in iter_paths(gradients)}
+
+
+class HybridLoRA(Method):
+    """Hybrid-LoRA: the best-scored modules fully fine-tuned, LoRA (method.lora) on the rest
+    (method.hybrid_lora)."""
+
+    name = "hybrid_lora"
+    from_gradients = True
+    SELECTION_KEY = "module_selection"
+
+    def adapter_config(self, section):
+        """LoRA, on the targets it scores (`adapter_spec` places the fully trained modules)."""
+        return section.lora
+
+    def gradient_batches(self, section) -> tuple[int, int]:
+        return section.hybrid_lora.n_batches, section.hybrid_lora.batch_size
+
+    def peft_exportable(self, section) -> bool:
+        return True  # LoRA, with the fully trained modules in modules_to_save
+
+    @staticmethod
+    def score_rank(section) -> int:
+        """The rank r whose residual energy the scores measure (`hybrid_lora.rank`, else LoRA's)."""
+        return section.hybrid_lora.rank or section.lora.rank
+
+    def select(self, config, gradients: dict) -> Selection:
+        """Scores every module from `gradients` and picks the fully trained ones within the budget."""
+        section = config.method
+        budget = section.hybrid_lora
+        rank = self.score_rank(section)
+        sizes = module_sizes(gradients)
+        scores = module_scores(gradients, rank, budget.score)
+        chosen = select_modules(scores, sizes, fraction=budget.fraction, max_params=budget.max_params)
+        return Selection.build(scores, sizes, chosen, budget.score, rank)
+
+    def planned_selection(self, config, model_config) -> Selection:
+        """A selection of the budget's size without gradients: equal scores, so modules are taken in
+        path order."""
+        lora = super().adapter_spec(config, model_config)
+        adapted = jax.eval_shape(lambda p: apply(lora, p, jax.random.key(0)), abstract_params(model_config))
+        sizes = {path: math.prod(leaf.base.shape[-2:]) for path, leaf in iter_paths(adapted)
+                 if isinstance(leaf, AdaptedWeight)}
+        scores = {path: np.ones(model_config.num_layers if stacked_axes(path) else 1) for path in sizes}
+        budget = config.method.hybrid_lora
+        chosen = select_modules(scores, sizes, fraction=budget.fraction, max_params=budget.max_params)
+        return Selection.build(scores, sizes, chosen, "planned", self.score_rank(config.method))
+
+    def selection_from_json(self, data: dict) -> Selection:
+        return Selection.from_json(data)
+
+    def adapter_spec(self, config, model_config=None, selection: Selection | None = None) -> AdapterSpec:
+        """The chosen layers fully trained, `method.lora` on the rest of the targets it scored (without
+        a selection: LoRA on every target, the tree the scoring gradient is taken for)."""
+        if selection is None:
+            return super().adapter_spec(config, model_config)
+        return selective_spec(selection.chosen_layers(), config.method.lora, model_config.num_layers)

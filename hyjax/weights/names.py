@@ -12,7 +12,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from hyjax.checkpoints.errors import CheckpointError
+from hyjax.weights.errors import CheckpointError
 from hyjax.model.config import LlamaConfig
 from hyjax.model.params import Params, abstract_params
 

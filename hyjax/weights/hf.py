@@ -15,8 +15,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from hyjax.checkpoints.errors import CheckpointError
-from hyjax.checkpoints.names import assemble_params, export_tensors
+from hyjax.weights.errors import CheckpointError
+from hyjax.weights.names import assemble_params, export_tensors
 from hyjax.model.config import LlamaConfig
 from hyjax.model.params import Params
 

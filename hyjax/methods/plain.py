@@ -1,0 +1,80 @@
+"""The adapter methods that need nothing beyond their adapter: full fine-tuning, LoRA, LoRA-GA, OFT,
+BOFT and the unitary adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hyjax.adapters import BOFTConfig, FullConfig, UnitaryConfig
+from hyjax.methods.base import Method
+from hyjax.optim.unit_norm import unit_norm_projection
+
+
+class Full(Method):
+    """Full fine-tuning of the targets."""
+
+    name = "full"
+
+    def adapter_config(self, section):
+        return FullConfig()
+
+
+class LoRA(Method):
+    """LoRA (method.lora)."""
+
+    name = "lora"
+
+    def adapter_config(self, section):
+        return section.lora
+
+    def peft_exportable(self, section) -> bool:
+        return True
+
+
+class LoRAGA(Method):
+    """LoRA-GA (method.lora_ga)."""
+
+    name = "lora_ga"
+    from_gradients = True
+
+    def adapter_config(self, section):
+        return section.lora_ga
+
+
+class BOFT(Method):
+    """BOFT (method.boft)."""
+
+    name = "boft"
+
+    def adapter_config(self, section) -> BOFTConfig:
+        return section.boft
+
+    def peft_exportable(self, section) -> bool:
+        return section.boft.neumann_terms == 0  # PEFT's BOFT has only the exact Cayley transform
+
+
+class OFT(BOFT):
+    """OFT: BOFT with n_factors=1 (method.boft)."""
+
+    name = "oft"
+
+    def adapter_config(self, section) -> BOFTConfig:
+        if section.boft.n_factors != 1:
+            raise ValueError(f"name='oft' is BOFT with one butterfly factor, but method.boft.n_factors="
+                             f"{section.boft.n_factors}; set it to 1 or use name='boft'")
+        return section.boft
+
+
+class Unitary(Method):
+    """The uRNN-style unitary adapter (method.unitary)."""
+
+    name = "unitary"
+
+    def adapter_config(self, section) -> UnitaryConfig:
+        return UnitaryConfig(**dataclasses.asdict(section.unitary))
+
+    def check(self, section) -> None:
+        pass  # UnitaryConfig asks JAX for its backend: not before jax.distributed.initialize
+
+    def optimizer(self, config, grouped):
+        return [grouped, unit_norm_projection()]  # reflection vectors back to unit norm after each step

@@ -1,0 +1,159 @@
+"""What the training loop does around each step, one callback per concern: stop signals, skipped
+steps, the progress bar, metrics, periodic evaluation and checkpoints.
+
+`hyjax.training.loop.fit` calls, for every callback in order, `on_step(event)` after each step, and
+asks `stop_requested()` before that (on every process; one process asking stops them all after the
+same step). `train` composes them; a notebook or benchmark can compose others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from typing import Any, Callable
+
+from hyjax.optim import current_lambdas
+from hyjax.training import reporting
+from hyjax.training.checkpointing import RunCheckpointer
+from hyjax.training.step import TrainState
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEnd:
+    """What the loop tells the callbacks after a step."""
+
+    step: int  # steps done (the one just taken, 1-based)
+    total: int  # steps of the run
+    state: TrainState  # after the step
+    metrics: dict[str, float]  # the step's metrics (loss, grad_norm, learning_rate, skipped, ...)
+    seconds: float  # wall time of the step
+    tokens: int  # real tokens of the step's global batch
+    stop: bool  # the run stops after this step (a stop signal on some process)
+
+    @property
+    def final(self) -> bool:
+        return self.step == self.total
+
+
+class Callback:
+    """A hook of the training loop; every method does nothing by default."""
+
+    def stop_requested(self) -> str | None:
+        """Why the run should stop after the current step (e.g. "SIGTERM"), or None."""
+        return None
+
+    def on_step(self, event: StepEnd) -> None:
+        pass
+
+
+class StopSignals(Callback):
+    """SIGTERM and SIGINT ask the run to stop after the current step (a second Ctrl-C interrupts at
+    once). A context manager: the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def stop_requested(self) -> str | None:
+        return self.requested
+
+
+class SkippedSteps(Callback):
+    """Counts steps whose update was skipped (non-finite loss or gradient), logs each, and stops the run
+    with `NonFiniteError` after `limit` in a row (the last checkpoint is untouched)."""
+
+    def __init__(self, limit: int, log: Callable[[str], None]):
+        self.limit, self.log = limit, log
+        self.in_a_row = self.total = 0
+
+    def on_step(self, event: StepEnd) -> None:
+        metrics = event.metrics
+        if not metrics["skipped"]:
+            self.in_a_row = 0
+            return
+        self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+        self.log(f"step {event.step}: non-finite loss or gradient (loss {metrics['loss']}, grad norm "
+                 f"{metrics['grad_norm']}); the update was skipped")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(f"{self.in_a_row} steps in a row had a non-finite gradient (last: step "
+                                 f"{event.step}); lower train.learning_rate or check the data. The last "
+                                 "checkpoint is untouched")
+
+
+class ProgressBar(Callback):
+    """A tqdm bar with the loss, learning rate and tokens per second."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = reporting.progress_bar(total, initial, enabled)
+
+    def on_step(self, event: StepEnd) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{event.metrics['loss']:.4f}", lr=f"{event.metrics['learning_rate']:.2e}",
+                             tok_s=f"{event.tokens / event.seconds:,.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsLogging(Callback):
+    """Every `every` steps (and the last): the step's metrics, throughput and, with `lambdas`, the
+    hybrid's mean lambda per weight, into the run's `MetricsLog`."""
+
+    def __init__(self, metrics_log: reporting.MetricsLog, every: int, lambdas: bool):
+        self.metrics_log, self.every, self.lambdas = metrics_log, every, lambdas
+
+    def on_step(self, event: StepEnd) -> None:
+        if event.step % self.every and not event.final:
+            return
+        record = {**event.metrics, "tokens_per_second": event.tokens / event.seconds, "step_seconds": event.seconds}
+        if self.lambdas:
+            record["lambda"] = reporting.mean_lambdas(current_lambdas(event.state.opt_state))
+        self.metrics_log.write(event.step, record)
+
+
+class Checkpoints(Callback):
+    """Saves a checkpoint every `every` steps (0: never), after the last step and before stopping; its
+    metadata: the data position (`position()`), the step's metrics and `record` (config, the method's
+    start-up choice). `close` waits for every started save, whatever stopped the loop."""
+
+    def __init__(self, checkpointer: RunCheckpointer, every: int, position: Callable[[], dict], record: dict):
+        self.checkpointer, self.every, self.position, self.record = checkpointer, every, position, record
+
+    def on_step(self, event: StepEnd) -> None:
+        if event.stop or event.final or (self.every and event.step % self.every == 0):
+            self.checkpointer.save(event.step, event.state, {"data_position": self.position(),
+                                                             "metrics": event.metrics, **self.record}, force=True)
+
+    def close(self) -> None:
+        self.checkpointer.wait()
+
+
+class PeriodicEvaluation(Callback):
+    """Every `every` steps (0: never), but not after the last step or before stopping (the run
+    evaluates at its end): `evaluate(state, step)`; the latest result is kept in `last`."""
+
+    def __init__(self, every: int, evaluate: Callable[[TrainState, int], dict[str, Any]]):
+        self.every, self.evaluate = every, evaluate
+        self.last: dict[str, Any] = {}
+
+    def on_step(self, event: StepEnd) -> None:
+        if self.every and event.step % self.every == 0 and not event.final and not event.stop:
+            self.last = self.evaluate(event.state, event.step)

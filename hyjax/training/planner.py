@@ -1,0 +1,143 @@
+"""`plan(config, topology)`: will this run fit a TPU pod? (`python -m hyjax.plan`)
+
+Compiles the real training step (the run's `RunPlan`, the same jitted step `python -m hyjax.train`
+runs) ahead of time for a named TPU topology on this machine, without a TPU: libtpu describes the pod's chips
+(`jax.experimental.topologies`), every input is abstract (`jax.ShapeDtypeStruct` with its sharding),
+and no weight is read. Reports per-chip memory (arguments, temporaries, total against HBM), FLOPs per
+step (the model FLOPs of the MFU convention: XLA's own count sees a scanned layer once), whether it
+fits, and how the largest arrays are split.
+
+The architecture comes from `model.preset`; `model.path` is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from hyjax.config import ConfigError, RunConfig
+from hyjax.model import abstract_params, count_params
+from hyjax.training.optimizer import path_string
+from hyjax.training.run_plan import plan_run, run_layout
+
+# Per-chip high-bandwidth memory of each TPU generation, GiB (Google Cloud's published figures).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+_TOPOLOGY = re.compile(r"^(?P<generation>v4|v5e|v5litepod|v5p|v6e):(?P<shape>\d+(?:x\d+){1,2})$")
+
+
+class PlanError(ValueError):
+    """A topology, mesh or config the planner cannot compile for."""
+
+
+def parse_topology(name: str) -> tuple[str, int]:
+    """`(generation, chips)` of a topology name like `v5p:8x8x8` or `v6e:16x16`."""
+    match = _TOPOLOGY.match(name)
+    if match is None:
+        raise PlanError(f"unknown TPU topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+                        f"{sorted(HBM_GIB)}, e.g. v5p:8x8x8 (512 chips) or v6e:16x16 (256 chips)")
+    return match["generation"], math.prod(int(n) for n in match["shape"].split("x"))
+
+
+def topology_devices(name: str) -> list:
+    """The chips of a TPU topology, described by libtpu on a machine without a TPU."""
+    parse_topology(name)
+    try:
+        return list(topologies.get_topology_desc(name, "tpu").devices)
+    except (RuntimeError, ValueError) as err:
+        raise PlanError(f"libtpu cannot describe TPU topology {name!r} ({err}); check the chip counts per "
+                        "dimension (e.g. v5p:2x2x1, v5p:4x4x4, v5p:8x8x8; v6e:4x4, v6e:16x16) and that "
+                        "jax[tpu] is installed") from err
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `plan` found: the compiled step's per-chip memory and FLOPs and the layout of its arrays."""
+
+    topology: str
+    chips: int
+    mesh: dict[str, int]
+    preset: str
+    method: str
+    batch: dict[str, int]  # global_batch, micro_batch, accumulation, seq
+    parameters: int
+    trainable_parameters: int
+    memory_gib: dict[str, float]  # per chip: arguments, outputs, temporaries, aliased, total
+    hbm_gib: float
+    fits: bool
+    model_flops_per_chip: float  # 6 x parameters x tokens / chips: the MFU convention
+    compile_seconds: float
+    largest_arrays: list[dict[str, Any]]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def report(self) -> str:
+        m = self.memory_gib
+        mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        lines = [
+            f"{self.preset} {self.method} on {self.topology} ({self.chips} chips, mesh {mesh})",
+            f"  batch {self.batch['global_batch']} x {self.batch['seq']} tokens ({self.batch['accumulation']} "
+            f"micro-batches of {self.batch['micro_batch']}); {self.parameters / 1e9:.2f}B parameters, "
+            f"{self.trainable_parameters:,} trainable",
+            f"  per chip: arguments {m['arguments']:.2f} GiB + temporaries {m['temporaries']:.2f} GiB + outputs "
+            f"{m['outputs']:.2f} GiB - donated {m['aliased']:.2f} GiB = {m['total']:.2f} GiB of {self.hbm_gib:.0f} "
+            f"GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"  {self.model_flops_per_chip / 1e12:.2f} model TFLOP per chip per step (6 x parameters x tokens); "
+            f"compiled in {self.compile_seconds:.0f} s",
+            "  largest arrays (global shape -> per-chip shard):",
+        ]
+        for a in self.largest_arrays:
+            lines.append(f"    {a['path']:<44} {a['dtype']:<9} {str(a['shape']):<22} {a['spec']:<28} "
+                         f"{a['shard_gib']:.3f} GiB/chip")
+        return "\n".join(lines)
+
+
+def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
+    """Compiles `config`'s training step for `topology` and measures it (see the module docstring)."""
+    generation, chips = parse_topology(topology)
+    model_config = config.model.preset_config()
+    if model_config is None:
+        raise ConfigError("the planner needs model.preset (the architecture); model.path is never read")
+    layout = run_layout(config.mesh, topology_devices(topology))
+    run = plan_run(config, model_config, layout, total_steps=config.train.steps or 1000)
+    state, frozen, batch = run.abstract_arguments()
+    start = time.perf_counter()
+    compiled = run.train_step().lower(state, frozen, batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    gib = 1024.0 ** 3
+    sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+             "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
+    sizes["total"] = sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
+    hbm = HBM_GIB[generation]
+    parameters = count_params(abstract_params(model_config))
+    train, seq = config.train, config.data.max_length
+    return Plan(
+        topology=topology, chips=chips, mesh=dict(layout.mesh.shape), preset=config.model.preset,
+        method=config.method.name,
+        batch={"global_batch": train.global_batch_size, "micro_batch": train.micro_batch,
+               "accumulation": train.grad_accum_steps, "seq": seq},
+        parameters=parameters, trainable_parameters=run.trainable_counts["total"],
+        memory_gib={k: v / gib for k, v in sizes.items()}, hbm_gib=float(hbm), fits=sizes["total"] / gib <= hbm,
+        model_flops_per_chip=6.0 * parameters * train.global_batch_size * seq / chips, compile_seconds=seconds,
+        largest_arrays=_largest({"state": state, "frozen": frozen},
+                                {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest))
+
+
+def _largest(tree, shardings, count: int) -> list[dict[str, Any]]:
+    """The `count` largest arrays of `tree`, with their shardings and per-chip shard sizes."""
+    rows = []
+    for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
+        shard = sharding.shard_shape(leaf.shape)
+        itemsize = jnp.dtype(leaf.dtype).itemsize
+        rows.append({"path": path_string(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+                     "spec": str(tuple(sharding.spec)), "global_gib": math.prod(leaf.shape) * itemsize / 1024**3,
+                     "shard_gib": math.prod(shard) * itemsize / 1024**3})
+    return sorted(rows, key=lambda r: -r["global_gib"])[:count]

@@ -1,0 +1,91 @@
+"""`restore(path)`: a run brought back into Python from its Orbax checkpoints.
+
+    run = hyjax.training.restore("runs/quickstart")       # the run folder or its checkpoints folder
+    run.step, run.config.method.name
+    logits = hyjax.model.apply(run.model_config, run.adapted, tokens)
+    plain = hyjax.adapters.merge(run.adapted)               # a plain parameter tree, for serving
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+from hyjax.config import MeshSection, RunConfig
+from hyjax.config.typed import build
+from hyjax.methods import method_of
+from hyjax.model.config import LlamaConfig
+from hyjax.tokenization import Tokenizer
+from hyjax.training.checkpointing import RunCheckpointer
+from hyjax.training.run_plan import run_layout
+from hyjax.training.setup import RunSetup, prepare_run
+from hyjax.training.step import TrainState
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A run as its checkpoint left it: config, model, tokenizer, the restored state and frozen tree."""
+
+    config: RunConfig
+    setup: RunSetup
+    state: TrainState
+    frozen: dict
+    step: int
+    meta: dict  # data position, metrics of the step, fingerprint
+
+    @property
+    def model_config(self) -> LlamaConfig:
+        return self.setup.model_config
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.setup.tokenizer
+
+    @property
+    def adapted(self) -> dict:
+        """The adapted parameter tree at the checkpointed step (hybrid lambdas set, dropout off)."""
+        return self.setup.plan.params(self.state, self.frozen)
+
+
+def checkpoint_folder(path: str | os.PathLike) -> pathlib.Path:
+    """The checkpoint folder of `path`: a run's output folder (holding `checkpoints/`) or the folder itself."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a run's output folder or its checkpoint folder")
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None = None) -> RestoredRun:
+    """The run checkpointed in `path` at `step` (default: the latest), laid out on this machine's devices.
+
+    Rebuilds the run from the config stored in the checkpoint (so the model checkpoint and the data
+    files it names must still be there: LoRA-GA and hybrid runs re-derive their frozen initial factors
+    from them, deterministically; Hybrid-LoRA takes its modules from the checkpoint), then restores
+    adapters, optimizer state, step, rng and zeroth-order-trained base weights into it. Each
+    array is read straight into its sharding on `mesh` (sizes like the config's mesh section, e.g.
+    `{"fsdp": 4, "tensor": 2}`; default: data parallel over every device), whatever mesh saved it.
+    """
+    folder = checkpoint_folder(path)
+    checkpointer = RunCheckpointer(folder, keep=None, async_save=False, fingerprint={})  # reads, never saves
+    available = checkpointer.manager.all_steps()
+    if not available:
+        raise FileNotFoundError(f"{folder} holds no checkpoints")
+    step = max(available) if step is None else step
+    if step not in available:
+        raise FileNotFoundError(f"{folder} has no checkpoint of step {step}; it has steps {sorted(available)}")
+    meta = checkpointer.read_meta(step)
+    config = build(RunConfig, meta["config"])
+    config = dataclasses.replace(config, mesh=MeshSection(**{"data": -1, **(mesh or {})}))
+    setup = prepare_run(config, layout=run_layout(config.mesh), data_position=meta["data_position"],
+                        selection=saved_selection(config, meta), log=lambda text: None)
+    state, meta = checkpointer.restore(step, setup.initial_state())
+    checkpointer.close()
+    return RestoredRun(config=config, setup=setup, state=state, frozen=setup.frozen, step=step, meta=meta)
+
+
+def saved_selection(config: RunConfig, meta: dict) -> Any:
+    """The method's start-up choice as checkpoint metadata recorded it (JSON), or None."""
+    key = method_of(config).SELECTION_KEY
+    return meta.get(key) if key else None

@@ -1,0 +1,75 @@
+"""One way to build a run: the trainer and the planner compile the same program from `plan_run`, the
+first steps of lora, hybrid and zo_fo equal those recorded with the code before the run plan existed,
+and runs saved by that code restore and resume (tests/fixtures, written by tests/fixtures/record.py)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hyjax.config import load_config
+from hyjax.training import plan_run, prepare_run, restore, run_layout, train
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from record import RUN_OVERRIDES, lay_out, step_metrics  # noqa: E402
+
+RECORDED = json.loads((FIXTURES / "step_metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def workplace(tmp_path_factory, smollm2_gguf) -> pathlib.Path:
+    """The tiny checkpoint and data of the recorded runs, at the relative paths their configs name."""
+    folder = tmp_path_factory.mktemp("recorded")
+    lay_out(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lora", "hybrid", "zo_fo"])
+def test_first_steps_equal_the_code_before_the_run_plan(workplace, monkeypatch, method):
+    monkeypatch.chdir(workplace)
+    output = f"now_{method}"
+    train(load_config(None, [*RUN_OVERRIDES, f"method.name={method}", "train.steps=4", f"logging.output_dir={output}"]),
+          log=lambda text: None)
+    ours, theirs = step_metrics(workplace / output), RECORDED["methods"][method]
+    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in theirs], rtol=1e-6)
+    np.testing.assert_allclose(ours[0]["grad_norm"], theirs[0]["grad_norm"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["hybrid", "zo_fo"])
+def test_a_run_saved_before_the_run_plan_restores_and_resumes(workplace, monkeypatch, method):
+    monkeypatch.chdir(workplace)
+    output = workplace / f"run_{method}"
+    shutil.copytree(FIXTURES / "runs" / method, output)
+    restored = restore(output)
+    assert restored.step == 2 and restored.config.method.name == method
+    resumed = train(load_config(None, [*RUN_OVERRIDES, f"method.name={method}", "train.steps=4",
+                                       f"logging.output_dir=run_{method}"]), log=lambda text: None)
+    assert resumed.summary["steps"] == "4 of 4 (resumed at 2)"
+    losses = [r["loss"] for r in step_metrics(output) if r["step"] > 2]
+    np.testing.assert_allclose(losses, [r["loss"] for r in RECORDED["methods"][method][2:]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "hybrid"])
+def test_the_trainer_and_the_planner_compile_the_same_step(workplace, monkeypatch, method):
+    monkeypatch.chdir(workplace)
+    config = load_config(None, [*RUN_OVERRIDES, f"method.name={method}", "train.steps=4",
+                                f"logging.output_dir=same_{method}"])
+    layout = run_layout(config.mesh)
+    setup = prepare_run(config, layout=layout, log=lambda text: None)  # the trainer's path, real weights
+    planned = plan_run(config, setup.model_config, layout, total_steps=4)  # the planner's, shapes only
+    _, _, batch = planned.abstract_arguments()
+    trained = setup.plan.train_step().lower(setup.initial_state(), setup.frozen, batch)
+    compiled_plan = planned.train_step().lower(*planned.abstract_arguments())
+    assert trained.as_text() == compiled_plan.as_text()
+    ours, theirs = trained.compile().memory_analysis(), compiled_plan.compile().memory_analysis()
+    assert (ours.temp_size_in_bytes, ours.argument_size_in_bytes) == (theirs.temp_size_in_bytes,
+                                                                      theirs.argument_size_in_bytes)
+    assert jax.tree.structure(setup.plan.adapted) == jax.tree.structure(planned.adapted)
