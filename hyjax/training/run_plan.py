@@ -103,11 +103,7 @@ class RunPlan:
     def split(self, adapted: dict) -> tuple[Any, dict, Any]:
         """`(trainable, frozen, base)` of an adapted tree (real or abstract): the adapter parameters, the
         rest, and the weights trained by SPSA (taken out of `frozen`; None without zeroth order)."""
-        trainable, frozen = adapters.split_trainable(adapted)
-        base = None
-        if self.zeroth_order is not None:
-            base, frozen = self.zeroth_order.split(frozen)
-        return trainable, frozen, base
+        return split_parts(adapted, self.zeroth_order)
 
     def check_adapted(self, adapted: dict) -> None:
         """Raises unless a real adapted tree has the planned structure, shapes and dtypes."""
@@ -183,10 +179,7 @@ def plan_run(config: RunConfig, model_config: LlamaConfig, layout: Layout, total
     zeroth_order = method.zeroth_order(config, total_steps)
     axes = adapted_axes(adapted, base_axes(model_config))
     layout.check(adapted, axes, "adapted model")
-    trainable_axes, frozen_axes = adapters.split_trainable(axes)
-    zeroth_order_axes = None
-    if zeroth_order is not None:
-        zeroth_order_axes, frozen_axes = zeroth_order.split(frozen_axes)
+    trainable_axes, frozen_axes, zeroth_order_axes = split_parts(axes, zeroth_order)
     trainable = adapters.split_trainable(adapted)[0]
     opt_state = jax.eval_shape(optimizer.init, trainable)
     state_axes = TrainState(step=replicated(0), trainable=trainable_axes,
@@ -197,6 +190,16 @@ def plan_run(config: RunConfig, model_config: LlamaConfig, layout: Layout, total
     return RunPlan(config=config, method=method, model_config=model_config, layout=layout, total_steps=total_steps,
                    selection=selection, spec=spec, adapted=adapted, optimizer=optimizer, schedule=schedule,
                    zeroth_order=zeroth_order, adapted_shardings=layout.shardings(axes), shardings=shardings)
+
+
+def split_parts(tree: dict, zeroth_order: ZerothOrder | None) -> tuple[Any, dict, Any]:
+    """`(trainable, frozen, base)` of an adapted tree (arrays, shapes or axes): the adapter parameters,
+    the rest, and the weights trained by SPSA (taken out of `frozen`; None without zeroth order)."""
+    trainable, frozen = adapters.split_trainable(tree)
+    base = None
+    if zeroth_order is not None:
+        base, frozen = zeroth_order.split(frozen)
+    return trainable, frozen, base
 
 
 def _with_shardings(tree, shardings):
