@@ -71,12 +71,12 @@ def test_forward_is_the_mixing_formula_and_matches_merge(mix):
     node = _perturbed(_node(mix), jax.random.key(6), 0.3)
     x = jax.random.normal(jax.random.key(7), (5, 32))
     base = x @ node.base
-    rotated = node.boft().apply_to(x)
+    rotation = node.boft().rotate_rows(jnp.eye(32))  # R, dense
     lora = node.eta * ((x @ node.lora_a) @ node.lora_b - (x @ node.lora_a0) @ node.lora_b0)
-    if mix == "weight":
-        want = base + 0.3 * (rotated - base) + 0.7 * lora
+    if mix == "weight":  # s * (x ((1 - lam) I + lam R) W0) + (1 - lam) lora
+        want = (x @ (0.7 * jnp.eye(32) + 0.3 * rotation) @ node.base) * node.boft_s + 0.7 * lora
     else:
-        want = rotated + lora
+        want = ((x @ rotation) @ node.base) * node.boft_s + lora
     assert float(jnp.abs(want - base).max()) > 0.1  # the adapter really changes the output
     np.testing.assert_allclose(node.apply_to(x), want, atol=1e-5)
     np.testing.assert_allclose(x @ node.merged_2d(), want, atol=1e-4)
@@ -89,9 +89,46 @@ def test_unmerge_recovers_the_base(mix):
     np.testing.assert_allclose(recovered, node.base, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_factors", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_weight_mix_forward_gradients_and_merge_match_a_dense_reference(n_factors, dtype):
+    """mix="weight" against `y = s * (x ((1 - lam) I + lam R) W0) + (1 - lam) eta (x a b - x a0 b0)` with a
+    dense R: outputs, gradients of every trainable field, and the merged weight."""
+    cfg = HybridConfig(boft=BOFTConfig(block_size=4, n_factors=n_factors, impl="xla"), lora_ga=LoRAGAConfig(rank=3))
+    base = jax.random.normal(jax.random.key(2), (32, 24))
+    node = _perturbed(cfg.init(base, jax.random.key(4), jax.random.normal(jax.random.key(3), (32, 24))),
+                      jax.random.key(11), 0.35)
+    x = jax.random.normal(jax.random.key(12), (6, 32))
+    fields = {name: getattr(node, name) for name in HybridWeight.TRAINABLE}
+
+    def dense(f):
+        rotation = node.replace(**f).boft().rotate_rows(jnp.eye(32))
+        mixing = 0.65 * jnp.eye(32) + 0.35 * rotation
+        lora = node.eta * (x @ f["lora_a"] @ f["lora_b"] - x @ node.lora_a0 @ node.lora_b0)
+        return (x @ mixing @ node.base) * f["boft_s"] + 0.65 * lora
+
+    def ours(f):
+        cast = node.replace(**f, base=node.base.astype(dtype))
+        return cast.apply_to(x.astype(dtype)).astype(jnp.float32)
+
+    want = dense(fields)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == jnp.float32 else dict(rtol=5e-2, atol=0.15)
+    np.testing.assert_allclose(ours(fields), want, **tol)
+    np.testing.assert_allclose(x @ node.merged_2d(), want, rtol=1e-4, atol=1e-4)
+    probe = jax.random.normal(jax.random.key(13), want.shape)
+    g_ours = jax.grad(lambda f: jnp.sum(ours(f) * probe))(fields)
+    g_dense = jax.grad(lambda f: jnp.sum(dense(f) * probe))(fields)
+    for name in HybridWeight.TRAINABLE:
+        assert float(jnp.abs(g_dense[name]).max()) > 1e-3, name
+        scale = float(jnp.abs(g_dense[name]).max())
+        np.testing.assert_allclose(g_ours[name], g_dense[name], rtol=tol["rtol"], atol=tol["rtol"] * scale,
+                                   err_msg=name)
+
+
 def test_boft_branch_gradient_scales_with_lambda(setup):
-    """With mix="weight" the BOFT branch's gradient at init is lam times its unmixed gradient (and the
-    LoRA branch's 1 - lam times): what the optimizer transform's share correction divides out."""
+    """With mix="weight" the rotation's gradient at init is lam times its unmixed gradient (and the
+    LoRA branch's 1 - lam times): what the optimizer transform's share correction divides out. The
+    scale s acts on the whole projection: at init its gradient does not depend on lam."""
     params, tokens, grads = setup
     spec = adapters.AdapterSpec.for_method(HYBRID, targets="layers/attn/q_proj")
     trainable, frozen = adapters.split_trainable(adapters.apply(spec, params, jax.random.key(9), gradients=grads))
@@ -103,8 +140,10 @@ def test_boft_branch_gradient_scales_with_lambda(setup):
 
     g_quarter, g_half = branch_grads(jnp.full((2,), 0.25)), branch_grads(jnp.full((2,), 0.5))
     q, h = g_quarter["layers"]["attn"]["q_proj"], g_half["layers"]["attn"]["q_proj"]
-    assert float(jnp.abs(h["boft_s"]).max()) > 1e-5 and float(jnp.abs(h["lora_b"]).max()) > 1e-5
-    np.testing.assert_allclose(q["boft_s"], 0.5 * h["boft_s"], rtol=1e-4, atol=1e-11)
+    for name in ("boft_r", "boft_s", "lora_b"):
+        assert float(jnp.abs(h[name]).max()) > 1e-5, name
+    np.testing.assert_allclose(q["boft_r"], 0.5 * h["boft_r"], rtol=1e-4, atol=1e-11)
+    np.testing.assert_allclose(q["boft_s"], h["boft_s"], rtol=1e-4, atol=1e-11)
     np.testing.assert_allclose(q["lora_b"], 1.5 * h["lora_b"], rtol=1e-4, atol=1e-11)
 
 

@@ -20,17 +20,23 @@ def _lam(state):
     return current_lambdas(state)["layers"]["attn"]["q_proj"]
 
 
-def _grads(boft_norms, lora_norms):
-    """A trainable tree with one stacked hybrid weight whose per-layer branch norms are given."""
+def _grads(boft_norms, lora_norms, mix="weight"):
+    """A trainable tree with one stacked hybrid weight whose per-layer branch norms are given.
+
+    With mix="weight" the BOFT branch is `boft_r` alone and `boft_s` (the whole projection's scale)
+    gets a large norm of its own that must count for neither branch; with mix="update" the BOFT norm is
+    split evenly over `boft_r` and `boft_s`."""
     def field(shape, norms, key):
         x = jax.random.normal(jax.random.key(key), (len(norms),) + shape)
         x = x / jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
         return x * jnp.asarray(norms, jnp.float32).reshape((-1,) + (1,) * len(shape))
 
-    # Each branch's norm split evenly over its two fields (sqrt(1/2) each).
+    # A branch's norm split evenly over two fields (sqrt(1/2) each).
     half = np.sqrt(0.5)
-    group = {"boft_r": field((2, 4, 4, 4), np.asarray(boft_norms) * half, 0),
-             "boft_s": field((16,), np.asarray(boft_norms) * half, 1),
+    boft = np.asarray(boft_norms, np.float32)
+    r_norms, s_norms = (boft, np.full_like(boft, 50.0)) if mix == "weight" else (boft * half, boft * half)
+    group = {"boft_r": field((2, 4, 4, 4), r_norms, 0),
+             "boft_s": field((16,), s_norms, 1),
              "lora_a": field((16, 2), np.asarray(lora_norms) * half, 2),
              "lora_b": field((2, 16), np.asarray(lora_norms) * half, 3)}
     return {"layers": {"attn": {"q_proj": group}}}
@@ -75,7 +81,7 @@ def test_ema_temperature_and_share_correction_by_hand():
 
 def test_no_share_correction_for_update_mix_and_updates_scaled():
     transform = hybrid_weights(mix="update", inner=optax.identity(), ema=0.0, clip=(0.0, 1.0), warmup_steps=0)
-    g = _grads([3.0], [1.0])
+    g = _grads([3.0], [1.0], mix="update")
     state = transform.init(g)
     updates, state = transform.update(g, state)
     lam = float(_lam(state)[0])

@@ -76,11 +76,14 @@ class BOFTWeight(DropoutKeyed, AdaptedWeight):
             blocks = _block_dropout(blocks, self.dropout, self.dropout_key)
         return blocks
 
-    def apply_to(self, x):
+    def rotate(self, x):
+        """`x @ R` for activations `[..., d_in]`, factor by factor (never a dense R)."""
         lead, d_in = x.shape[:-1], x.shape[-1]
         rotated = butterfly_apply(x.reshape(-1, d_in), self.blocks(), impl=self.impl, interpret=self.interpret)
-        y = jnp.dot(rotated, self.base.astype(x.dtype)) * self.s.astype(x.dtype)
-        return y.reshape(*lead, y.shape[-1])
+        return rotated.reshape(*lead, d_in)
+
+    def apply_to(self, x):
+        return jnp.dot(self.rotate(x), self.base.astype(x.dtype)) * self.s.astype(x.dtype)
 
     def rotate_rows(self, w: jax.Array, inverse: bool = False) -> jax.Array:
         """`R @ w` (or `R^T @ w`) for a `[d_in, n]` matrix, in float32 (export only)."""

@@ -2,10 +2,15 @@
 
 For row-vector tokens x, our `[d_in, d_out]` kernel W0, the BOFT rotation R and scale s
 (`hyjax.adapters.boft`) and LoRA-GA factors a, b with their frozen initial values a0, b0 and scale eta
-(`hyjax.adapters.lora_ga`), with `base = x @ W0`:
+(`hyjax.adapters.lora_ga`):
 
-    mix="weight":  y = base + lam * (((x @ R) @ W0) * s - base) + (1 - lam) * eta * ((x a) b - (x a0) b0)
+    mix="weight":  y = s * ((x M) @ W0) + (1 - lam) * eta * ((x a) b - (x a0) b0),   M = (1 - lam) I + lam R
     mix="update":  y = ((x @ R) @ W0) * s + eta * ((x a) b - (x a0) b0)
+
+With mix="weight" the branches mix on the input side, where the rotation already acts: `x M` is computed
+on the activations as `(1 - lam) x + lam (x R)` (M is never built), so each projection multiplies by W0
+once, as LoRA does. The output scale s applies to the whole projection (it belongs to neither branch);
+no one-matmul form keeps a per-output scale on the BOFT branch alone.
 
 At init R = I, s = 1, a = a0, b = b0, so y = x @ W0 exactly. The hybrid keeps W0 itself (not LoRA-GA's
 offset weight): its BOFT branch rotates W0, and the LoRA-GA offset `-eta a0 b0` is applied to the
@@ -35,6 +40,9 @@ from pallas_kernels.butterfly import superblocks
 
 MIXES = ("weight", "update")
 
+# The form of mix="weight" in use, recorded in run fingerprints: runs saved with another form are refused.
+WEIGHT_MIX_FORM = "input-side: y = s * (((1 - lam) x + lam x R) W0) + (1 - lam) * lora"
+
 
 class HybridWeight(DropoutKeyed, AdaptedWeight):
     """A frozen weight W0 with a BOFT branch (`boft_r`, `boft_s`) and a LoRA-GA branch (`lora_a`,
@@ -55,7 +63,10 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
     impl: str = struct.field(pytree_node=False, default="auto")
     interpret: bool = struct.field(pytree_node=False, default=False)
     NAME: ClassVar[str] = "hybrid"
-    BRANCHES: ClassVar[dict[str, tuple[str, ...]]] = {"boft": ("boft_r", "boft_s"), "lora": ("lora_a", "lora_b")}
+    # The trainable fields of each branch, by mix: with mix="weight" the scale s acts on the whole projection.
+    BRANCHES: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
+        "weight": {"boft": ("boft_r",), "lora": ("lora_a", "lora_b")},
+        "update": {"boft": ("boft_r", "boft_s"), "lora": ("lora_a", "lora_b")}}
     TRAINABLE: ClassVar[tuple[str, ...]] = ("boft_r", "boft_s", "lora_a", "lora_b")
     AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "boft_r": (None, "adapter_block", None, None), "boft_s": ("out",),
                             "lora_a": ("in", "adapter_rank"), "lora_b": ("adapter_rank", "out"),
@@ -75,13 +86,13 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
         return self.eta * (low_rank(self.lora_a, self.lora_b) - low_rank(self.lora_a0, self.lora_b0))
 
     def apply_to(self, x):
-        rotated = self.boft().apply_to(x)
         lora = self._lora_delta(x)
         if self.mix == "update":
-            return rotated + lora
+            return self.boft().apply_to(x) + lora
         lam = self.lam.astype(x.dtype)
-        base = jnp.dot(x, self.base.astype(x.dtype))
-        return base + lam * (rotated - base) + (1 - lam) * lora
+        mixed = x + lam * (self.boft().rotate(x) - x)  # x M = (1 - lam) x + lam (x R)
+        y = jnp.dot(mixed, self.base.astype(x.dtype)) * self.boft_s.astype(x.dtype)
+        return y + (1 - lam) * lora
 
     def _lora_delta_2d(self):
         f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
@@ -91,29 +102,27 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
         rotated = self.boft().merged_2d().astype(jnp.float32)  # (R @ W0) * s
         if self.mix == "update":
             merged = rotated + self._lora_delta_2d()
-        else:
-            lam, w0 = self.lam.astype(jnp.float32), self.base.astype(jnp.float32)
-            merged = (1 - lam) * w0 + lam * rotated + (1 - lam) * self._lora_delta_2d()
+        else:  # (M @ W0) * s + (1 - lam) C
+            lam, w0, s = self.lam.astype(jnp.float32), self.base.astype(jnp.float32), self.boft_s.astype(jnp.float32)
+            merged = (1 - lam) * w0 * s + lam * rotated + (1 - lam) * self._lora_delta_2d()
         return merged.astype(self.base.dtype)
 
     def unmerge_2d(self, merged):
-        """W0 from a merged weight. mix="update": `R^T (M - C) / s`. mix="weight": `M - C = (1 - lam) W0
-        + lam (R W0) diag(s)` is solved column by column inside each s x s window of the butterfly (R is
-        block diagonal in windows of `b 2^(m-1)` features), `[windows, d_out, w, w]` small systems."""
+        """W0 from a merged weight. mix="update": `R^T (M' - C) / s`. mix="weight": `(M' - (1 - lam) C) / s
+        = M W0` is solved inside each window of the butterfly (R, and so M = (1 - lam) I + lam R, is block
+        diagonal in windows of `b 2^(m-1)` features): `[windows, w, w]` small systems."""
         lam = self.lam.astype(jnp.float32)
-        target = merged.astype(jnp.float32) - (1 if self.mix == "update" else 1 - lam) * self._lora_delta_2d()
         if self.mix == "update":
-            return self.boft().unmerge_2d(target).astype(merged.dtype)
+            return self.boft().unmerge_2d(merged.astype(jnp.float32) - self._lora_delta_2d()).astype(merged.dtype)
+        target = (merged.astype(jnp.float32) - (1 - lam) * self._lora_delta_2d()) / self.boft_s.astype(jnp.float32)
         d_in, d_out = target.shape
         sup = superblocks(cayley(self.boft_r, self.neumann_terms), d_in)  # [m, windows, w, w], x @ R order
         windows = sup[0]
         for factor in sup[1:]:
             windows = windows @ factor  # R's diagonal blocks: x @ R = x @ sup[0] @ sup[1] @ ...
         n, w = windows.shape[0], windows.shape[-1]
-        eye = jnp.eye(w, dtype=jnp.float32)
-        systems = (1 - lam) * eye + lam * self.boft_s.astype(jnp.float32)[None, :, None, None] * windows[:, None]
-        rhs = target.reshape(n, w, d_out).transpose(0, 2, 1)[..., None]  # [windows, d_out, w, 1]
-        w0 = jnp.linalg.solve(systems, rhs)[..., 0].transpose(0, 2, 1).reshape(d_in, d_out)
+        systems = (1 - lam) * jnp.eye(w, dtype=jnp.float32) + lam * windows  # M's diagonal blocks
+        w0 = jnp.linalg.solve(systems, target.reshape(n, w, d_out)).reshape(d_in, d_out)
         return w0.astype(merged.dtype)
 
 

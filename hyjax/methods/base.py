@@ -46,6 +46,11 @@ class Method:
         """Whether Hugging Face PEFT can hold its adapters (else the run exports the merged model)."""
         return False
 
+    def form(self, section) -> str | None:
+        """The form of its forward pass, when that has changed since runs were first saved with it
+        (recorded in run fingerprints, so a run saved with another form is refused); None otherwise."""
+        return None
+
     def optimizer(self, config, grouped: optax.GradientTransformation) -> list[optax.GradientTransformation]:
         """Its part of the optimizer chain, after gradient clipping: `grouped` (the per-group base
         optimizers) with whatever the method adds around it."""

@@ -3,14 +3,17 @@
 Hybrid BOFT + LoRA-GA nodes (`hyjax.adapters.hybrid.HybridWeight`) carry a frozen per-layer lambda,
 the BOFT branch's share. It is never trained: this transform computes it from the gradients it sees and
 keeps it in the optimizer state (checkpointed with it). In the trainable tree (`split_trainable`) a hybrid
-node is a dict with the keys `boft_r, boft_s` (BOFT branch) and `lora_a, lora_b` (LoRA-GA branch), found
-at the node's path; stacked layers give one lambda per leading index.
+node is a dict with the keys `boft_r, boft_s, lora_a, lora_b`, found at the node's path; stacked layers
+give one lambda per leading index. The BOFT branch is `boft_r` with mix="weight" (whose scale `boft_s`
+acts on the whole projection and counts for neither branch) and `boft_r, boft_s` with mix="update"; the
+LoRA-GA branch is `lora_a, lora_b` (`HybridWeight.BRANCHES`).
 
 Per hybrid weight and layer, at update t (0-based) with the lambda `lam` the gradients were computed with:
 
-    n_boft = ||(g_boft_r, g_boft_s)||_2,   n_lora = ||(g_lora_a, g_lora_b)||_2
-    share correction (default for mix="weight", whose forward scales the branches by lam and 1 - lam,
-    and so their gradients):  n_boft <- n_boft / lam,   n_lora <- n_lora / (1 - lam)
+    n_boft = ||BOFT branch gradients||_2,   n_lora = ||(g_lora_a, g_lora_b)||_2
+    share correction (default for mix="weight", whose forward scales the rotation's part of the input by
+    lam and the LoRA-GA branch by 1 - lam, and so their gradients):  n_boft <- n_boft / lam,
+    n_lora <- n_lora / (1 - lam)
     proportional: target = n_boft^(1/tau) / (n_boft^(1/tau) + n_lora^(1/tau))
     inverse:      target = n_lora^(1/tau) / (n_boft^(1/tau) + n_lora^(1/tau))
     ema_{t+1} = beta * ema_t + (1 - beta) * target,  ema_0 = 0.5
@@ -85,6 +88,7 @@ def hybrid_weights(direction: str = "proportional", temperature: float = 1.0, em
                          "after the optimizer: pass inner=optax.adamw(...) (or inner=optax.identity() to scale "
                          "the raw gradients)")
     correct = (mix == "weight") if share_correction is None else share_correction
+    branches = HybridWeight.BRANCHES[mix]
     sign = 1.0 if direction == "proportional" else -1.0
 
     def init_fn(params):
@@ -103,7 +107,7 @@ def hybrid_weights(direction: str = "proportional", temperature: float = 1.0, em
         warm = state.step + 1 < warmup_steps
         for path, group in groups.items():
             lam = lambdas_old[path]
-            n_boft, n_lora = (_branch_norm(group, HybridWeight.BRANCHES[b]) for b in ("boft", "lora"))
+            n_boft, n_lora = (_branch_norm(group, branches[b]) for b in ("boft", "lora"))
             if correct:
                 n_boft, n_lora = n_boft / jnp.maximum(lam, _TINY), n_lora / jnp.maximum(1 - lam, _TINY)
             target = jax.nn.sigmoid(sign * (jnp.log(n_boft + _TINY) - jnp.log(n_lora + _TINY)) / temperature)
@@ -113,7 +117,7 @@ def hybrid_weights(direction: str = "proportional", temperature: float = 1.0, em
         if inner is not None:
             updates, inner_state = inner.update(updates, inner_state, params)
         if mix == "update":
-            updates = _scale_branches(updates, lambdas)
+            updates = _scale_branches(updates, lambdas, branches)
         return updates, HybridWeightsState(step=state.step + 1, ema=nest(ema_new), lambdas=nest(lambdas),
                                            inner=inner_state)
 
@@ -176,16 +180,17 @@ def _branch_norm(group, names) -> jax.Array:
     return jnp.sqrt(total)
 
 
-def _scale_branches(updates, lambdas, prefix: str = ""):
+def _scale_branches(updates, lambdas, branches, prefix: str = ""):
     """BOFT-branch updates times lam, LoRA-branch updates times 1 - lam, per layer."""
     if _is_group(updates):
         lam = lambdas[prefix]
         scaled = {}
         for branch, share in (("boft", lam), ("lora", 1 - lam)):
-            for name in HybridWeight.BRANCHES[branch]:
+            for name in branches[branch]:
                 u = _field(updates, name)
                 scaled[name] = (u * share.reshape(share.shape + (1,) * HybridWeight.CORE_NDIM[name])).astype(u.dtype)
         return updates.replace(**scaled) if isinstance(updates, HybridWeight) else scaled
     if not isinstance(updates, dict):
         return updates
-    return {k: _scale_branches(v, lambdas, f"{prefix}/{k}" if prefix else str(k)) for k, v in updates.items()}
+    return {k: _scale_branches(v, lambdas, branches, f"{prefix}/{k}" if prefix else str(k))
+            for k, v in updates.items()}

@@ -63,6 +63,7 @@ class RunCheckpointer:
                 "checkpoint.resume=false; set checkpoint.resume=true to continue that run, or choose a new "
                 "logging.output_dir / checkpoint.dir (the existing checkpoints are left untouched)")
         theirs = self.read_meta(step).get("fingerprint", {})
+        check_form(self.directory, step, theirs, self.fingerprint)
         if theirs != self.fingerprint:
             differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {self.fingerprint.get(key)!r}"
                            for key in sorted(set(theirs) | set(self.fingerprint))
@@ -91,6 +92,24 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def check_form(directory: pathlib.Path, step: int, theirs: dict, ours: dict) -> None:
+    """Raises `CheckpointMismatchError` when checkpoint `step` was saved with another form of the method's
+    forward pass than this version computes (fingerprint key `form`, see `Method.form`): restoring its
+    parameters into the new form would silently change the model."""
+    ours = _jsonable(ours)
+    same_method = theirs.get("method", {}).get("name") == ours["method"].get("name")
+    if theirs.get("form") == ours.get("form") or not same_method:
+        return
+    saved = theirs.get("form") or "the earlier form (no form recorded)"
+    raise CheckpointMismatchError(
+        f"{directory} holds checkpoints (step {step}) of method {ours['method'].get('name')!r} saved with "
+        f"another form of its forward pass: saved {saved!r}, this version {ours.get('form')!r}. For the hybrid "
+        "this is mix='weight', which now mixes on the input side (y = s * (((1 - lam) x + lam x R) W0) + "
+        "(1 - lam) * lora, one matmul with W0; the earlier form scaled only the BOFT branch by s). Its parameters "
+        "would mean another model, so the run cannot be resumed or restored with this version: train it again "
+        "in a new logging.output_dir, or use the hyjax version that saved it (the folder is left untouched)")
 
 
 def _jsonable(value: Any) -> Any:

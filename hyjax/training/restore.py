@@ -18,9 +18,9 @@ from hyjax.config.typed import build
 from hyjax.methods import method_of
 from hyjax.model.config import LlamaConfig
 from hyjax.tokenization import Tokenizer
-from hyjax.training.checkpointing import RunCheckpointer
+from hyjax.training.checkpointing import RunCheckpointer, check_form
 from hyjax.training.run_plan import run_layout
-from hyjax.training.setup import RunSetup, prepare_run
+from hyjax.training.setup import RunSetup, fingerprint, prepare_run
 from hyjax.training.step import TrainState
 
 
@@ -77,6 +77,7 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
         raise FileNotFoundError(f"{folder} has no checkpoint of step {step}; it has steps {sorted(available)}")
     meta = checkpointer.read_meta(step)
     config = build(RunConfig, meta["config"])
+    check_form(folder, step, meta.get("fingerprint", {}), fingerprint(config))
     config = dataclasses.replace(config, mesh=MeshSection(**{"data": -1, **(mesh or {})}))
     setup = prepare_run(config, layout=run_layout(config.mesh), data_position=meta["data_position"],
                         selection=saved_selection(config, meta), log=lambda text: None)

@@ -62,10 +62,13 @@ def _check_writable(key: str, folder: pathlib.Path) -> None:
 
 
 def fingerprint(config: RunConfig) -> dict:
-    """What makes checkpoints of two runs interchangeable: the model and the whole method section."""
+    """What makes checkpoints of two runs interchangeable: the model, the whole method section and, for a
+    method whose forward pass changed form (`Method.form`), that form."""
     model = config.model
-    return {"model": {"preset": model.preset, "path": model.path, "family": model.family},
-            "method": config.to_dict()["method"]}
+    prints = {"model": {"preset": model.preset, "path": model.path, "family": model.family},
+              "method": config.to_dict()["method"]}
+    form = method_of(config).form(config.method)
+    return prints if form is None else {**prints, "form": form}
 
 
 @dataclasses.dataclass
