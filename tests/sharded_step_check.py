@@ -1,4 +1,5 @@
-"""One training step of the tiny model on several meshes of 8 CPU devices, against one device.
+"""One training step of the tiny model on several meshes of 8 CPU devices, against one device (whose step
+computes logits at every position; the meshes' at the answer positions only).
 
 Run by tests/test_sharding_train.py in a subprocess started with 8 fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`); prints one JSON object:
@@ -31,10 +32,12 @@ MESHES = {
 }
 
 
-def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: dict, devices, start=None) -> dict:
+def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: dict, devices, start=None,
+             full_logits: bool = False) -> dict:
     """One step of `method` on `mesh`; `start` (host `(trainable, frozen)`) replaces the run's own initial
     adapters, so every mesh starts from the same values (LoRA-GA's SVD initialisation turns fp-level
-    differences of the gradient into different, equally valid, factors)."""
+    differences of the gradient into different, equally valid, factors). `full_logits`: the batch without
+    its `loss_positions`, so the head runs on every position (the meshes' steps run it at the answers)."""
     config = load_config(None, [
         "model.preset=null", f"model.path={checkpoint}", f"data.path={train_tsv}", "data.chat=false",
         "data.max_length=32", "data.bucket=16", "train.steps=1", "train.global_batch_size=8",
@@ -52,7 +55,10 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
     initial = jax.device_get((setup.trainable, setup.frozen))
     base = jax.device_get(setup.base)
     state = setup.initial_state()
-    batch = distributed.global_batch(next(setup.data.train), setup.plan.shardings.batch, 1, 8)
+    local = next(setup.data.train)
+    if full_logits:
+        local.pop("loss_positions")
+    batch = distributed.global_batch(local, setup.plan.shardings.batch, 1, 8)
     state, metrics = setup.plan.train_step()(state, setup.frozen, batch)
     after = jax.device_get(state.trainable)
     if method == "full":
@@ -70,7 +76,8 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
 def main(checkpoint: str, train_tsv: str, output: str, methods: str) -> None:
     results = {}
     for method in methods.split(","):
-        reference = one_step(checkpoint, train_tsv, f"{output}/{method}-one", method, dict(data=1), jax.devices()[:1])
+        reference = one_step(checkpoint, train_tsv, f"{output}/{method}-one", method, dict(data=1), jax.devices()[:1],
+                             full_logits=True)
         start = reference["initial"]
         scale = _max_difference(reference["updates"], None)
         results[method] = {"one_device": {"loss": reference["loss"], "update_scale": scale}}

@@ -47,7 +47,8 @@ def example_of(batch, row, start, stop):
 def check_batch_types(batch, rows, length):
     assert set(batch) == set(BATCH_KEYS)
     for key in BATCH_KEYS:
-        assert batch[key].shape == (rows, length), key
+        width = batch["loss_positions"].shape[1] if key == "loss_positions" else length
+        assert batch[key].shape == (rows, width), key
         assert batch[key].dtype == (np.float32 if key == "loss_mask" else np.int32), key
 
 

@@ -114,8 +114,8 @@ PROJECT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_one_step_on_8_devices_matches_one_device(tiny_checkpoint, sentiment_data, tmp_path):
-    """Data, FSDP, tensor and mixed meshes: the same loss and the same updated parameters as one device
-    (float32), with the base weights really split; zo_fo's SPSA update of the base weights equals one
+    """Data, FSDP, tensor and mixed meshes with logits at the answer positions: the same loss and the same
+    updated parameters as one device with logits everywhere (float32), with the base weights really split; zo_fo's SPSA update of the base weights equals one
     device's up to the rounding of its loss difference."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, str(PROJECT / "tests" / "sharded_step_check.py"), str(tiny_checkpoint),

@@ -3,10 +3,19 @@
     rows = load_rows("../shared/data/sst2/train.tsv")
     examples, report = build_examples(rows, sst2(), tokenizer)
     batches = BatchIterator(examples, global_batch_size=8, max_length=256, pad_id=tokenizer.pad_id, seed=0)
-    batch = next(batches)  # tokens, targets, loss_mask, segment_ids, positions: [B, T] numpy arrays
+    batch = next(batches)  # tokens, targets, loss_mask, segment_ids, positions: [B, T]; loss_positions [B, K]
 """
 
-from hyjax.data.batching import BATCH_KEYS, pack_rows, packed_batch, pad_batch, round_up, truncate
+from hyjax.data.batching import (
+    BATCH_KEYS,
+    loss_positions,
+    loss_slots,
+    pack_rows,
+    packed_batch,
+    pad_batch,
+    round_up,
+    truncate,
+)
 from hyjax.data.classification import TEXT_COLUMNS, Classification, sst2
 from hyjax.data.scoring import EvalResult, answer_log_likelihood, classification_accuracy, math_exact_match
 from hyjax.data.examples import Example, PromptStyle, build_examples
@@ -25,7 +34,7 @@ __all__ = [
     "BadRow", "BadRowLimit", "BatchIterator", "Classification", "DataReport", "EvalResult", "answer_log_likelihood", "Example",
     "Instructions", "MalformedDataError", "MalformedRow", "MathWordProblems", "PromptStyle", "Rows",
     "build_examples", "classification_accuracy", "epoch_order", "extract_final_answer", "gsm8k",
-    "infer_format", "load_rows", "masked_cross_entropy", "masked_log_likelihood", "math_exact_match",
+    "infer_format", "load_rows", "loss_positions", "loss_slots", "masked_cross_entropy", "masked_log_likelihood", "math_exact_match",
     "normalize_number", "pack_rows", "packed_batch", "pad_batch", "pick_column", "round_up", "sst2",
     "train_eval_split", "truncate",
 ]

@@ -1,11 +1,16 @@
 """Examples to batches: truncation, loss mask on answer tokens, padding to length buckets, packing.
 
-A batch is a dict of numpy arrays, all [B, T]:
-  tokens int32       model input
-  targets int32      the next token at each position
-  loss_mask float32  1 where the target is an answer token
-  segment_ids int32  0 = padding; 1, 2, ... for the sequences packed in a row
-  positions int32    position within its own sequence (restarts at 0 for each packed sequence)
+A batch is a dict of numpy arrays, [B, T] but for the last:
+  tokens int32          model input
+  targets int32         the next token at each position
+  loss_mask float32     1 where the target is an answer token
+  segment_ids int32     0 = padding; 1, 2, ... for the sequences packed in a row
+  positions int32       position within its own sequence (restarts at 0 for each packed sequence)
+  loss_positions int32  [B, K]: the columns where loss_mask is set, in order, then -1 (K: `loss_slots`)
+
+The model computes logits only at `loss_positions` when K < T (the head is a large share of a small
+model's work, and classification supervises one token in tens). K comes from a few buckets (powers of
+two), so a run compiles few shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 
 from hyjax.data.examples import Example
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "loss_positions")
 
 
 def truncate(example: Example, max_length: int) -> tuple[Example, str | None]:
@@ -45,6 +50,31 @@ def round_up(length: int, bucket: int, max_length: int) -> int:
     return min(-(-length // bucket) * bucket, max_length)
 
 
+def loss_slots(count: int, length: int) -> int:
+    """K for rows of `length` columns holding at most `count` loss tokens each: the smallest power of
+    two >= count, or `length` itself when that is not smaller (then every position gets logits)."""
+    slots = 1 << max(int(count) - 1, 0).bit_length()
+    return length if slots >= length else slots
+
+
+def loss_positions(loss_mask: np.ndarray, slots: int) -> np.ndarray:
+    """`[B, slots]`: each row's loss columns in order, padded with -1 (error if a row has more)."""
+    out = np.full((loss_mask.shape[0], slots), -1, np.int32)
+    for row, mask in enumerate(loss_mask):
+        where = np.flatnonzero(mask)
+        if len(where) > slots:
+            raise ValueError(f"row {row} has {len(where)} loss tokens, over {slots=}.")
+        out[row, : len(where)] = where
+    return out
+
+
+def _with_loss_positions(batch: dict[str, np.ndarray], slots: int | None) -> dict[str, np.ndarray]:
+    if slots is None:
+        slots = loss_slots(int(np.max(np.sum(batch["loss_mask"] > 0, axis=1), initial=0)), batch["tokens"].shape[1])
+    batch["loss_positions"] = loss_positions(batch["loss_mask"], slots)
+    return batch
+
+
 def _empty(rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
     return {
         "tokens": np.full((rows, length), pad_id, np.int32),
@@ -69,15 +99,17 @@ def _place(batch: dict[str, np.ndarray], row: int, start: int, example: Example,
     return end
 
 
-def pad_batch(examples: Sequence[Example | None], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One example per row, padded to `length` columns; None gives an all-padding row."""
+def pad_batch(examples: Sequence[Example | None], length: int, pad_id: int,
+              slots: int | None = None) -> dict[str, np.ndarray]:
+    """One example per row, padded to `length` columns; None gives an all-padding row. `slots`: K of
+    `loss_positions` (default: `loss_slots` of these rows)."""
     batch = _empty(len(examples), length, pad_id)
     for row, example in enumerate(examples):
         if example is not None:
             if len(example) > length:
                 raise ValueError(f"example of {len(example)} positions does not fit {length=}; truncate first.")
             _place(batch, row, 0, example, 1)
-    return batch
+    return _with_loss_positions(batch, slots)
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -95,8 +127,10 @@ def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
-def packed_batch(rows: Sequence[Sequence[Example]], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Several examples per row, segments 1, 2, ... with positions restarting at 0; an empty row is padding."""
+def packed_batch(rows: Sequence[Sequence[Example]], length: int, pad_id: int,
+                 slots: int | None = None) -> dict[str, np.ndarray]:
+    """Several examples per row, segments 1, 2, ... with positions restarting at 0; an empty row is padding.
+    `slots`: K of `loss_positions` (default: `loss_slots` of these rows)."""
     batch = _empty(len(rows), length, pad_id)
     for r, examples in enumerate(rows):
         start = 0
@@ -104,4 +138,4 @@ def packed_batch(rows: Sequence[Sequence[Example]], length: int, pad_id: int) ->
             start = _place(batch, r, start, example, segment)
             if start > length:
                 raise ValueError(f"row {r} holds {start} positions, over {length=}.")
-    return batch
+    return _with_loss_positions(batch, slots)

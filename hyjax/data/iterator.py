@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from hyjax.data.batching import pack_rows, packed_batch, pad_batch, round_up, truncate
+from hyjax.data.batching import loss_slots, pack_rows, packed_batch, pad_batch, round_up, truncate
 from hyjax.data.examples import Example
 from hyjax.data.report import DataReport
 
@@ -133,12 +133,16 @@ class BatchIterator:
         return self._build(self._global_rows(epoch, step), slice(self.process_index, None, self.process_count))
 
     def _build(self, rows: list[list[int]], mine: slice) -> dict[str, np.ndarray]:
+        # T and K (loss slots) from the global batch, so every process and micro-batch gets the same shapes.
+        most_answers = max(sum(len(self.examples[i].answer_ids) for i in row) for row in rows)
         if self.pack:
-            return packed_batch([[self.examples[i] for i in row] for row in rows[mine]], self.max_length, self.pad_id)
-        # T from the global batch so every process gets the same shape.
+            slots = loss_slots(most_answers, self.max_length)
+            return packed_batch([[self.examples[i] for i in row] for row in rows[mine]], self.max_length, self.pad_id,
+                                slots)
         longest = max((int(self._lengths[row[0]]) for row in rows if row), default=1)
         length = round_up(longest, self.bucket, self.max_length)
-        return pad_batch([self.examples[row[0]] if row else None for row in rows[mine]], length, self.pad_id)
+        return pad_batch([self.examples[row[0]] if row else None for row in rows[mine]], length, self.pad_id,
+                         loss_slots(most_answers, length))
 
     # ---- iteration and resumption -------------------------------------------------------------
 

@@ -158,11 +158,13 @@ class Llama(nnx.Module):
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), dt, ("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, logit_positions: jax.Array | None = None) -> jax.Array:
         """Logits `[batch, seq, vocab]` (float32) for `tokens [batch, seq]`.
 
         `segment_ids [batch, seq]` marks packed sequences (positive ids) and padding (0); by default the
-        whole row is one sequence. `positions` default to 0..seq-1.
+        whole row is one sequence. `positions` default to 0..seq-1. `logit_positions [batch, k]` (indices
+        into seq) gives logits `[batch, k, vocab]` at those positions only: the final norm and the head
+        run on the gathered hidden states, never on every position.
         """
         batch, seq = tokens.shape
         if positions is None:
@@ -171,20 +173,25 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones((batch, seq), jnp.int32)
         x = constrain(self._embed(tokens), ("batch", "seq", "embed"))
         x, _ = self._run_layers(x, positions, causal_segment_mask(segment_ids), kv=None, cache_index=None)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
         return self._logits(x)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
-               cache: KVCache) -> tuple[jax.Array, KVCache]:
+               cache: KVCache, last_only: bool = False) -> tuple[jax.Array, KVCache]:
         """Runs `tokens [batch, seq]` against the cache, writing them at slots `cache.index...`.
 
         `positions` are rotary positions, `token_valid` is False for left padding. Returns logits
-        `[batch, seq, vocab]` and the updated cache.
+        `[batch, seq, vocab]` (`[batch, 1, vocab]` at the last position with `last_only`: a prompt's
+        prefill needs no more) and the updated cache.
         """
         seq = tokens.shape[1]
         valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
         slots = cache.index + jnp.arange(seq)
         mask = cached_mask(valid, jnp.broadcast_to(slots, tokens.shape))
         x, (k, v) = self._run_layers(self._embed(tokens), positions, mask, (cache.k, cache.v), cache.index)
+        if last_only:
+            x = x[:, -1:]
         return self._logits(x), KVCache(k=k, v=v, valid=valid, index=cache.index + seq)
 
     def _embed(self, tokens):

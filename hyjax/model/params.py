@@ -52,12 +52,13 @@ def count_params(params: Params) -> int:
 
 
 def apply(config: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
-          segment_ids: jax.Array | None = None) -> jax.Array:
-    """Logits `[batch, seq, vocab]` (see `Llama.__call__`)."""
-    return nnx.merge(graphdef(config), scan_ready(params))(tokens, positions, segment_ids)
+          segment_ids: jax.Array | None = None, logit_positions: jax.Array | None = None) -> jax.Array:
+    """Logits `[batch, seq, vocab]`, or `[batch, k, vocab]` at `logit_positions [batch, k]` only (see
+    `Llama.__call__`)."""
+    return nnx.merge(graphdef(config), scan_ready(params))(tokens, positions, segment_ids, logit_positions)
 
 
 def decode(config: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array,
-           token_valid: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+           token_valid: jax.Array, cache: KVCache, last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """One cached forward pass for generation (see `Llama.decode`)."""
-    return nnx.merge(graphdef(config), scan_ready(params)).decode(tokens, positions, token_valid, cache)
+    return nnx.merge(graphdef(config), scan_ready(params)).decode(tokens, positions, token_valid, cache, last_only)

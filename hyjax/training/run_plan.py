@@ -38,9 +38,9 @@ from hyjax.sharding import (
 from hyjax.training.optimizer import build_optimizer
 from hyjax.training.step import TrainState, make_eval_step, make_train_step, state_params
 
-# dtype of every [accumulation, micro_batch, T] array of a training batch
+# dtype of every [accumulation, micro_batch, T] array of a training batch (loss_positions: [..., K])
 BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
-                "positions": jnp.int32}
+                "positions": jnp.int32, "loss_positions": jnp.int32}
 
 
 def run_layout(mesh_section, devices=None) -> Layout:
@@ -121,7 +121,8 @@ class RunPlan:
 
     def abstract_arguments(self) -> tuple:
         """`(state, frozen, batch)` as `jax.ShapeDtypeStruct`s with their shardings: what `train_step`
-        is lowered with when no weight is read (the planner). Batches are `data.max_length` long."""
+        is lowered with when no weight is read (the planner). Batches are `data.max_length` long, with
+        logits at every position (the most a step of the run can need)."""
         trainable, frozen, base = self.split(self.adapted)
         seed, optimizer = self.config.train.seed, self.optimizer
         state = jax.eval_shape(lambda t, b: TrainState.create(t, optimizer, seed, b), trainable, base)

@@ -64,9 +64,21 @@ def state_params(state: TrainState, frozen: dict, lambdas: bool) -> dict:
 
 
 def answer_nll_sum(model_config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """`(sum of -log p over answer tokens, number of answer tokens)` of one batch."""
-    logits = model_apply(model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    total = -jnp.sum(masked_log_likelihood(logits, batch["targets"], batch["loss_mask"]))
+    """`(sum of -log p over answer tokens, number of answer tokens)` of one batch.
+
+    With `loss_positions [B, K]` narrower than the batch (`hyjax.data.batching`), the final norm, head and
+    log-softmax run at those K positions only (slots of -1 count for nothing); the sum is the same."""
+    targets, mask = batch["targets"], batch["loss_mask"]
+    index = batch.get("loss_positions")
+    if index is not None and index.shape[-1] < targets.shape[-1]:
+        valid = index >= 0
+        index = jnp.where(valid, index, 0)
+        targets = jnp.take_along_axis(targets, index, axis=-1)
+        mask = jnp.take_along_axis(mask, index, axis=-1) * valid
+    else:
+        index = None
+    logits = model_apply(model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"], index)
+    total = -jnp.sum(masked_log_likelihood(logits, targets, mask))
     return total, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
