@@ -74,7 +74,7 @@ def _generate(config: LlamaConfig, params: Params, tokens, valid, stop_ids, key,
     batch, prompt_len = tokens.shape
     cache = KVCache.empty(config, batch, prompt_len + max_new_tokens)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    logits, cache = decode(config, params, tokens, positions, valid, cache)
+    logits, cache = decode(config, params, tokens, positions, valid, cache, last_only=True)
     next_position = positions[:, -1] + 1
 
     def cond(state):

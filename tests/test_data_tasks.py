@@ -257,12 +257,15 @@ def test_classification_accuracy_picks_the_higher_scoring_answer():
     rows.append({"label": 9, "sentence": "good"})  # malformed: skipped
     positive = tok.token_to_id("positive")
 
-    def score(examples):  # "good" favours positive, everything else negative
-        return [float((tok.token_to_id("good") in e.prompt_ids) == (positive in e.answer_ids)) for e in examples]
+    def score(groups):  # "good" favours positive, everything else negative
+        return [[float((tok.token_to_id("good") in prompt) == (positive in answer)) for answer in answers]
+                for prompt, answers in groups]
 
-    result = classification_accuracy(rows, sst2(), tok, score, batch_size=2)
+    result = classification_accuracy(rows, sst2(), tok, score)
     assert result.predictions == (1, 1, 0, 0, 0) and result.skipped == 1
     assert (result.correct, result.total) == (3, 5) and result.accuracy == pytest.approx(0.6)
+    # the right answers' scores: 1 for rows 0, 1 (good -> positive) and 3 (dull -> negative), 0 for 2 and 4
+    assert result.gold_log_likelihood == 3.0 and result.gold_tokens == 10  # answer word + EOS per row
 
 
 def test_math_exact_match_uses_the_extractor():
@@ -314,7 +317,8 @@ def test_prepare_reads_holds_out_and_batches(tmp_path):
     batch = next(data.train)
     assert batch["tokens"].shape == (4, 16) and batch["loss_mask"].sum() == 8  # answer word + EOS per row
     assert data.task.text_column == "content"
-    result = classification_accuracy(data.eval_rows, data.task, tiny_tokenizer(), lambda exs: [0.0] * len(exs))
+    result = classification_accuracy(data.eval_rows, data.task, tiny_tokenizer(),
+                                     lambda groups: [[0.0] * len(answers) for _, answers in groups])
     assert result.total == 8
 
 
@@ -347,12 +351,15 @@ def test_make_task_maps_the_config_columns_onto_the_tasks_fields(task, cls, text
 
 
 def test_sst2_accuracy_with_a_tiny_model_scores_each_answer_by_its_log_likelihood():
+    """Both scorers (each candidate alone; each prompt once through the KV cache) give every candidate's
+    log-likelihood as an unpadded forward pass does, and so the same predictions."""
     import functools
 
     import jax
 
     from hyjax import model as M
     from hyjax.data import answer_log_likelihood, masked_log_likelihood
+    from hyjax.likelihood import candidate_log_likelihoods
 
     tok = tiny_tokenizer()
     config = M.LlamaConfig(
@@ -360,16 +367,25 @@ def test_sst2_accuracy_with_a_tiny_model_scores_each_answer_by_its_log_likelihoo
     )
     params = M.init_params(config, jax.random.key(0))
     logits_fn = jax.jit(functools.partial(M.apply, config, params))
-    score = answer_log_likelihood(logits_fn, tok.pad_id, max_length=64, bucket=16)
-    rows = [{"label": i % 2, "sentence": w} for i, w in enumerate(["good movie", "bad", "dull film", "witty"])]
+    per_candidate = answer_log_likelihood(logits_fn, tok.pad_id, max_length=64, bucket=16)
+    prompt_once = functools.partial(candidate_log_likelihoods, config, params, pad_id=tok.pad_id, max_length=64,
+                                    batch_size=3, bucket=16)
+    words = ["good movie", "bad", "dull film", "witty", "a long and winding review of a film", "ok"]
+    rows = [{"label": i % 2, "sentence": w} for i, w in enumerate(words)]
     task = sst2().resolve(["label", "sentence"])
-    result = classification_accuracy(rows, task, tok, score)
-    for row, predicted in zip(rows, result.predictions):
+    results = [classification_accuracy(rows, task, tok, score) for score in (per_candidate, prompt_once)]
+    assert results[0].predictions == results[1].predictions
+    np.testing.assert_allclose(results[0].gold_log_likelihood, results[1].gold_log_likelihood, rtol=1e-5)
+    for row, predicted in zip(rows, results[1].predictions):
         candidates, _ = task.candidates(row, tok)
         alone = []
         for ex in candidates:  # each answer scored alone, unpadded
             batch = pad_batch([ex], len(ex), tok.pad_id)
             logits = M.apply(config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
             alone.append(float(masked_log_likelihood(logits, batch["targets"], batch["loss_mask"])[0]))
-        np.testing.assert_allclose(score(candidates), alone, rtol=1e-4, atol=1e-5)
+        group = [(candidates[0].prompt_ids, [c.answer_ids for c in candidates])]
+        for score in (per_candidate, prompt_once):
+            np.testing.assert_allclose(score(group)[0], alone, rtol=1e-4, atol=1e-5)
         assert predicted == int(np.argmax(alone))
+    uneven = [((5, 6, 7), [(8,), (9, 10, 11)]), ((5,), [(12, 13), (8,)])]  # answers of different lengths
+    np.testing.assert_allclose(prompt_once(uneven), per_candidate(uneven), rtol=1e-4, atol=1e-5)

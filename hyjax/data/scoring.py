@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from hyjax.data.batching import pad_batch, round_up, truncate
 from hyjax.data.classification import Classification
 from hyjax.data.examples import Example
@@ -20,33 +22,55 @@ class EvalResult:
     total: int
     skipped: int  # malformed rows left out
     predictions: tuple[Any, ...]  # per scored row: predicted answer index (classification) or number
+    gold_log_likelihood: float = 0.0  # classification: sum over rows of log p(right answer | prompt)
+    gold_tokens: int = 0  # classification: tokens of the right answers
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+    @property
+    def gold_loss(self) -> float:
+        """Mean negative log-likelihood per token of the right answers (classification)."""
+        return -self.gold_log_likelihood / max(self.gold_tokens, 1)
 
 
 def _resolved(task, rows):
     return task.resolve(getattr(rows, "column_names", None) or list(next(iter(rows))), getattr(rows, "path", None))
 
 
+# (prompt ids, candidate answers' ids): one row's question to a `score` callable.
+Group = tuple[Sequence[int], Sequence[Sequence[int]]]
+
+
 def answer_log_likelihood(
     logits_fn: Callable[..., Any], pad_id: int, max_length: int, bucket: int = 64
-) -> Callable[[Sequence[Example]], list[float]]:
-    """A `score` for `classification_accuracy`: log p(answer | prompt) of each example under a model.
+) -> Callable[[Sequence[Group]], list[list[float]]]:
+    """A `score` for `classification_accuracy` that runs every candidate as an example of its own:
+    log p(answer | prompt) from `masked_log_likelihood` of a padded batch, with logits at the answer
+    positions only. (`hyjax.likelihood.candidate_log_likelihoods` reads each prompt once instead.)
 
     Args:
-      logits_fn: `(tokens, positions, segment_ids) -> logits [B, T, V]`, for example
+      logits_fn: `(tokens, positions, segment_ids, logit_positions) -> logits [B, K, V]`, for example
         `functools.partial(hyjax.model.apply, config, params)` (jit it for speed).
       pad_id: padding token id.
       max_length: longest example; longer ones lose prompt tokens from the left.
       bucket: padding granularity (few distinct shapes, few compilations).
     """
-    def score(examples: Sequence[Example]) -> list[float]:
-        examples = [truncate(e, max_length)[0] for e in examples]
+    def score(groups: Sequence[Group]) -> list[list[float]]:
+        examples = [truncate(Example(tuple(prompt), tuple(answer)), max_length)[0]
+                    for prompt, answers in groups for answer in answers]
         batch = pad_batch(examples, round_up(max(len(e) for e in examples), bucket, max_length), pad_id)
-        logits = logits_fn(batch["tokens"], batch["positions"], batch["segment_ids"])
-        return [float(x) for x in masked_log_likelihood(logits, batch["targets"], batch["loss_mask"])]
+        index = np.maximum(batch["loss_positions"], 0)
+        logits = logits_fn(batch["tokens"], batch["positions"], batch["segment_ids"], index)
+        targets, mask = (np.take_along_axis(batch[key], index, axis=1) * (batch["loss_positions"] >= 0)
+                         for key in ("targets", "loss_mask"))
+        flat = [float(x) for x in masked_log_likelihood(logits, targets, mask)]
+        out, k = [], 0
+        for _, answers in groups:
+            out.append(flat[k : k + len(answers)])
+            k += len(answers)
+        return out
 
     return score
 
@@ -55,46 +79,37 @@ def classification_accuracy(
     rows: Iterable[Mapping[str, Any]],
     task: Classification,
     tokenizer,
-    score: Callable[[Sequence[Example]], Sequence[float]],
-    batch_size: int = 64,
+    score: Callable[[Sequence[Group]], Sequence[Sequence[float]]],
 ) -> EvalResult:
-    """Accuracy from comparing the log-probability of each answer word given the prompt.
+    """Accuracy from comparing the log-probability of each answer given the prompt, and the right
+    answers' log-likelihood (the evaluation loss, from the same scores).
 
     Args:
       rows: labelled rows (a `Rows` or dicts).
       task: the classification task (its verbalizer gives the candidate answers).
       tokenizer: the model's tokenizer.
-      score: maps examples to the log-probability of their answer ids given their prompt ids (for
-        the model: `masked_log_likelihood` of a batch built with `pad_batch`).
-      batch_size: rows scored per `score` call.
+      score: maps every usable row's `(prompt ids, [answer ids of each candidate])` to the candidates'
+        log-probabilities given the prompt (`hyjax.likelihood.candidate_log_likelihoods` for the model;
+        it batches as it likes).
     """
     task = _resolved(task, rows)
-    pending: list[tuple[list[Example], int]] = []
-    correct = skipped = 0
-    predictions = []
-
-    def flush():
-        nonlocal correct
-        flat = [ex for candidates, _ in pending for ex in candidates]
-        scores = list(score(flat)) if flat else []
-        k = 0
-        for candidates, gold in pending:
-            mine = scores[k : k + len(candidates)]
-            k += len(candidates)
-            best = max(range(len(mine)), key=mine.__getitem__)
-            predictions.append(best)
-            correct += best == gold
-        pending.clear()
-
+    groups: list[Group] = []
+    golds: list[int] = []
+    skipped = 0
     for row in rows:
         try:
-            pending.append(task.candidates(row, tokenizer))
+            candidates, gold = task.candidates(row, tokenizer)
         except MalformedRow:
             skipped += 1
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    return EvalResult(correct, len(predictions), skipped, tuple(predictions))
+            continue
+        groups.append((candidates[0].prompt_ids, [c.answer_ids for c in candidates]))
+        golds.append(gold)
+    scores = list(score(groups)) if groups else []
+    predictions = tuple(max(range(len(mine)), key=list(mine).__getitem__) for mine in scores)
+    correct = sum(p == g for p, g in zip(predictions, golds))
+    gold_log_likelihood = sum(float(mine[g]) for mine, g in zip(scores, golds))
+    gold_tokens = sum(len(answers[g]) for (_, answers), g in zip(groups, golds))
+    return EvalResult(correct, len(predictions), skipped, predictions, gold_log_likelihood, gold_tokens)
 
 
 def math_exact_match(

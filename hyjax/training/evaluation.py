@@ -1,26 +1,27 @@
 """Evaluation of a run on its held-out rows: answer-token loss and perplexity, the task's own metric
 (classification accuracy by answer log-likelihood, math exact match by greedy generation), and a few
-generated samples to read."""
+generated samples to read.
+
+Classification reads each prompt once (`hyjax.likelihood`), and its loss comes from the same scores
+(the right answer's log-likelihood); other tasks' loss runs the eval step over padded batches."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import jax
 
 from hyjax.data import (
     BatchIterator,
     Classification,
     MathWordProblems,
-    answer_log_likelihood,
     build_examples,
     classification_accuracy,
     math_exact_match,
 )
 from hyjax.data.report import BadRowLimit, MalformedRow
+from hyjax.likelihood import candidate_log_likelihoods
 from hyjax.sampling import SamplingConfig, generate
-from hyjax.model import apply as model_apply
 
 
 class Evaluator:
@@ -38,8 +39,6 @@ class Evaluator:
             self.examples, _ = build_examples(self.rows, self.task, setup.tokenizer, limit=no_limit)
         self.max_length = config.data.max_length
         self.bucket = config.data.bucket
-        self._logits = jax.jit(lambda params, tokens, positions, segments: model_apply(
-            setup.model_config, params, tokens, positions, segments))
 
     @property
     def enabled(self) -> bool:
@@ -51,29 +50,39 @@ class Evaluator:
         if not self.enabled:
             return {}
         setup, config = self.setup, self.setup.config
+        params = setup.plan.params(state, frozen)
+        metrics: dict[str, Any] = {"eval/examples": len(self.examples)}
+        if isinstance(self.task, Classification):
+            result = classification_accuracy(self.rows, self.task, setup.tokenizer, self._scorer(params))
+            loss = result.gold_loss
+            metrics["eval/accuracy"] = result.accuracy
+        else:
+            loss = self._answer_loss(state, frozen)
+            if isinstance(self.task, MathWordProblems):
+                result = math_exact_match(self.rows, self.task, setup.tokenizer, self._generator(params),
+                                          batch_size=config.eval.batch_size)
+                metrics["eval/exact_match"] = result.accuracy
+        metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))})
+        metrics["samples"] = self.samples(params)
+        return metrics
+
+    def _answer_loss(self, state, frozen) -> float:
+        """Mean answer-token loss of the held-out examples, by the eval step over padded batches."""
+        config = self.setup.config
         batches = BatchIterator(self.examples, global_batch_size=config.eval.batch_size, max_length=self.max_length,
-                                pad_id=setup.tokenizer.pad_id, bucket=self.bucket, shuffle=False,
+                                pad_id=self.setup.tokenizer.pad_id, bucket=self.bucket, shuffle=False,
                                 drop_remainder=False, process_index=0, process_count=1)
         total = count = 0.0
         for step in range(batches.steps_per_epoch(0)):
             nll, tokens = self.eval_step(state, frozen, batches.global_batch(0, step))
             total, count = total + float(nll), count + float(tokens)
-        loss = total / max(count, 1.0)
-        metrics: dict[str, Any] = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)),
-                                   "eval/examples": len(self.examples)}
-        params = setup.plan.params(state, frozen)
-        if isinstance(self.task, Classification):
-            score = answer_log_likelihood(lambda *batch: self._logits(params, *batch), setup.tokenizer.pad_id,
-                                          self.max_length, self.bucket)
-            result = classification_accuracy(self.rows, self.task, setup.tokenizer, score,
-                                             batch_size=config.eval.batch_size)
-            metrics["eval/accuracy"] = result.accuracy
-        elif isinstance(self.task, MathWordProblems):
-            result = math_exact_match(self.rows, self.task, setup.tokenizer, self._generator(params),
-                                      batch_size=config.eval.batch_size)
-            metrics["eval/exact_match"] = result.accuracy
-        metrics["samples"] = self.samples(params)
-        return metrics
+        return total / max(count, 1.0)
+
+    def _scorer(self, params):
+        setup = self.setup
+        return lambda groups: candidate_log_likelihoods(
+            setup.model_config, params, groups, pad_id=setup.tokenizer.pad_id, max_length=self.max_length,
+            batch_size=setup.config.eval.batch_size, bucket=self.bucket)
 
     def _generator(self, params):
         setup, config = self.setup, self.setup.config
