@@ -40,6 +40,9 @@ class LlamaConfig:
     computed in (normalisation, softmax and logits always run in float32). `remat` chooses what the
     scanned layers save for the backward pass: "none" (save everything), "full" (recompute everything),
     "dots" (save matmul outputs), "dots_no_batch" (save matmul outputs without batch dimensions).
+    `scan_unroll` layers run per iteration of the layer scan: 1 keeps one loop body (the smallest
+    program), `num_layers` unrolls every layer (XLA's cost analysis, which counts a loop body once, then
+    counts the whole model).
     """
 
     vocab_size: int
@@ -59,6 +62,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -77,6 +81,8 @@ class LlamaConfig:
             raise UnsupportedConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if not 1 <= self.scan_unroll <= self.num_layers:
+            raise ValueError(f"scan_unroll={self.scan_unroll} must be in [1, num_layers={self.num_layers}]")
         for name in ("param_dtype", "dtype"):
             value = getattr(self, name)
             if value not in DTYPES:

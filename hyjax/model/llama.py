@@ -210,7 +210,7 @@ class Llama(nnx.Module):
         policy = _REMAT_POLICIES[self.config.remat]
 
         if kv is None:
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.config.scan_unroll)
             @nnx.remat(policy=policy, prevent_cse=False)
             def body(h, layer):
                 h, _ = layer(h, positions, mask, inv_freq)
@@ -218,7 +218,7 @@ class Llama(nnx.Module):
 
             return body(x, self.layers), None
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=self.config.scan_unroll)
         def cached_body(h, layer, layer_kv):
             h, layer_kv = layer(h, positions, mask, inv_freq, layer_kv, cache_index)
             return h, layer_kv
