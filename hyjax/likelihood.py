@@ -20,12 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyjax.data.batching import round_up
+from hyjax.data.scoring import Group
 from hyjax.model.config import LlamaConfig
 from hyjax.model.llama import KVCache
 from hyjax.model.params import Params, decode
-
-Group = tuple[Sequence[int], Sequence[Sequence[int]]]  # (prompt ids, candidate answers' ids)
+from hyjax.sampling import left_pad
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -77,19 +76,14 @@ def candidate_log_likelihoods(config: LlamaConfig, params: Params, groups: Seque
     out: list[list[float]] = [[] for _ in groups]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        length = round_up(max(len(prompts[i]) for i in rows), bucket, room + bucket)
-        tokens = np.full((batch_size, length), pad_id, np.int32)
-        valid = np.zeros((batch_size, length), bool)
+        # filler rows up to batch_size (one shape per length): a single pad token keeps their attention finite
+        tokens, valid = left_pad([prompts[i] for i in rows] + [[pad_id]] * (batch_size - len(rows)), pad_id, bucket)
         answers = np.full((batch_size, n_choices, longest_answer), pad_id, np.int32)
         answer_valid = np.zeros(answers.shape, bool)
         for row, i in enumerate(rows):
-            prompt = prompts[i]
-            tokens[row, length - len(prompt):] = prompt
-            valid[row, length - len(prompt):] = True
             for c, answer in enumerate(groups[i][1]):
                 answers[row, c, : len(answer)] = answer
                 answer_valid[row, c, : len(answer)] = True
-        valid[len(rows):, -1] = True  # filler rows: one valid token keeps their attention finite
         scores = np.asarray(_scores(config, params, tokens, valid, answers, answer_valid))
         for row, i in enumerate(rows):
             out[i] = [float(x) for x in scores[row]]

@@ -28,3 +28,23 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.A
 def masked_log_likelihood(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Sum of log p(target) over the masked positions of each row: [B]. Scores an answer given its prompt."""
     return jnp.sum(_token_log_probs(logits, targets) * loss_mask.astype(jnp.float32), axis=-1)
+
+
+def batch_log_likelihood(logits_fn, batch: dict) -> jax.Array:
+    """Sum of log p(target) over each row's answer tokens: [B].
+
+    `logits_fn(tokens, positions, segment_ids, logit_positions)` gives logits; when the batch's
+    `loss_positions [B, K]` (`hyjax.data.batching`) is narrower than the batch, it is asked for logits at
+    those K positions only (slots of -1 count for nothing), else at every position. The sums are the same.
+    """
+    targets, mask = batch["targets"], batch["loss_mask"]
+    index = batch.get("loss_positions")
+    if index is not None and index.shape[-1] < targets.shape[-1]:
+        valid = index >= 0
+        index = jnp.where(valid, index, 0)
+        targets = jnp.take_along_axis(targets, index, axis=-1)
+        mask = jnp.take_along_axis(mask, index, axis=-1) * valid
+    else:
+        index = None
+    logits = logits_fn(batch["tokens"], batch["positions"], batch["segment_ids"], index)
+    return masked_log_likelihood(logits, targets, mask)

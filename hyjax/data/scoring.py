@@ -6,12 +6,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from hyjax.data.batching import pad_batch, round_up, truncate
 from hyjax.data.classification import Classification
 from hyjax.data.examples import Example
-from hyjax.data.loss import masked_log_likelihood
+from hyjax.data.loss import batch_log_likelihood
 from hyjax.data.math_problems import MathWordProblems, extract_final_answer
 from hyjax.data.report import MalformedRow
 
@@ -44,10 +42,10 @@ Group = tuple[Sequence[int], Sequence[Sequence[int]]]
 
 
 def answer_log_likelihood(
-    logits_fn: Callable[..., Any], pad_id: int, max_length: int, bucket: int = 64
+    logits_fn: Callable[..., Any], pad_id: int, max_length: int, bucket: int = 64, batch_size: int = 64
 ) -> Callable[[Sequence[Group]], list[list[float]]]:
     """A `score` for `classification_accuracy` that runs every candidate as an example of its own:
-    log p(answer | prompt) from `masked_log_likelihood` of a padded batch, with logits at the answer
+    log p(answer | prompt) by `batch_log_likelihood` of padded batches, with logits at the answer
     positions only. (`hyjax.likelihood.candidate_log_likelihoods` reads each prompt once instead.)
 
     Args:
@@ -56,16 +54,16 @@ def answer_log_likelihood(
       pad_id: padding token id.
       max_length: longest example; longer ones lose prompt tokens from the left.
       bucket: padding granularity (few distinct shapes, few compilations).
+      batch_size: examples (candidates) per forward pass.
     """
     def score(groups: Sequence[Group]) -> list[list[float]]:
         examples = [truncate(Example(tuple(prompt), tuple(answer)), max_length)[0]
                     for prompt, answers in groups for answer in answers]
-        batch = pad_batch(examples, round_up(max(len(e) for e in examples), bucket, max_length), pad_id)
-        index = np.maximum(batch["loss_positions"], 0)
-        logits = logits_fn(batch["tokens"], batch["positions"], batch["segment_ids"], index)
-        targets, mask = (np.take_along_axis(batch[key], index, axis=1) * (batch["loss_positions"] >= 0)
-                         for key in ("targets", "loss_mask"))
-        flat = [float(x) for x in masked_log_likelihood(logits, targets, mask)]
+        flat: list[float] = []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = pad_batch(chunk, round_up(max(len(e) for e in chunk), bucket, max_length), pad_id)
+            flat += [float(x) for x in batch_log_likelihood(logits_fn, batch)]
         out, k = [], 0
         for _, answers in groups:
             out.append(flat[k : k + len(answers)])

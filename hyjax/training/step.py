@@ -16,6 +16,7 @@ SPSA on the base weights at the same point), and `seeded`, which gives each step
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from flax import struct
 
 from hyjax import adapters
 from hyjax.adapters.hybrid import set_lambdas
-from hyjax.data.loss import masked_log_likelihood
+from hyjax.data.loss import batch_log_likelihood
 from hyjax.model import apply as model_apply
 from hyjax.optim import current_lambdas
 from hyjax.optim.zeroth_order import ZerothOrder, join_base, zeroth_order_step
@@ -64,21 +65,10 @@ def state_params(state: TrainState, frozen: dict, lambdas: bool) -> dict:
 
 
 def answer_nll_sum(model_config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """`(sum of -log p over answer tokens, number of answer tokens)` of one batch.
-
-    With `loss_positions [B, K]` narrower than the batch (`hyjax.data.batching`), the final norm, head and
-    log-softmax run at those K positions only (slots of -1 count for nothing); the sum is the same."""
-    targets, mask = batch["targets"], batch["loss_mask"]
-    index = batch.get("loss_positions")
-    if index is not None and index.shape[-1] < targets.shape[-1]:
-        valid = index >= 0
-        index = jnp.where(valid, index, 0)
-        targets = jnp.take_along_axis(targets, index, axis=-1)
-        mask = jnp.take_along_axis(mask, index, axis=-1) * valid
-    else:
-        index = None
-    logits = model_apply(model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"], index)
-    total = -jnp.sum(masked_log_likelihood(logits, targets, mask))
+    """`(sum of -log p over answer tokens, number of answer tokens)` of one batch, with the final norm,
+    head and log-softmax at the batch's loss positions only (`batch_log_likelihood`)."""
+    logits_fn = functools.partial(model_apply, model_config, params)
+    total = -jnp.sum(batch_log_likelihood(logits_fn, batch))
     return total, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
