@@ -1,11 +1,13 @@
 """Per-chip memory of LLaMA-3.1 8B / 70B / 405B training steps on v5p pods, for full fine-tuning, LoRA,
-BOFT and the hybrid, compiled for the TPU topology on this CPU machine (`python -m hyjax.plan`, libtpu).
+BOFT and the hybrid (and, at 8B, the ZO + FO hybrid and Hybrid-LoRA), compiled for the TPU topology on
+this CPU machine (`python -m hyjax.plan`, libtpu).
 
-    python bench/plans.py [--only 405b] [--out bench/results/plans]
+    python bench/plans.py [--only 405b] [--methods boft,hybrid --update] [--out bench/results/plans]
 
 Writes `plans.json` (the golden file tests/test_plan.py compares against) and `plans.md`. Each row is
 the same `jax.jit` step `python -m hyjax.train` runs, with bfloat16 weights, full rematerialisation,
-AdamW, and sequences of 2048 tokens.
+AdamW, and sequences of 2048 tokens. The Markdown compares each method with full fine-tuning on the same
+mesh and batch, and lists the largest arrays of the 405B steps.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ SCALES = {
               "train.micro_batch_size=64"]),
 }
 METHODS = {"full": "methods/full.yaml", "lora": "methods/lora.yaml", "boft": "methods/boft.yaml",
-           "hybrid": "methods/hybrid.yaml"}
+           "hybrid": "methods/hybrid.yaml", "zo_fo": "methods/zo_fo.yaml", "hybrid_lora": "methods/hybrid_lora.yaml"}
+# The methods of each scale's rows.
+SCALE_METHODS = {"8b": list(METHODS), "70b": ["full", "lora", "boft", "hybrid"],
+                 "405b": ["full", "lora", "boft", "hybrid"]}
 COMMON = ["model.path=/checkpoint", "model.param_dtype=bfloat16", "model.dtype=bfloat16", "model.remat=full",
           "data.max_length=2048", "export.peft_adapter=false", "method.boft.block_size=16"]
 # The smallest row, recompiled by the default test suite (tests/test_plan.py) on every CI run.
@@ -52,44 +57,74 @@ def row_config(model_yaml: str, method: str, overrides: list[str]):
         return load_config(path, overrides)
 
 
+def planned_rows(scales, methods):
+    """`(model name, config, topology)` of every row, the CI row and the shipped config first, limited to
+    `scales` and `methods` (None: all)."""
+    name, model_yaml, topology, method, overrides = CI_ROW
+    config_name, shipped_topology = SHIPPED
+    rows = [(name, lambda: row_config(model_yaml, method, overrides), topology, method),
+            (f"configs/{config_name}.yaml", lambda: load_config(config_name), shipped_topology, "hybrid")]
+    for scale, (model_yaml, topology, mesh) in SCALES.items():
+        if scales and scale not in scales:
+            continue
+        for method in SCALE_METHODS[scale]:
+            rows.append((f"llama3.1-{scale}", lambda m=method, y=model_yaml, o=mesh: row_config(y, m, COMMON + o),
+                         topology, method))
+    return [row for row in rows if not methods or row[3] in methods]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(SCALES), action="append", help="just these model sizes")
+    parser.add_argument("--methods", help="just these methods (comma-separated)")
+    parser.add_argument("--update", action="store_true",
+                        help="replace these rows in the existing results, keeping the others")
     parser.add_argument("--out", default="bench/results/plans")
     args = parser.parse_args()
-    rows = []
-    name, model_yaml, topology, method, overrides = CI_ROW
-    rows.append({"model": name, **plan(row_config(model_yaml, method, overrides), topology).to_json()})
-    print(f"{name} {method}: {rows[-1]['memory_gib']['total']:.2f} GiB/chip", flush=True)
-    config_name, topology = SHIPPED
-    result = plan(load_config(config_name), topology)
-    rows.append({"model": f"configs/{config_name}.yaml", **result.to_json()})
-    print(result.report(), flush=True)
-    for scale in args.only or SCALES:
-        model_yaml, topology, mesh = SCALES[scale]
-        for method in METHODS:
-            result = plan(row_config(model_yaml, method, COMMON + mesh), topology)
-            rows.append({"model": f"llama3.1-{scale}", **result.to_json()})
-            print(result.report(), flush=True)
     out = pathlib.Path(args.out)
+    rows = []
+    for model, config, topology, _ in planned_rows(args.only, args.methods and args.methods.split(",")):
+        result = plan(config(), topology)
+        rows.append({"model": model, **result.to_json()})
+        print(result.report(), flush=True)
+    if args.update:
+        key = lambda r: (r["model"], r["method"], r["topology"])  # noqa: E731
+        new = {key(r): r for r in rows}
+        old = json.loads(out.with_suffix(".json").read_text())["rows"]
+        rows = [new.pop(key(r), r) for r in old] + list(new.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "jax": jax.__version__, "compiled_on": "CPU host, libtpu topology"}
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     lines = [f"# Training-step plans on TPU v5p (`python bench/plans.py`; jax {jax.__version__}, compiled on a CPU "
              "host through libtpu)", "",
              "Per-chip memory from XLA's `memory_analysis()` of the compiled step (arguments + temporaries + "
-             "outputs - donated), against 95 GiB of v5p HBM; bfloat16 weights, remat full, AdamW, sequences of "
+             "outputs - donated), against 95 GiB of v5p HBM, with the kernels a TPU run picks (`impl=auto`: "
+             "Pallas for BOFT and the unitary adapter); bfloat16 weights, remat full, AdamW, sequences of "
              "2048 tokens (the CI row: 256).", "",
              "| model | method | topology | mesh (data x fsdp x tensor) | batch (micro) | trainable | arguments GiB "
-             "| temporaries GiB | total GiB/chip | fits | compile s |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "| temporaries GiB | total GiB/chip | vs full | fits | Pallas calls | compile s |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    full = {r["model"]: r["memory_gib"]["total"] for r in rows if r["method"] == "full"}
     for r in rows:
         m = r["memory_gib"]
         mesh = " x ".join(str(v) for v in r["mesh"].values())
+        ratio = f"{m['total'] / full[r['model']]:.2f}x" if r["model"] in full else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['topology']} | {mesh} | {r['batch']['global_batch']} "
                      f"({r['batch']['micro_batch']}) | {r['trainable_parameters']:,} | {m['arguments']:.2f} | "
-                     f"{m['temporaries']:.2f} | {m['total']:.2f} | {'yes' if r['fits'] else 'no'} | "
-                     f"{r['compile_seconds']:.0f} |")
+                     f"{m['temporaries']:.2f} | {m['total']:.2f} | {ratio} | {'yes' if r['fits'] else 'no'} | "
+                     f"{r.get('pallas_calls', '')} | {r['compile_seconds']:.0f} |")
+    lines += ["", "## Largest arrays of the 405B steps", "",
+              "Per chip, with TPU tile padding (`hyjax.training.buffers`: distinct arrays of the optimized HLO by "
+              "shape and origin, not XLA's buffer assignment); `like`: the step argument whose shard has that shape.",
+              ""]
+    for r in rows:
+        if r["model"] != "llama3.1-405b":
+            continue
+        lines += [f"**{r['method']}**", "", "| GiB | unpadded GiB | array | op | from | like |",
+                  "| ---: | ---: | --- | --- | --- | --- |"]
+        lines += [f"| {b['gib']:.3f} | {b['unpadded_gib']:.3f} | `{b['array']}` | {b['op']} | `{b['source'][-60:]}` | "
+                  f"{b['like']} |" for b in r.get("largest_buffers", [])[:5]]
+        lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 

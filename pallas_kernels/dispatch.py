@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Literal, get_args
 
 import jax
@@ -9,6 +11,23 @@ import jax
 Impl = Literal["auto", "xla", "pallas"]
 IMPLS: tuple[str, ...] = get_args(Impl)  # the choices of every `impl` option
 PALLAS_PLATFORMS = ("tpu", "gpu")
+_TARGET = contextvars.ContextVar("pallas_kernels_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_for(platform: str):
+    """Kernels traced inside choose and lower as on `platform` ("tpu", "gpu", "cpu") instead of the
+    default backend: a TPU program compiled ahead of time on a CPU host runs the TPU kernels."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_backend() -> str:
+    """The platform kernels are traced for: `compile_for`'s, else the default backend."""
+    return _TARGET.get() or jax.default_backend()
 
 
 def use_pallas(impl: Impl, auto_platforms: tuple[str, ...] = PALLAS_PLATFORMS) -> bool:
@@ -16,7 +35,7 @@ def use_pallas(impl: Impl, auto_platforms: tuple[str, ...] = PALLAS_PLATFORMS) -
     if impl not in IMPLS:
         raise ValueError(f"{impl=} must be one of {', '.join(map(repr, IMPLS))}")
     if impl == "auto":
-        return jax.default_backend() in auto_platforms
+        return target_backend() in auto_platforms
     return impl == "pallas"
 
 
@@ -25,12 +44,12 @@ def is_power_of_two(n: int) -> bool:
 
 
 def resolve_platform(platform: str | None) -> str:
-    """The platform a Pallas kernel is tuned and lowered for: given, else the default backend.
+    """The platform a Pallas kernel is tuned and lowered for: given, else `target_backend()`.
 
     A CPU default maps to "tpu": interpret mode runs the TPU kernel's program as written, and a
     deviceless TPU compile (libtpu on a CPU host) needs the TPU settings.
     """
-    platform = platform or jax.default_backend()
+    platform = platform or target_backend()
     if platform in ("cuda", "rocm"):
         platform = "gpu"
     if platform == "cpu":

@@ -1,13 +1,18 @@
 """One training step of the tiny model on several meshes of 8 CPU devices, against one device (whose step
 computes logits at every position; the meshes' at the answer positions only).
 
-Run by tests/test_sharding_train.py in a subprocess started with 8 fake CPU devices
+Run by tests/test_sharding.py in a subprocess started with 8 fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`); prints one JSON object:
-`{method: {mesh: {"loss", "max_update_difference", "q_proj_shard"}}}` (q_proj_shard: the shape of one
-device's shard of the base q_proj, showing that the mesh really split it). Method zo_fo also reports
-`max_base_update_difference` (its SPSA update of the base weights, drawn per shard).
+`{case: {mesh: {"loss", "max_update_difference", "q_proj_shard", "trainable_bytes"}}}` (q_proj_shard: the
+shape of one device's shard of the base q_proj, showing that the mesh really split it; trainable_bytes:
+the trainable parameters' bytes on one device, against the one-device run's total). Method zo_fo also
+reports `max_base_update_difference` (its SPSA update of the base weights, drawn per shard).
 
-    python tests/sharded_step_check.py CHECKPOINT TRAIN_TSV OUTPUT_DIR METHOD[,METHOD...]
+A case is `METHOD[:pallas][%OVERRIDE...][@MESH+MESH...]`: ":pallas" runs the butterfly and unitary kernels
+as Pallas in interpret mode (one device and meshes alike), each "%key=value" overrides the config, "@..."
+limits the meshes (default: all of MESHES).
+
+    python tests/sharded_step_check.py CHECKPOINT TRAIN_TSV OUTPUT_DIR CASE[,CASE...]
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ MESHES = {
 
 
 def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: dict, devices, start=None,
-             full_logits: bool = False) -> dict:
+             full_logits: bool = False, pallas: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     """One step of `method` on `mesh`; `start` (host `(trainable, frozen)`) replaces the run's own initial
     adapters, so every mesh starts from the same values (LoRA-GA's SVD initialisation turns fp-level
     differences of the gradient into different, equally valid, factors). `full_logits`: the batch without
@@ -46,7 +51,9 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
         "method.lora_ga.n_batches=2", "method.lora_ga.batch_size=8", "method.lora.rank=4", "method.lora_ga.rank=4",
         "method.zo_fo.learning_rate=1e-3", "method.hybrid_lora.n_batches=2", "method.hybrid_lora.batch_size=8",
         "export.peft_adapter=false",
-        "train.hybrid_weights.warmup_steps=0", f"logging.output_dir={output}"])
+        "train.hybrid_weights.warmup_steps=0", f"logging.output_dir={output}",
+        *(["method.boft.impl=pallas", "method.boft.interpret=true", "method.unitary.impl=pallas"] if pallas else []),
+        *overrides])
     layout = run_layout(MeshSection(**mesh), devices=devices)
     setup = prepare_run(config, layout=layout, log=lambda text: None)
     if start is not None:
@@ -70,26 +77,35 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
     base_updates = None if base is None else jax.tree.map(np.subtract, jax.device_get(state.base), base)
     return {"loss": float(metrics["loss"]), "updates": jax.tree.map(np.subtract, after, initial[0]),
             "base_updates": base_updates, "initial": initial,
-            "q_proj_shard": list(q_proj.sharding.shard_shape(q_proj.shape))}
+            "q_proj_shard": list(q_proj.sharding.shard_shape(q_proj.shape)),
+            "trainable_bytes": sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.trainable))}
 
 
-def main(checkpoint: str, train_tsv: str, output: str, methods: str) -> None:
+def main(checkpoint: str, train_tsv: str, output: str, cases: str) -> None:
     results = {}
-    for method in methods.split(","):
-        reference = one_step(checkpoint, train_tsv, f"{output}/{method}-one", method, dict(data=1), jax.devices()[:1],
-                             full_logits=True)
+    for case in cases.split(","):
+        name, _, meshes = case.partition("@")
+        method_impl, *overrides = name.split("%")
+        method, _, impl = method_impl.partition(":")
+        pallas = impl == "pallas"
+        folder = f"{output}/{len(results)}"
+        reference = one_step(checkpoint, train_tsv, f"{folder}-one", method, dict(data=1), jax.devices()[:1],
+                             full_logits=True, pallas=pallas, overrides=tuple(overrides))
         start = reference["initial"]
         scale = _max_difference(reference["updates"], None)
-        results[method] = {"one_device": {"loss": reference["loss"], "update_scale": scale}}
-        for name, mesh in MESHES.items():
-            run = one_step(checkpoint, train_tsv, f"{output}/{method}-{name}", method, mesh, jax.devices(), start)
-            results[method][name] = {"loss": run["loss"], "q_proj_shard": run["q_proj_shard"],
-                                     "max_update_difference": _max_difference(run["updates"], reference["updates"])}
+        results[name] = {"one_device": {"loss": reference["loss"], "update_scale": scale,
+                                        "trainable_bytes": reference["trainable_bytes"]}}
+        for mesh_name in meshes.split("+") if meshes else MESHES:
+            run = one_step(checkpoint, train_tsv, f"{folder}-{mesh_name}", method, MESHES[mesh_name], jax.devices(),
+                           start, pallas=pallas, overrides=tuple(overrides))
+            results[name][mesh_name] = {
+                "loss": run["loss"], "q_proj_shard": run["q_proj_shard"], "trainable_bytes": run["trainable_bytes"],
+                "max_update_difference": _max_difference(run["updates"], reference["updates"])}
             if run["base_updates"] is not None:
-                results[method][name]["max_base_update_difference"] = _max_difference(run["base_updates"],
-                                                                                      reference["base_updates"])
+                results[name][mesh_name]["max_base_update_difference"] = _max_difference(run["base_updates"],
+                                                                                         reference["base_updates"])
         if reference["base_updates"] is not None:
-            results[method]["one_device"]["base_update_scale"] = _max_difference(reference["base_updates"], None)
+            results[name]["one_device"]["base_update_scale"] = _max_difference(reference["base_updates"], None)
     print(json.dumps(results))
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from hyjax import adapters as A
 from hyjax import model as M
+from hyjax.adapters.boft import flatten_blocks
 from pallas_kernels.butterfly import butterfly_apply
 
 torch = pytest.importorskip("torch")
@@ -41,7 +42,7 @@ def _randomize(adapted, seed, std=0.1):
 def test_identity_at_init(base):
     adapted = A.apply(A.AdapterSpec.for_method(A.BOFTConfig(block_size=4, n_factors=2)), base, jax.random.key(0))
     node = adapted["layers"]["mlp"]["down_proj"]
-    assert node.r.shape == (2, 2, 48 // 4, 4, 4) and node.s.shape == (2, 32)
+    assert node.r.shape == (2, 2, 48 // 4, 4 * 4) and node.s.shape == (2, 32)
     assert not np.any(np.asarray(node.r)) and np.all(np.asarray(node.s) == 1)
     np.testing.assert_allclose(_apply(CONFIG, adapted, TOKENS), _apply(CONFIG, base, TOKENS), atol=1e-6)
 
@@ -60,9 +61,9 @@ def test_layer_matches_peft(d_in, d_out, b, m, peft_butterfly):
     want = layer(x).detach().numpy()
 
     ours = A.BOFTWeight(base=jnp.asarray(layer.base_layer.weight.detach().numpy().T),
-                        r=jnp.asarray(layer.boft_R["default"].detach().numpy()),
+                        r=flatten_blocks(jnp.asarray(layer.boft_R["default"].detach().numpy())),
                         s=jnp.asarray(layer.boft_s["default"].detach().numpy()[:, 0]), impl="xla")
-    assert ours.r.shape == (m, d_in // b, b, b)
+    assert ours.r.shape == (m, d_in // b, b * b)
     got = np.asarray(ours.apply_to(jnp.asarray(x.numpy())))
     diff = float(np.max(np.abs(got - want)))
     print(f"BOFT layer vs PEFT d_in={d_in} d_out={d_out} b={b} m={m}: max abs diff {diff:.2e}")
@@ -86,7 +87,7 @@ def test_merge_matches_adapted_logits_and_unmerge_recovers_base(base):
 
 def _rotation(node):
     """The dense R (rows: x @ R for unit x), built only to test it."""
-    d = node.r.shape[-3] * node.r.shape[-1]
+    d = node.r.shape[-2] * node.block_size
     return np.asarray(butterfly_apply(jnp.eye(d), node.blocks(), impl="xla"), np.float64)
 
 
@@ -145,7 +146,7 @@ def test_neumann_node_close_to_exact(base):
 def test_pallas_interpret_matches_xla_values_and_grads():
     k = jax.random.split(jax.random.key(5), 4)
     w0 = jax.random.normal(k[0], (64, 24)) / 8
-    node = A.BOFTWeight(base=w0, r=0.2 * jax.random.normal(k[1], (2, 8, 8, 8)),
+    node = A.BOFTWeight(base=w0, r=0.2 * jax.random.normal(k[1], (2, 8, 8 * 8)),
                         s=1 + 0.1 * jax.random.normal(k[2], (24,)), impl="xla")
     x = jax.random.normal(k[3], (2, 9, 64))
     kernel = node.replace(impl="pallas", interpret=True)
@@ -163,7 +164,7 @@ def test_pallas_interpret_matches_xla_values_and_grads():
 
 
 def test_block_dropout_replaces_blocks_of_one_factor():
-    node = A.BOFTWeight(base=jnp.zeros((64, 8)), r=0.3 * jax.random.normal(jax.random.key(0), (3, 8, 8, 8)),
+    node = A.BOFTWeight(base=jnp.zeros((64, 8)), r=0.3 * jax.random.normal(jax.random.key(0), (3, 8, 8 * 8)),
                         s=jnp.ones(8), dropout=0.5)
     assert node.with_rng(jax.random.key(1)).dropout_key is not None
     assert node.with_rng(None).dropout_key is None

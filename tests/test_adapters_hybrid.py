@@ -49,7 +49,7 @@ def test_identity_at_init_on_the_model(setup, mix):
     adapted = adapters.apply(spec, params, jax.random.key(5), gradients=grads)
     node = adapted["layers"]["mlp"]["down_proj"]
     assert isinstance(node, HybridWeight) and node.lam.shape == (2,) and float(node.lam[0]) == 0.5
-    assert node.boft_r.shape == (2, 2, 96 // 8, 8, 8) and node.boft_s.shape == (2, 64)
+    assert node.boft_r.shape == (2, 2, 96 // 8, 8 * 8) and node.boft_s.shape == (2, 64)
     assert node.lora_a.shape == (2, 96, 4) and node.eta == pytest.approx(8.0)
     # The LoRA-GA factors are real (not zero), yet cancel against their frozen copies.
     assert float(jnp.abs(node.lora_a).max()) > 0.05

@@ -243,6 +243,6 @@ def test_real_peft_boft_imports_with_peft_logits(smollm2, tmp_path, peft_butterf
     with torch.no_grad():
         want = model.eval()(torch.tensor(tokens)).logits.numpy()
     imported = A.import_peft(tmp_path, config, params)
-    assert imported["layers"]["attn"]["q_proj"].r.shape == (30, 2, 576 // 8, 8, 8)
+    assert imported["layers"]["attn"]["q_proj"].r.shape == (30, 2, 576 // 8, 8 * 8)
     _check_close("SmolLM2 PEFT BOFT (b=8, m=2) -> import_peft vs PEFT", np.asarray(_apply(config, imported, tokens)),
                  want, base_logits)

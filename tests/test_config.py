@@ -332,7 +332,7 @@ def test_the_hybrid_puts_its_transform_around_the_base_optimizers(mix, parts):
     config = load_config("quickstart", [f"method.hybrid.mix={mix}"])
     chain = method_of(config).optimizer(config, optax.sgd(1e-3))
     assert len(chain) == parts  # mix=update: hybrid_weights(inner=...) holds the base optimizers
-    hybrid = {"boft_r": jnp.zeros((1, 2, 2, 2)), "boft_s": jnp.ones(4), "lora_a": jnp.zeros((4, 1)),
+    hybrid = {"boft_r": jnp.zeros((1, 2, 2 * 2)), "boft_s": jnp.ones(4), "lora_a": jnp.zeros((4, 1)),
               "lora_b": jnp.zeros((1, 4))}
     state = optax.chain(*chain).init({"q_proj": hybrid})
     assert float(current_lambdas(state)["q_proj"]) == 0.5

@@ -35,7 +35,7 @@ def _grads(boft_norms, lora_norms, mix="weight"):
     half = np.sqrt(0.5)
     boft = np.asarray(boft_norms, np.float32)
     r_norms, s_norms = (boft, np.full_like(boft, 50.0)) if mix == "weight" else (boft * half, boft * half)
-    group = {"boft_r": field((2, 4, 4, 4), r_norms, 0),
+    group = {"boft_r": field((2, 4, 4 * 4), r_norms, 0),
              "boft_s": field((16,), s_norms, 1),
              "lora_a": field((16, 2), np.asarray(lora_norms) * half, 2),
              "lora_b": field((2, 16), np.asarray(lora_norms) * half, 3)}

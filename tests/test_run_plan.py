@@ -18,7 +18,9 @@ import pytest
 
 from hyjax.config import load_config
 from hyjax.training import plan_run, prepare_run, restore, run_layout, train
-from hyjax.training.checkpointing import CheckpointMismatchError
+from hyjax.adapters.hybrid import WEIGHT_MIX_FORM
+from hyjax.training.checkpointing import CheckpointMismatchError, check_form
+from hyjax.training.setup import fingerprint
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -66,12 +68,26 @@ def test_a_hybrid_run_saved_with_the_earlier_weight_mix_is_refused_and_left_unto
     output = workplace / "run_old_hybrid"
     shutil.copytree(FIXTURES / "runs" / "hybrid", output)
     before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
-    with pytest.raises(CheckpointMismatchError, match=r"step 2\) of method 'hybrid'.*mixes on the input side"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"step 2\) of method 'hybrid' saved with another form.*this version 'input-side"):
         restore(output)
     with pytest.raises(CheckpointMismatchError, match="cannot be resumed"):
         train(load_config(None, [*RUN_OVERRIDES, "method.name=hybrid", "train.steps=4",
                                  "logging.output_dir=run_old_hybrid"]), log=lambda text: None)
     assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize("method, saved", [("boft", None), ("oft", None), ("hybrid", WEIGHT_MIX_FORM)])
+def test_runs_saved_with_four_dimensional_boft_blocks_are_refused_by_name(tmp_path, method, saved):
+    """BOFT's r is now stored `[m, d_in / b, b * b]`: a run saved before (its fingerprint without that form)
+    is refused before any restore is tried."""
+    ours = fingerprint(load_config(None, [f"method.name={method}", "export.peft_adapter=false"]))
+    theirs = {**ours, "form": saved} if saved else {k: v for k, v in ours.items() if k != "form"}
+    with pytest.raises(CheckpointMismatchError, match=rf"method '{method}' saved with another form.*b \* b\]"):
+        check_form(tmp_path, 7, theirs, ours)
+    check_form(tmp_path, 7, ours, ours)  # the same form restores
+    lora = fingerprint(load_config(None, ["method.name=lora"]))
+    assert "form" not in lora  # LoRA's runs are unaffected
 
 
 @pytest.mark.parametrize("method", ["lora", "hybrid"])

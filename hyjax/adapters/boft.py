@@ -1,9 +1,11 @@
 """OFT / BOFT: rotate the input of a frozen weight by an orthogonal butterfly matrix, then scale outputs.
 
 For `d_in` inputs, block size b and m butterfly factors, the trainable parameters are, as in Hugging
-Face PEFT (`tuners/boft/layer.py`), `r` `[m, d_in / b, b, b]` (PEFT's `boft_R`, zero init) and a
-per-output scale `s` `[d_out]` (PEFT's `boft_s`, stored there as `[d_out, 1]`, init 1). Each b x b
-block becomes orthogonal through PEFT's Cayley transform
+Face PEFT (`tuners/boft/layer.py`), `r` (PEFT's `boft_R` `[m, d_in / b, b, b]`, zero init; stored here
+with each block's b x b entries in one axis, `[m, d_in / b, b * b]`: lane-dense on TPU, where a minor
+axis of b = 16 would pad to 128 lanes, and split over the base weight's d_out mesh axes, see
+`hyjax.adapters.axes`) and a per-output scale `s` `[d_out]` (PEFT's `boft_s`, stored there as
+`[d_out, 1]`, init 1). Each b x b block becomes orthogonal through PEFT's Cayley transform
 
     S = (r - r^T) / 2,   C(r) = (I - S)(I + S)^-1   (computed in float32),
 
@@ -20,6 +22,7 @@ applied to the activations factor by factor (`butterfly_apply`), never as a dens
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
@@ -29,7 +32,12 @@ from flax import struct
 
 from hyjax.adapters.node import AdaptedWeight, DropoutKeyed, peft_per_layer, peft_unsupported
 from hyjax.adapters.stacking import StackedInit
-from pallas_kernels.butterfly import butterfly_apply, butterfly_apply_transposed
+from hyjax.sharding.activations import on_local_tokens
+from pallas_kernels.butterfly import butterfly_apply, butterfly_apply_transposed, superblock_size
+from pallas_kernels.dispatch import use_pallas
+
+# How BOFT's r is stored, recorded in run fingerprints (`Method.form`): runs saved with 4-D blocks are refused.
+FLAT_BLOCKS_FORM = "boft_R stored [m, d_in / b, b * b]"
 
 
 def cayley(r: jax.Array, neumann_terms: int = 0) -> jax.Array:
@@ -52,10 +60,29 @@ def cayley(r: jax.Array, neumann_terms: int = 0) -> jax.Array:
     return (eye - skew) @ series
 
 
+def flatten_blocks(blocks: jax.Array) -> jax.Array:
+    """`[..., n, b, b]` blocks as stored, `[..., n, b * b]`."""
+    return blocks.reshape(*blocks.shape[:-2], blocks.shape[-1] ** 2)
+
+
+def block_size_of(r: jax.Array) -> int:
+    """b of stored blocks `[..., n, b * b]`."""
+    b = math.isqrt(r.shape[-1])
+    if b * b != r.shape[-1]:
+        raise ValueError(f"BOFT parameters of shape {r.shape} do not hold b x b blocks in their last axis")
+    return b
+
+
+def unflatten_blocks(r: jax.Array) -> jax.Array:
+    """Stored `[..., n, b * b]` blocks as `[..., n, b, b]`."""
+    b = block_size_of(r)
+    return r.reshape(*r.shape[:-1], b, b)
+
+
 class BOFTWeight(DropoutKeyed, AdaptedWeight):
     """A frozen weight whose input is rotated by an orthogonal butterfly and whose outputs are scaled."""
 
-    r: jax.Array = None  # [m, d_in / b, b, b], PEFT's boft_R
+    r: jax.Array = None  # [m, d_in / b, b * b], PEFT's boft_R with each block's entries in one axis
     s: jax.Array = None  # [d_out], PEFT's boft_s[:, 0]
     dropout_key: jax.Array | None = None
     dropout: float = struct.field(pytree_node=False, default=0.0)
@@ -64,30 +91,41 @@ class BOFTWeight(DropoutKeyed, AdaptedWeight):
     interpret: bool = struct.field(pytree_node=False, default=False)
     NAME: ClassVar[str] = "boft"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("r", "s")
-    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "r": (None, "adapter_block", None, None), "s": ("out",)}
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "r": (None, "in+out", "out"), "s": ("out+in",)}
     PEFT_TYPE: ClassVar[str | None] = "BOFT"
     PEFT_CONFIG: ClassVar[dict] = {"boft_block_num": 0, "init_weights": True}
     PEFT_TENSORS: ClassVar[dict[str, float]] = {"boft_R": 0.0, "boft_s": 1.0}  # identity: r = 0, s = 1
 
+    @property
+    def block_size(self) -> int:
+        return block_size_of(self.r)
+
     def blocks(self) -> jax.Array:
         """The orthogonal `[m, d_in / b, b, b]` blocks, with block dropout when a dropout key is set."""
-        blocks = cayley(self.r, self.neumann_terms)
+        blocks = cayley(unflatten_blocks(self.r), self.neumann_terms)
         if self.dropout > 0 and self.dropout_key is not None:
             blocks = _block_dropout(blocks, self.dropout, self.dropout_key)
         return blocks
 
     def rotate(self, x):
-        """`x @ R` for activations `[..., d_in]`, factor by factor (never a dense R)."""
-        lead, d_in = x.shape[:-1], x.shape[-1]
-        rotated = butterfly_apply(x.reshape(-1, d_in), self.blocks(), impl=self.impl, interpret=self.interpret)
-        return rotated.reshape(*lead, d_in)
+        """`x @ R` for activations `[..., d_in]`, factor by factor (never a dense R). The Pallas kernel runs
+        on each device's rows of a sharded batch (`on_local_tokens`)."""
+        def apply(x, blocks):
+            lead, d_in = x.shape[:-1], x.shape[-1]
+            rotated = butterfly_apply(x.reshape(-1, d_in), blocks, impl=self.impl, interpret=self.interpret)
+            return rotated.reshape(*lead, d_in)
+
+        if use_pallas(self.impl):  # each device rotates its tokens; its own windows where features are split
+            window = superblock_size(self.r.shape[-3], self.block_size)
+            return on_local_tokens(apply, x, self.blocks(), window=window, whole_feature_axes=(1,))
+        return apply(x, self.blocks())
 
     def apply_to(self, x):
         return jnp.dot(self.rotate(x), self.base.astype(x.dtype)) * self.s.astype(x.dtype)
 
     def rotate_rows(self, w: jax.Array, inverse: bool = False) -> jax.Array:
         """`R @ w` (or `R^T @ w`) for a `[d_in, n]` matrix, in float32 (export only)."""
-        blocks = cayley(self.r, self.neumann_terms)
+        blocks = cayley(unflatten_blocks(self.r), self.neumann_terms)
         op = butterfly_apply if inverse else butterfly_apply_transposed  # (w^T R^T)^T = R w
         return op(w.astype(jnp.float32).T, blocks, impl="xla").T
 
@@ -104,17 +142,18 @@ class BOFTWeight(DropoutKeyed, AdaptedWeight):
     def peft_settings(self, path):
         if self.neumann_terms:
             raise peft_unsupported(f"{path} uses a Neumann-series Cayley transform, PEFT's BOFT only the exact one")
-        return {"boft_block_size": int(self.r.shape[-1]), "boft_n_butterfly_factor": int(self.r.shape[-4]),
+        return {"boft_block_size": self.block_size, "boft_n_butterfly_factor": int(self.r.shape[-3]),
                 "boft_dropout": self.dropout}
 
     def peft_layers(self, num_layers):
-        return peft_per_layer({"boft_R": np.asarray(self.r, np.float32),
+        return peft_per_layer({"boft_R": np.asarray(unflatten_blocks(self.r), np.float32),
                                "boft_s": np.asarray(self.s, np.float32)[..., None]}, num_layers)
 
     @classmethod
     def from_peft(cls, peft, base, tensors):
         # boft_R: [..., m, d_in / b, b, b]; boft_s: [..., d_out, 1]
-        return cls(base=base, r=jnp.asarray(tensors["boft_R"]), s=jnp.asarray(tensors["boft_s"][..., 0]),
+        return cls(base=base, r=flatten_blocks(jnp.asarray(tensors["boft_R"])),
+                   s=jnp.asarray(tensors["boft_s"][..., 0]),
                    dropout=float(peft.get("boft_dropout", 0.0)))
 
 
@@ -178,6 +217,6 @@ class BOFTConfig(StackedInit):
         d_in, d_out = base.shape
         self.validate(d_in)
         b = self.block_size
-        return BOFTWeight(base=base, r=jnp.zeros((self.n_factors, d_in // b, b, b), jnp.float32),
+        return BOFTWeight(base=base, r=jnp.zeros((self.n_factors, d_in // b, b * b), jnp.float32),
                           s=jnp.ones((d_out,), jnp.float32), dropout=self.dropout,
                           neumann_terms=self.neumann_terms, impl=self.impl, interpret=self.interpret)

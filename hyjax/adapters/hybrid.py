@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from hyjax.adapters.boft import BOFTConfig, BOFTWeight, cayley
+from hyjax.adapters.boft import BOFTConfig, BOFTWeight, cayley, unflatten_blocks
 from hyjax.adapters.lora_ga import MISSING_GRADIENT, LoRAGAConfig
 from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
 from hyjax.adapters.stacking import StackedInit
@@ -48,7 +48,7 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
     """A frozen weight W0 with a BOFT branch (`boft_r`, `boft_s`) and a LoRA-GA branch (`lora_a`,
     `lora_b`, frozen `lora_a0`, `lora_b0`), mixed by the frozen per-layer weight `lam`."""
 
-    boft_r: jax.Array = None   # [m, d_in / b, b, b]  PEFT's boft_R (skew part used)
+    boft_r: jax.Array = None   # [m, d_in / b, b * b]  PEFT's boft_R, blocks flattened (skew part used)
     boft_s: jax.Array = None   # [d_out]              PEFT's boft_s
     lora_a: jax.Array = None   # [d_in, r]
     lora_b: jax.Array = None   # [r, d_out]
@@ -68,11 +68,11 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
         "weight": {"boft": ("boft_r",), "lora": ("lora_a", "lora_b")},
         "update": {"boft": ("boft_r", "boft_s"), "lora": ("lora_a", "lora_b")}}
     TRAINABLE: ClassVar[tuple[str, ...]] = ("boft_r", "boft_s", "lora_a", "lora_b")
-    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "boft_r": (None, "adapter_block", None, None), "boft_s": ("out",),
-                            "lora_a": ("in", "adapter_rank"), "lora_b": ("adapter_rank", "out"),
-                            "lora_a0": ("in", "adapter_rank"), "lora_b0": ("adapter_rank", "out")}
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "boft_r": (None, "in+out", "out"), "boft_s": ("out+in",),
+                            "lora_a": ("in+out", "out"), "lora_b": ("in", "out+in"),
+                            "lora_a0": ("in+out", "out"), "lora_b0": ("in", "out+in")}
     # Rank of each trainable field for one 2-D weight; axes before these are stacked-layer axes.
-    CORE_NDIM: ClassVar[dict[str, int]] = {"boft_r": 4, "boft_s": 1, "lora_a": 2, "lora_b": 2}
+    CORE_NDIM: ClassVar[dict[str, int]] = {"boft_r": 3, "boft_s": 1, "lora_a": 2, "lora_b": 2}
 
     def boft(self) -> BOFTWeight:
         """The BOFT branch as a node of its own, `((x @ R) @ W0) * s`."""
@@ -116,7 +116,8 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
             return self.boft().unmerge_2d(merged.astype(jnp.float32) - self._lora_delta_2d()).astype(merged.dtype)
         target = (merged.astype(jnp.float32) - (1 - lam) * self._lora_delta_2d()) / self.boft_s.astype(jnp.float32)
         d_in, d_out = target.shape
-        sup = superblocks(cayley(self.boft_r, self.neumann_terms), d_in)  # [m, windows, w, w], x @ R order
+        blocks = cayley(unflatten_blocks(self.boft_r), self.neumann_terms)
+        sup = superblocks(blocks, d_in)  # [m, windows, w, w], x @ R order
         windows = sup[0]
         for factor in sup[1:]:
             windows = windows @ factor  # R's diagonal blocks: x @ R = x @ sup[0] @ sup[1] @ ...

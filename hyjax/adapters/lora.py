@@ -30,7 +30,7 @@ class LoRAWeight(DropoutKeyed, AdaptedWeight):
     dropout: float = struct.field(pytree_node=False, default=0.0)
     NAME: ClassVar[str] = "lora"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("a", "b")
-    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "a": ("in", "adapter_rank"), "b": ("adapter_rank", "out")}
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "a": ("in+out", "out"), "b": ("in", "out+in")}
     PEFT_TYPE: ClassVar[str | None] = "LORA"
     PEFT_CONFIG: ClassVar[dict] = {"use_rslora": False, "init_lora_weights": True}  # scale = lora_alpha / r
     PEFT_TENSORS: ClassVar[dict[str, float]] = {"lora_A.weight": 0.0, "lora_B.weight": 0.0}

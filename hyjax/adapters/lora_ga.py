@@ -65,7 +65,7 @@ class LoRAGAWeight(LoRAWeight):
     a0: jax.Array = None  # [d_in, r]  frozen copy of the initial a
     b0: jax.Array = None  # [r, d_out] frozen copy of the initial b
     NAME: ClassVar[str] = "lora_ga"
-    AXES: ClassVar[dict] = {**LoRAWeight.AXES, "a0": ("in", "adapter_rank"), "b0": ("adapter_rank", "out")}
+    AXES: ClassVar[dict] = {**LoRAWeight.AXES, "a0": ("in+out", "out"), "b0": ("in", "out+in")}
     # A PEFT LoRA would sit on the pretrained W0, this one sits on the offset base: export it merged.
     PEFT_TYPE: ClassVar[str | None] = None
 

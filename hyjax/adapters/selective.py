@@ -47,7 +47,7 @@ class SelectiveWeight(DropoutKeyed, AdaptedWeight):
     dropout: float = struct.field(pytree_node=False, default=0.0)
     NAME: ClassVar[str] = "hybrid_lora"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("a", "b", "full")
-    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "a": ("in", "adapter_rank"), "b": ("adapter_rank", "out"),
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "a": ("in+out", "out"), "b": ("in", "out+in"),
                             "full": ("in", "out")}
     # PEFT: LoRA on the other layers, the chosen layers written whole (`modules_to_save`).
     PEFT_TYPE: ClassVar[str | None] = LoRAWeight.PEFT_TYPE

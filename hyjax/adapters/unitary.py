@@ -36,10 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hyjax.adapters.node import AdaptedWeight
 from hyjax.adapters.stacking import StackedInit
 from hyjax.adapters.unitary_full import UnitaryFullWeight
+from hyjax.sharding.activations import on_local_tokens
 from pallas_kernels import dispatch
 from pallas_kernels.unitary import unitary_apply, unitary_apply_transposed
 
@@ -70,7 +73,7 @@ def fixed_permutation(h: int, seed: int) -> np.ndarray:
 
 def _operator(x, theta, v, perm_seed, transpose, impl):
     fn = unitary_apply_transposed if transpose else unitary_apply
-    interpret = dispatch.use_pallas(impl) and jax.default_backend() not in dispatch.PALLAS_PLATFORMS
+    interpret = dispatch.use_pallas(impl) and dispatch.target_backend() not in dispatch.PALLAS_PLATFORMS
     perm = fixed_permutation(theta.shape[-1], perm_seed)
     return fn(x, theta, v, perm, impl=impl, interpret=interpret)
 
@@ -105,6 +108,7 @@ class UnitaryWeight(AdaptedWeight):
     impl: str = struct.field(pytree_node=False, default="auto")
     NAME: ClassVar[str] = "unitary"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("theta", "reflections")
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "theta": (None, "in+out"), "reflections": (None, None, "in+out")}
 
     @property
     def perm(self) -> np.ndarray:
@@ -116,8 +120,14 @@ class UnitaryWeight(AdaptedWeight):
         return _rotate(x, self.theta, self.reflections.vectors, self.perm_seed, transpose, impl or self.impl)
 
     def apply_to(self, x):
-        lead, d_in = x.shape[:-1], x.shape[-1]
-        rotated = self.rotate(x.reshape(-1, d_in)).reshape(*lead, d_in)  # [..., d_in]
+        def apply(x, theta, vectors):
+            lead, d_in = x.shape[:-1], x.shape[-1]
+            rotated = _rotate(x.reshape(-1, d_in), theta, vectors, self.perm_seed, False, self.impl)
+            return rotated.reshape(*lead, d_in)
+
+        # Each device rotates its own rows of a sharded batch with the whole operator: a Pallas kernel
+        # cannot be split, nor can the FFT over the features (XLA's partitioner fails on it).
+        rotated = on_local_tokens(apply, x, self.theta, self.reflections.vectors)
         return jnp.dot(rotated, self.base.astype(x.dtype))
 
     def _rotate_columns(self, w, transpose):
@@ -152,6 +162,15 @@ class UnitaryConfig(StackedInit):
         dispatch.use_pallas(self.impl)  # validates impl
         if self.max_full_capacity_dim < 1:
             raise ValueError(f"max_full_capacity_dim={self.max_full_capacity_dim} must be at least 1")
+
+    def init_stacked(self, base: jax.Array, key: jax.Array, gradient=None, stacked_axes: int = 0):
+        """As `StackedInit`'s, with a sharded base first gathered along d_in: folding U0 into W0 runs the
+        FFT over d_in, which XLA's partitioner cannot split."""
+        sharding = None if isinstance(base, jax.core.Tracer) else getattr(base, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (base.ndim - len(sharding.spec))
+            base = jax.device_put(base, NamedSharding(sharding.mesh, P(*spec[:-2], None, spec[-1])))
+        return super().init_stacked(base, key, gradient, stacked_axes)
 
     def init(self, base: jax.Array, key: jax.Array, gradient=None) -> AdaptedWeight:
         """uRNN initialisation: phases uniform in [-pi, pi), reflection vectors with real and imaginary

@@ -31,6 +31,7 @@ class UnitaryFullWeight(AdaptedWeight):
     rotation: Orthogonal = None  # matrix [d_in, d_in]
     NAME: ClassVar[str] = "unitary_full"
     TRAINABLE: ClassVar[tuple[str, ...]] = ("rotation",)
+    AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "rotation": ("in", "out")}
 
     @classmethod
     def identity(cls, base: jax.Array, dtype: str = "float32") -> "UnitaryFullWeight":

@@ -5,6 +5,7 @@ layer by lambdas that the `hybrid_weights` Optax transform computes from the bra
 from __future__ import annotations
 
 from hyjax.adapters import HybridConfig
+from hyjax.adapters.boft import FLAT_BLOCKS_FORM
 from hyjax.adapters.hybrid import WEIGHT_MIX_FORM
 from hyjax.methods.base import Method
 from hyjax.optim import hybrid_weights
@@ -20,10 +21,11 @@ class Hybrid(Method):
     def adapter_config(self, section) -> HybridConfig:
         return HybridConfig(boft=section.boft, lora_ga=section.lora_ga, mix=section.hybrid.mix)
 
-    def form(self, section) -> str | None:
-        """mix="weight" mixes on the input side (one matmul with W0); runs saved with the earlier output-side
-        mix (no form recorded) would change model if resumed."""
-        return WEIGHT_MIX_FORM if section.hybrid.mix == "weight" else None
+    def form(self, section) -> str:
+        """mix="weight" mixes on the input side (one matmul with W0): runs saved with the earlier output-side
+        mix would change model if resumed; and BOFT's r holds each block's entries in one axis."""
+        forms = [WEIGHT_MIX_FORM] if section.hybrid.mix == "weight" else []
+        return "; ".join([*forms, FLAT_BLOCKS_FORM])
 
     def optimizer(self, config, grouped):
         """`hybrid_weights` sets lambda from the gradients before the base optimizers see them; with

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from hyjax.adapters import BOFTConfig, FullConfig, UnitaryConfig
+from hyjax.adapters.boft import FLAT_BLOCKS_FORM
 from hyjax.methods.base import Method
 from hyjax.optim.unit_norm import unit_norm_projection
 
@@ -51,6 +52,11 @@ class BOFT(Method):
 
     def peft_exportable(self, section) -> bool:
         return section.boft.neumann_terms == 0  # PEFT's BOFT has only the exact Cayley transform
+
+    def form(self, section) -> str:
+        """r holds each block's entries in one axis; runs saved with `[m, d_in / b, b, b]` blocks would not
+        restore into it."""
+        return FLAT_BLOCKS_FORM
 
 
 class OFT(BOFT):

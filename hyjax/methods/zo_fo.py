@@ -28,6 +28,9 @@ class ZerothOrderFirstOrder(Method):
     def check(self, section) -> None:
         self._adapter_method(section).check(section)
 
+    def form(self, section) -> str | None:
+        return self._adapter_method(section).form(section)
+
     def zeroth_order(self, config, total_steps: int) -> ZerothOrder:
         """The SPSA part; its learning rate follows `train`'s schedule (warmup, decay) scaled to
         `method.zo_fo.learning_rate`."""

@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from hyjax.sharding.activations import input_features
+
 
 @runtime_checkable
 class LinearOperator(Protocol):
@@ -35,13 +37,16 @@ def scan_ready(params):
                         is_leaf=lambda w: isinstance(w, LayerStacked))
 
 
-def linear(x: jax.Array, w) -> jax.Array:
+def linear(x: jax.Array, w, features: str | None = None) -> jax.Array:
     """`y = x @ w` for a `[d_in, d_out]` kernel; an adapted weight applies itself to `x` instead.
 
-    The kernel is cast to the activations' dtype, so `x`'s dtype is the compute dtype.
+    The kernel is cast to the activations' dtype, so `x`'s dtype is the compute dtype. features: the
+    logical name of x's last axis (the kernel's d_in: "embed", "heads", "mlp"), which tells an adapter's
+    per-device kernels how the features are split (`hyjax.sharding.activations.input_features`).
     """
     if isinstance(w, LinearOperator):
-        return w.apply_to(x)
+        with input_features(features):
+            return w.apply_to(x)
     return jnp.dot(x, w.astype(x.dtype))
 
 

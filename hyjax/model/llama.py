@@ -64,9 +64,9 @@ class Attention(nnx.Module):
         new keys and values are written at `cache_index` and attention runs over the whole cache."""
         c = self.config
         batch, seq, _ = x.shape
-        q = linear(x, self.q_proj.get_value()).reshape(batch, seq, c.num_heads, c.head_dim)
-        k = linear(x, self.k_proj.get_value()).reshape(batch, seq, c.num_kv_heads, c.head_dim)
-        v = linear(x, self.v_proj.get_value()).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        q = linear(x, self.q_proj.get_value(), "embed").reshape(batch, seq, c.num_heads, c.head_dim)
+        k = linear(x, self.k_proj.get_value(), "embed").reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        v = linear(x, self.v_proj.get_value(), "embed").reshape(batch, seq, c.num_kv_heads, c.head_dim)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if kv is not None:
@@ -75,7 +75,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return linear(out.reshape(batch, seq, -1), self.o_proj.get_value()), kv
+        return linear(out.reshape(batch, seq, -1), self.o_proj.get_value(), "heads"), kv
 
 
 class MLP(nnx.Module):
@@ -88,8 +88,8 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (f, d), dt, ("mlp", "embed"))
 
     def __call__(self, x):
-        gate = jax.nn.silu(linear(x, self.gate_proj.get_value()))
-        return linear(gate * linear(x, self.up_proj.get_value()), self.down_proj.get_value())
+        gate = jax.nn.silu(linear(x, self.gate_proj.get_value(), "embed"))
+        return linear(gate * linear(x, self.up_proj.get_value(), "embed"), self.down_proj.get_value(), "mlp")
 
 
 class DecoderLayer(nnx.Module):

@@ -16,9 +16,15 @@ import jax
 
 @dataclasses.dataclass(frozen=True)
 class Axes:
-    """The logical names of one array's dimensions (None: no name, replicated). A pytree leaf."""
+    """The logical names of one array's dimensions (None: no name, replicated). A pytree leaf.
+
+    best_effort: a dimension whose size does not divide by its mesh axes stays whole instead of being
+    an error (`Layout.fitted`): adapter arrays, whose own small axes (a rank, a block's entries) borrow
+    their base weight's mesh axes where they divide.
+    """
 
     names: tuple[str | None, ...]
+    best_effort: bool = False
 
 
 def replicated(ndim: int) -> Axes:

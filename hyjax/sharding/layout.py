@@ -2,6 +2,7 @@
 
     layout = Layout(build_mesh(fsdp=4, tensor=2), Rules.default())
     shardings = layout.shardings(axes_tree)          # NamedSharding per array
+    axes_tree = layout.fitted(abstract_tree, axes_tree)  # best-effort dimensions that do not divide stay whole
     layout.check(abstract_tree, axes_tree)           # every split dimension divides, or a clear error
 """
 
@@ -57,6 +58,34 @@ class Layout:
     def ways(self, name: str) -> int:
         """Into how many parts a dimension named `name` is split."""
         return math.prod(self.mesh.shape[a] for a in self.rules.mesh_axes(name) if a in self.mesh.shape)
+
+    def ways_of(self, part) -> int:
+        """Into how many parts one entry of a `PartitionSpec` (None, a mesh axis or several) splits."""
+        mesh_axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+        return math.prod(self.mesh.shape[a] for a in mesh_axes)
+
+    def fitted(self, abstract: Any, axes_tree: Any) -> Any:
+        """`axes_tree` with every dimension of a `best_effort` array whose size does not divide by its
+        mesh axes left unnamed (whole), or, named by a tuple, named by its longest prefix that divides;
+        first dimension first, so a mesh axis it frees can split a later dimension. Other arrays are
+        unchanged (`check` reports theirs)."""
+        def divides(names, dim, size) -> bool:
+            return size % self.ways_of(self.spec(names[:dim + 1])[dim]) == 0
+
+        def fit(leaf, axes: Axes) -> Axes:
+            if not axes.best_effort:
+                return axes
+            names = list(axes.names)
+            for dim, size in enumerate(leaf.shape):
+                name = names[dim]
+                if isinstance(name, tuple):
+                    choices = [name[:k] or None for k in range(len(name), -1, -1)]
+                else:
+                    choices = [name, None]
+                names[dim] = next(c for c in choices if c is None or divides([*names[:dim], c], dim, size))
+            return dataclasses.replace(axes, names=tuple(names))
+
+        return jax.tree.map(fit, abstract, axes_tree, is_leaf=_is_axes)
 
     def check(self, abstract: Any, axes_tree: Any, what: str = "") -> None:
         """Raises `ShardingError` naming the array, dimension and mesh axes when a split dimension does

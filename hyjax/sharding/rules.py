@@ -20,7 +20,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 #   batch over data and fsdp (FSDP shards the batch like data parallelism, and the weights too);
 #   the embedding dimension of weights over fsdp (ZeRO-3 style: gathered per layer for the matmul);
 #   heads, kv_heads, mlp and vocab over tensor (Megatron-style column/row parallel projections);
-#   layers (the scan axis), sequence, and the adapters' own small dimensions replicated.
+#   layers (the scan axis) and sequence replicated. Adapter arrays use their base weight's names
+#   (hyjax.adapters.axes).
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", ("fsdp",)),
@@ -31,8 +32,6 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layers", ()),
     ("seq", ()),
     ("accum", ()),
-    ("adapter_rank", ()),
-    ("adapter_block", ()),
 )
 LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
 
@@ -69,17 +68,21 @@ class Rules:
             table[name] = axes
         return Rules(tuple(table.items()))
 
-    def mesh_axes(self, name: str | None) -> tuple[str, ...]:
-        """The mesh axes of one logical name (None and unknown names: replicated)."""
+    def mesh_axes(self, name: str | tuple[str, ...] | None) -> tuple[str, ...]:
+        """The mesh axes of one logical name, or of several in order for a dimension named by a tuple
+        (None and unknown names: replicated)."""
+        if isinstance(name, tuple):
+            return tuple(axis for part in name for axis in self.mesh_axes(part))
         return dict(self.table).get(name, ()) if name is not None else ()
 
-    def spec(self, names: Iterable[str | None]) -> P:
-        """The `PartitionSpec` of an array whose dimensions carry `names`. A mesh axis already used by an
-        earlier dimension is not used again (an array can be split over each mesh axis once)."""
+    def spec(self, names: Iterable[str | tuple[str, ...] | None]) -> P:
+        """The `PartitionSpec` of an array whose dimensions carry `names` (a tuple of names splits one
+        dimension over all their mesh axes). A mesh axis already used by an earlier dimension is not used
+        again (an array can be split over each mesh axis once)."""
         used: set[str] = set()
         parts = []
         for name in names:
-            axes = tuple(axis for axis in self.mesh_axes(name) if axis not in used)
+            axes = tuple(dict.fromkeys(axis for axis in self.mesh_axes(name) if axis not in used))
             used.update(axes)
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return P(*parts)

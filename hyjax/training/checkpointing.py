@@ -105,11 +105,10 @@ def check_form(directory: pathlib.Path, step: int, theirs: dict, ours: dict) -> 
     saved = theirs.get("form") or "the earlier form (no form recorded)"
     raise CheckpointMismatchError(
         f"{directory} holds checkpoints (step {step}) of method {ours['method'].get('name')!r} saved with "
-        f"another form of its forward pass: saved {saved!r}, this version {ours.get('form')!r}. For the hybrid "
-        "this is mix='weight', which now mixes on the input side (y = s * (((1 - lam) x + lam x R) W0) + "
-        "(1 - lam) * lora, one matmul with W0; the earlier form scaled only the BOFT branch by s). Its parameters "
-        "would mean another model, so the run cannot be resumed or restored with this version: train it again "
-        "in a new logging.output_dir, or use the hyjax version that saved it (the folder is left untouched)")
+        f"another form of its parameters or forward pass: saved {saved!r}, this version {ours.get('form')!r}. "
+        "Its parameters would mean another model or not fit this version's, so the run cannot be resumed or "
+        "restored with this version: train it again in a new logging.output_dir, or use the hyjax version that "
+        "saved it (the folder is left untouched)")
 
 
 def _jsonable(value: Any) -> Any:

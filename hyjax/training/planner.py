@@ -5,7 +5,8 @@ runs) ahead of time for a named TPU topology on this machine, without a TPU: lib
 (`jax.experimental.topologies`), every input is abstract (`jax.ShapeDtypeStruct` with its sharding),
 and no weight is read. Reports per-chip memory (arguments, temporaries, total against HBM), FLOPs per
 step (the model FLOPs of the MFU convention: XLA's own count sees a scanned layer once), whether it
-fits, and how the largest arrays are split.
+fits, how the largest arguments are split, and the largest arrays the compiled step computes, with
+their TPU tile padding and the operation behind each (`hyjax.training.buffers`).
 
 The architecture comes from `model.preset`; `model.path` is never read.
 """
@@ -24,8 +25,10 @@ from jax.experimental import topologies
 
 from hyjax.config import ConfigError, RunConfig
 from hyjax.model import abstract_params, count_params
+from hyjax.training.buffers import largest_buffers, shard_shapes
 from hyjax.training.optimizer import path_string
 from hyjax.training.run_plan import plan_run, run_layout
+from pallas_kernels import dispatch
 
 # Per-chip high-bandwidth memory of each TPU generation, GiB (Google Cloud's published figures).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
@@ -73,7 +76,9 @@ class Plan:
     fits: bool
     model_flops_per_chip: float  # 6 x parameters x tokens / chips: the MFU convention
     compile_seconds: float
+    pallas_calls: int  # Pallas kernel calls in the compiled step (forward and backward; 0: XLA only)
     largest_arrays: list[dict[str, Any]]
+    largest_buffers: list[dict[str, Any]]  # `hyjax.training.buffers.Buffer.to_json()` of the compiled step
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,12 +95,17 @@ class Plan:
             f"{m['outputs']:.2f} GiB - donated {m['aliased']:.2f} GiB = {m['total']:.2f} GiB of {self.hbm_gib:.0f} "
             f"GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
             f"  {self.model_flops_per_chip / 1e12:.2f} model TFLOP per chip per step (6 x parameters x tokens); "
-            f"compiled in {self.compile_seconds:.0f} s",
+            f"compiled in {self.compile_seconds:.0f} s; {self.pallas_calls} Pallas kernel calls",
             "  largest arrays (global shape -> per-chip shard):",
         ]
         for a in self.largest_arrays:
             lines.append(f"    {a['path']:<44} {a['dtype']:<9} {str(a['shape']):<22} {a['spec']:<28} "
                          f"{a['shard_gib']:.3f} GiB/chip")
+        lines.append("  largest arrays the step computes (per chip, with tile padding; shape-alike argument):")
+        for b in self.largest_buffers:
+            like = f" like {b['like']}" if b["like"] else ""
+            lines.append(f"    {b['gib']:7.3f} GiB (unpadded {b['unpadded_gib']:.3f}) {b['array']:<28} {b['op']:<20} "
+                         f"{b['source'][-70:]}{like}")
         return "\n".join(lines)
 
 
@@ -109,8 +119,12 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
     run = plan_run(config, model_config, layout, total_steps=config.train.steps or 1000)
     state, frozen, batch = run.abstract_arguments()
     start = time.perf_counter()
-    compiled = run.train_step().lower(state, frozen, batch).compile()
+    with dispatch.compile_for("tpu"):  # the kernels a TPU run picks (impl="auto": Pallas), not this host's
+        compiled = run.train_step().lower(state, frozen, batch).compile()
     seconds = time.perf_counter() - start
+    hlo = compiled.as_text()
+    arguments = shard_shapes({"state": state, "frozen": frozen}, {"state": run.shardings.state,
+                                                                  "frozen": run.shardings.frozen})
     memory = compiled.memory_analysis()
     gib = 1024.0 ** 3
     sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
@@ -128,7 +142,9 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
         memory_gib={k: v / gib for k, v in sizes.items()}, hbm_gib=float(hbm), fits=sizes["total"] / gib <= hbm,
         model_flops_per_chip=6.0 * parameters * train.global_batch_size * seq / chips, compile_seconds=seconds,
         largest_arrays=_largest({"state": state, "frozen": frozen},
-                                {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest))
+                                {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest),
+        pallas_calls=hlo.count("custom_call_target=\"tpu_custom_call\""),
+        largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)])
 
 
 def _largest(tree, shardings, count: int) -> list[dict[str, Any]]:

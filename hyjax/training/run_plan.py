@@ -178,7 +178,7 @@ def plan_run(config: RunConfig, model_config: LlamaConfig, layout: Layout, total
         raise ConfigError(f"method.name={config.method.name!r} does not fit the model: {err}") from err
     optimizer, schedule = build_optimizer(config, total_steps)
     zeroth_order = method.zeroth_order(config, total_steps)
-    axes = adapted_axes(adapted, base_axes(model_config))
+    axes = layout.fitted(adapted, adapted_axes(adapted, base_axes(model_config)))
     layout.check(adapted, axes, "adapted model")
     trainable_axes, frozen_axes, zeroth_order_axes = split_parts(axes, zeroth_order)
     trainable = adapters.split_trainable(adapted)[0]
