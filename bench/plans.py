@@ -60,9 +60,9 @@ def row_config(model_yaml: str, method: str, overrides: list[str]):
 def planned_rows(scales, methods):
     """`(model name, config, topology)` of every row, the CI row and the shipped config first, limited to
     `scales` and `methods` (None: all)."""
-    name, model_yaml, topology, method, overrides = CI_ROW
+    name, ci_yaml, ci_topology, ci_method, ci_overrides = CI_ROW
     config_name, shipped_topology = SHIPPED
-    rows = [(name, lambda: row_config(model_yaml, method, overrides), topology, method),
+    rows = [(name, lambda: row_config(ci_yaml, ci_method, ci_overrides), ci_topology, ci_method),
             (f"configs/{config_name}.yaml", lambda: load_config(config_name), shipped_topology, "hybrid")]
     for scale, (model_yaml, topology, mesh) in SCALES.items():
         if scales and scale not in scales:
@@ -92,6 +92,8 @@ def main() -> None:
         new = {key(r): r for r in rows}
         old = json.loads(out.with_suffix(".json").read_text())["rows"]
         rows = [new.pop(key(r), r) for r in old] + list(new.values())
+        order = [(model, method, topology) for model, _, topology, method in planned_rows(None, None)]
+        rows.sort(key=lambda r: order.index(key(r)) if key(r) in order else len(order))
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "jax": jax.__version__, "compiled_on": "CPU host, libtpu topology"}
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
