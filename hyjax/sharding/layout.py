@@ -100,7 +100,7 @@ class Layout:
                 if part is None:
                     continue
                 mesh_axes = (part,) if isinstance(part, str) else tuple(part)
-                ways = math.prod(self.mesh.shape[a] for a in mesh_axes)
+                ways = self.ways_of(part)
                 if size % ways:
                     where = f"{what}{jax.tree_util.keystr(path)}"
                     sizes = " x ".join(f"{a} {self.mesh.shape[a]}" for a in mesh_axes)
