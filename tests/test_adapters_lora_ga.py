@@ -13,6 +13,7 @@ import pytest
 from hyjax import adapters
 from hyjax import model as M
 from hyjax.adapters.lora_ga import LoRAGAConfig, LoRAGAWeight, estimate_gradients, next_token_loss, randomized_svd
+from hyjax.adapters.targets import iter_paths
 
 CONFIG = M.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                        num_kv_heads=2)
@@ -93,6 +94,27 @@ def test_identity_at_init_and_offset_recoverable(setup):
     base_logits, ours = logits(params, tokens), logits(adapted, tokens)
     np.testing.assert_allclose(ours, base_logits, atol=2e-5)
     assert float(jnp.abs(base_logits).max()) > 0.1
+
+
+@pytest.mark.parametrize("method", [LoRAGAConfig(rank=4), adapters.HybridConfig(lora_ga=LoRAGAConfig(rank=4))],
+                         ids=["lora_ga", "hybrid"])
+def test_saved_starting_values_rebuild_the_same_tree_without_a_gradient(setup, method):
+    """What a checkpoint keeps (`starting_values`) rebuilds the adapted tree exactly, whatever gradient a
+    restored run would estimate: another gradient gives other factors and another offset."""
+    params, tokens, grads = setup
+    spec = adapters.AdapterSpec.for_method(method, targets=list(TARGETS))
+    adapted = adapters.apply(spec, params, jax.random.key(9), gradients=grads)
+    start = adapters.starting_values(adapted)
+    names = set(type(_get(adapted, TARGETS[0])).STARTING)
+    assert {path for path, _ in iter_paths(start)} == {f"{path}/{name}" for path in TARGETS for name in names}
+    rebuilt = adapters.apply(spec, params, jax.random.key(9), gradients=start)
+    jax.tree.map(np.testing.assert_array_equal, rebuilt, adapted)
+    other = estimate_gradients(CONFIG, params, [jax.random.randint(jax.random.key(2), (2, 24), 0, 97)], n_batches=1)
+    drawn_again = adapters.apply(spec, params, jax.random.key(9), gradients=other)
+    assert float(jnp.abs(adapters.starting_values(drawn_again)["layers"]["attn"]["q_proj"][sorted(names)[0]]
+                         - start["layers"]["attn"]["q_proj"][sorted(names)[0]]).max()) > 1e-2
+    plain = adapters.apply(adapters.AdapterSpec.for_method(adapters.LoRAConfig(rank=4)), params, jax.random.key(9))
+    assert adapters.starting_values(plain) == {}
 
 
 def test_missing_gradient_says_how_to_get_it(setup):

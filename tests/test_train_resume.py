@@ -4,6 +4,7 @@ run: the same loss at every later step, bitwise on CPU, and the same final adapt
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def uninterrupted(tiny_checkpoint, sentiment_data, tmp_path_factory):
     output = tmp_path_factory.mktemp("uninterrupted")
     result = train(load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, output, *HYBRID)),
                    log=lambda text: None)
-    return _losses(output), result
+    return _losses(output), result, output
 
 
 def _start(overrides, log_path):
@@ -51,7 +52,7 @@ def _wait_for_checkpoint_and_step(process, output, step, timeout=240):
 
 
 def _assert_same_run(output, reference):
-    losses, result = reference
+    losses, result, _ = reference
     assert _losses(output) == losses  # bitwise: JSON keeps every float exactly
     final = checkpoint.restore(output)
     assert final.step == STEPS
@@ -82,3 +83,16 @@ def test_interrupted_run_resumes_as_if_uninterrupted(how, uninterrupted, tiny_ch
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     _assert_same_run(output, uninterrupted)
+
+
+def test_a_checkpoint_saved_without_starting_values_draws_them_again(uninterrupted, tmp_path):
+    """Checkpoints saved before they kept the adapters' starting values (here: that item removed) restore
+    on the mesh that saved them: the factors are drawn again from the same start-up gradient."""
+    _, result, output = uninterrupted
+    shutil.copytree(output / "checkpoints", tmp_path / "checkpoints")
+    kept = tmp_path / "checkpoints" / str(STEPS) / "start"
+    assert kept.is_dir()
+    shutil.rmtree(kept)
+    restored = checkpoint.restore(tmp_path)
+    for a, b in zip(jax.tree.leaves(result.adapted), jax.tree.leaves(restored.adapted)):
+        np.testing.assert_array_equal(a, b)

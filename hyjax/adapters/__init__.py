@@ -7,6 +7,7 @@ from hyjax.adapters.api import (
     count_trainable,
     merge,
     split_trainable,
+    starting_values,
     unmerge,
     with_rng,
 )
@@ -24,7 +25,7 @@ from hyjax.adapters.peft_io import export_merged, export_peft, import_peft
 __all__ = [
     "BOFTConfig", "BOFTWeight", "cayley", "export_merged", "export_peft", "import_peft",
     "AdaptedWeight", "AdapterSpec", "FullConfig", "FullWeight", "LoRAConfig", "LoRAWeight", "apply", "combine",
-    "count_trainable", "merge", "split_trainable", "unmerge", "with_rng",
+    "count_trainable", "merge", "split_trainable", "starting_values", "unmerge", "with_rng",
     "HybridConfig", "HybridWeight", "LoRAGAConfig", "LoRAGAWeight", "estimate_gradients", "set_lambdas",
     "Orthogonal", "UnitaryConfig", "UnitaryFullWeight", "UnitaryWeight", "UnitVectors",
     "SelectiveConfig", "SelectiveWeight", "selective_spec",

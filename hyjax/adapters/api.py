@@ -50,7 +50,9 @@ class AdapterSpec:
 def apply(spec: AdapterSpec, base_params: dict, key: jax.Array, gradients: dict | None = None) -> dict:
     """The parameter tree with every targeted leaf replaced by its method's adapted weight.
 
-    `gradients` (same paths as the targets) feeds methods initialised from gradients (LoRA-GA).
+    `gradients` (same paths as the targets) feeds methods initialised from gradients (LoRA-GA). To
+    rebuild a saved run instead, pass the `starting_values` its checkpoint kept: each such method then
+    takes its start-up values from them and needs no gradient.
     Raises if no rule matches any path, listing the paths there are.
     """
     matched = []
@@ -94,6 +96,14 @@ def split_trainable(tree: dict) -> tuple[dict, dict]:
                       if isinstance(leaf, AdaptedWeight) and leaf.TRAINABLE})
     frozen = map_paths(lambda _, leaf: leaf.frozen() if isinstance(leaf, AdaptedWeight) else leaf, tree)
     return trainable, frozen
+
+
+def starting_values(tree: dict) -> dict:
+    """The frozen values each adapter drew from data at start-up (its `STARTING` fields, e.g. LoRA-GA's
+    initial factors), by path: what a checkpoint keeps so that `apply(..., gradients=starting_values)`
+    rebuilds the same adapted tree on any mesh. Empty for methods that draw none."""
+    return nest({path: leaf.starting() for path, leaf in iter_paths(tree)
+                 if isinstance(leaf, AdaptedWeight) and leaf.STARTING})
 
 
 def combine(trainable: dict, frozen: dict) -> dict:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from hyjax.adapters.boft import BOFTConfig, BOFTWeight, cayley, unflatten_blocks
-from hyjax.adapters.lora_ga import MISSING_GRADIENT, LoRAGAConfig
+from hyjax.adapters.lora_ga import LoRAGAConfig
 from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
 from hyjax.adapters.stacking import StackedInit
 from hyjax.adapters.targets import iter_paths, map_paths
@@ -71,6 +71,7 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
     AXES: ClassVar[dict] = {**AdaptedWeight.AXES, "boft_r": (None, "in+out", "out"), "boft_s": ("out+in",),
                             "lora_a": ("in+out", "out"), "lora_b": ("in", "out+in"),
                             "lora_a0": ("in+out", "out"), "lora_b0": ("in", "out+in")}
+    STARTING: ClassVar[tuple[str, ...]] = ("lora_a0", "lora_b0")
     # Rank of each trainable field for one 2-D weight; axes before these are stacked-layer axes.
     CORE_NDIM: ClassVar[dict[str, int]] = {"boft_r": 3, "boft_s": 1, "lora_a": 2, "lora_b": 2}
 
@@ -132,7 +133,8 @@ class HybridConfig(StackedInit):
     """The hybrid's two branches and how they mix: mix="weight" (lam weights the branches' outputs) or
     "update" (both outputs unweighted; lam scales the branches' optimizer updates). lam starts at 0.5.
 
-    Initialisation needs each target's averaged full gradient (LoRA-GA; see `estimate_gradients`)."""
+    Initialisation needs each target's averaged full gradient (LoRA-GA; see `estimate_gradients`), or
+    the node's saved `starting` values."""
 
     boft: BOFTConfig = BOFTConfig()
     lora_ga: LoRAGAConfig = LoRAGAConfig()
@@ -143,14 +145,10 @@ class HybridConfig(StackedInit):
         if self.mix not in MIXES:
             raise ValueError(f"hybrid mix={self.mix!r} must be one of {MIXES}")
 
-    def init(self, base: jax.Array, key: jax.Array, gradient: jax.Array | None = None) -> HybridWeight:
-        if gradient is None:
-            raise ValueError(MISSING_GRADIENT)
-        if gradient.shape != base.shape:
-            raise ValueError(f"hybrid gradient shape {gradient.shape} differs from its weight's {base.shape}")
+    def init(self, base: jax.Array, key: jax.Array, gradient=None) -> HybridWeight:
         boft_key, lora_key = jax.random.split(key)
         rotation = self.boft.init(base, boft_key)
-        a0, b0 = self.lora_ga.factors(gradient, lora_key)
+        a0, b0 = self.lora_ga.starting_factors(base, gradient, lora_key, names=HybridWeight.STARTING)
         return HybridWeight(base=base, boft_r=rotation.r, boft_s=rotation.s, lora_a=a0, lora_b=b0, lora_a0=a0,
                             lora_b0=b0, lam=jnp.full((), 0.5, jnp.float32), eta=self.lora_ga.scale, mix=self.mix,
                             dropout=self.boft.dropout,

@@ -31,10 +31,11 @@ How Hugging Face PEFT's port (peft 0.21, `tuners/lora/layer.py: lora_ga_init`) d
     without the gradient it silently falls back to Kaiming init (the loaded state must then carry the
     modified base weight, or the model is wrong).
 
-Checkpoints. `LoRAGAWeight` keeps the initial factors `a0`, `b0` as frozen leaves, so the original
-weight is `base + eta a0 b0` and nothing has to be recomputed after a restore: save the frozen tree
-(or the original `W0` plus `a0`, `b0`). The offset is also a deterministic function of
-`(W0, gradient, key)` (`LoRAGAConfig.init`), reproducible on the same backend and dtype.
+Checkpoints. `LoRAGAWeight` keeps the initial factors `a0`, `b0` as frozen leaves (its `STARTING`
+fields), so the original weight is `base + eta a0 b0`. They are a deterministic function of
+`(gradient, key)`, but the SVD of a gradient summed in another order (another mesh) may pick other
+singular vectors where singular values nearly tie, so checkpoints keep `a0`, `b0` and a restored run
+is rebuilt from them (`apply(..., gradients=starting_values(saved))`), never from a new gradient.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class LoRAGAWeight(LoRAWeight):
     b0: jax.Array = None  # [r, d_out] frozen copy of the initial b
     NAME: ClassVar[str] = "lora_ga"
     AXES: ClassVar[dict] = {**LoRAWeight.AXES, "a0": ("in+out", "out"), "b0": ("in", "out+in")}
+    STARTING: ClassVar[tuple[str, ...]] = ("a0", "b0")
     # A PEFT LoRA would sit on the pretrained W0, this one sits on the offset base: export it merged.
     PEFT_TYPE: ClassVar[str | None] = None
 
@@ -138,13 +140,21 @@ class LoRAGAConfig(StackedInit):
             a0, b0 = a0 * c, b0 * c
         return a0.astype(self.dtype), b0.astype(self.dtype)
 
-    def init(self, base: jax.Array, key: jax.Array, gradient: jax.Array | None = None) -> LoRAGAWeight:
-        """The LoRA-GA node of one `[d_in, d_out]` weight; `gradient` is its averaged full gradient."""
-        if gradient is None:
+    def starting_factors(self, base: jax.Array, start, key: jax.Array, names=("a0", "b0")):
+        """`(a0, b0)` of one `[d_in, d_out]` weight: from `start`, its averaged full gradient, or as a
+        checkpoint kept them (`start` a dict holding them under `names`)."""
+        if isinstance(start, dict):
+            return start[names[0]], start[names[1]]
+        if start is None:
             raise ValueError(MISSING_GRADIENT)
-        if gradient.shape != base.shape:
-            raise ValueError(f"LoRA-GA gradient shape {gradient.shape} differs from its weight's {base.shape}")
-        a0, b0 = self.factors(gradient, key)
+        if start.shape != base.shape:
+            raise ValueError(f"LoRA-GA gradient shape {start.shape} differs from its weight's {base.shape}")
+        return self.factors(start, key)
+
+    def init(self, base: jax.Array, key: jax.Array, gradient=None) -> LoRAGAWeight:
+        """The LoRA-GA node of one `[d_in, d_out]` weight; `gradient` is its averaged full gradient (or
+        the node's saved `starting` values)."""
+        a0, b0 = self.starting_factors(base, gradient, key)
         offset = self.scale * jnp.dot(a0.astype(jnp.float32), b0.astype(jnp.float32))
         shifted = (base.astype(jnp.float32) - offset).astype(base.dtype)
         return LoRAGAWeight(base=shifted, a=a0, b=b0, a0=a0, b0=b0, scale=self.scale)

@@ -35,6 +35,10 @@ class AdaptedWeight(struct.PyTreeNode):
     # weight; "in"/"out" stand for the base weight's names (see hyjax.sharding.axes). Unlisted fields
     # are replicated.
     AXES: ClassVar[dict[str, tuple[str | None, ...]]] = {}
+    # Frozen fields drawn from data at start-up (LoRA-GA's initial factors, from the gradient estimate):
+    # they cannot be recomputed exactly elsewhere (another mesh sums the gradient in another order), so
+    # checkpoints keep them and a restored run is rebuilt from them (`hyjax.adapters.starting_values`).
+    STARTING: ClassVar[tuple[str, ...]] = ()
 
     # Hugging Face PEFT (see hyjax.adapters.peft_io). PEFT_TYPE: the `peft_type` the adapter is written
     # as (None: PEFT cannot hold it); PEFT_CONFIG: that type's fixed adapter_config.json entries;
@@ -76,6 +80,9 @@ class AdaptedWeight(struct.PyTreeNode):
 
     def trainable(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.TRAINABLE}
+
+    def starting(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.STARTING}
 
     def frozen(self) -> "AdaptedWeight":
         return self.replace(**{name: None for name in self.TRAINABLE})

@@ -132,15 +132,18 @@ class MetricsLogging(Callback):
 class Checkpoints(Callback):
     """Saves a checkpoint every `every` steps (0: never), after the last step and before stopping; its
     metadata: the data position (`position()`), the step's metrics and `record` (config, the method's
-    start-up choice). `close` waits for every started save, whatever stopped the loop."""
+    start-up choice); beside the state, the adapters' starting values `start`. `close` waits for every
+    started save, whatever stopped the loop."""
 
-    def __init__(self, checkpointer: RunCheckpointer, every: int, position: Callable[[], dict], record: dict):
+    def __init__(self, checkpointer: RunCheckpointer, every: int, position: Callable[[], dict], record: dict,
+                 start: dict):
         self.checkpointer, self.every, self.position, self.record = checkpointer, every, position, record
+        self.start = start
 
     def on_step(self, event: StepEnd) -> None:
         if event.stop or event.final or (self.every and event.step % self.every == 0):
-            self.checkpointer.save(event.step, event.state, {"data_position": self.position(),
-                                                             "metrics": event.metrics, **self.record}, force=True)
+            meta = {"data_position": self.position(), "metrics": event.metrics, **self.record}
+            self.checkpointer.save(event.step, event.state, meta, start=self.start, force=True)
 
     def close(self) -> None:
         self.checkpointer.wait()

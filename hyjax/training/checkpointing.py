@@ -1,10 +1,12 @@
 """`RunCheckpointer`: Orbax checkpoints of a training run, and the check that a folder belongs to it.
 
-One checkpoint per saved step, in `<dir>/<step>/`, with two items:
+One checkpoint per saved step, in `<dir>/<step>/`, with two or three items:
   * `state`: the `TrainState` pytree (trainable adapters, optimizer state with the hybrid lambdas,
     step, rng), written by every process through tensorstore;
   * `meta`: JSON with the run's fingerprint (model and method), resolved config, data position and the
-    metrics of the step.
+    metrics of the step;
+  * `start` (LoRA-GA and the hybrid): the frozen values the adapters drew from data at start-up
+    (`hyjax.adapters.starting_values`), so a restore rebuilds the same model on any mesh.
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run killed
 during a save leaves the earlier checkpoints intact and the half-written one invisible.
 """
@@ -17,6 +19,9 @@ import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+
+START = "start"  # the item of the adapters' starting values
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,7 +43,7 @@ class RunCheckpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = _jsonable(fingerprint)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", START))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -74,17 +79,29 @@ class RunCheckpointer:
                 "(the existing checkpoints are left untouched)")
         return step
 
-    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
-        """Starts saving checkpoint `step` (in the background with async_save); True if a save began."""
+    def save(self, step: int, state: Any, meta: dict, start: Any = None, force: bool = False) -> bool:
+        """Starts saving checkpoint `step` (in the background with async_save); True if a save began.
+        `start`: the adapters' starting values (`hyjax.adapters.starting_values`), kept when not empty."""
         meta = {**_jsonable(meta), "fingerprint": self.fingerprint}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, force=force)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if start:
+            items[START] = ocp.args.StandardSave(start)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """`(state, meta)` of checkpoint `step`, with `abstract_state`'s structure, dtypes and shardings."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
+
+    def restore_start(self, step: int, abstract_start: Any) -> Any:
+        """The adapters' starting values kept in checkpoint `step`, with `abstract_start`'s structure,
+        dtypes and shardings; None when the checkpoint has none (saved before they were kept)."""
+        if not (self.directory / str(step) / START).is_dir():
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{START: ocp.args.StandardRestore(
+            abstract_start)}))
+        return restored[START]
 
     def wait(self) -> None:
         """Blocks until every started save is on disk."""

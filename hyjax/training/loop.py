@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -114,7 +115,8 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     checkpointer, resume_step = open_checkpoints(config)
     meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
     setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta else None,
-                        selection=saved_selection(config, meta) if meta else None, log=log)
+                        selection=saved_selection(config, meta) if meta else None,
+                        read_start=partial(checkpointer.restore_start, resume_step) if meta else None, log=log)
     plan = setup.plan
     record = _record_run(setup, main_process)
     state, frozen = setup.initial_state(), setup.frozen
@@ -141,7 +143,8 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
         eval_before = evaluate(state, 0, "before training")
     skipped = SkippedSteps(config.train.max_skipped_steps, log)
     progress = ProgressBar(setup.total_steps, start_step, config.logging.progress_bar and main_process)
-    checkpoints = Checkpoints(checkpointer, config.checkpoint.every_steps, lambda: setup.data.train.position, record)
+    checkpoints = Checkpoints(checkpointer, config.checkpoint.every_steps, lambda: setup.data.train.position, record,
+                              setup.start)
     periodic = PeriodicEvaluation(config.eval.every_steps if evaluator.enabled else 0,
                                   lambda state, step: evaluate(state, step, f"step {step}"))
     metrics = MetricsLogging(metrics_log, config.logging.every_steps, plan.method.lambdas)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Any
@@ -61,9 +62,9 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     """The run checkpointed in `path` at `step` (default: the latest), laid out on this machine's devices.
 
     Rebuilds the run from the config stored in the checkpoint (so the model checkpoint and the data
-    files it names must still be there: LoRA-GA and hybrid runs re-derive their frozen initial factors
-    from them, deterministically; Hybrid-LoRA takes its modules from the checkpoint), then restores
-    adapters, optimizer state, step, rng and zeroth-order-trained base weights into it. Each
+    files it names must still be there), with the method's start-up choices as the checkpoint kept them
+    (LoRA-GA's and the hybrid's initial factors, Hybrid-LoRA's modules), then restores adapters,
+    optimizer state, step, rng and zeroth-order-trained base weights into it. Each
     array is read straight into its sharding on `mesh` (sizes like the config's mesh section, e.g.
     `{"fsdp": 4, "tensor": 2}`; default: data parallel over every device), whatever mesh saved it.
     """
@@ -80,7 +81,8 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     check_form(folder, step, meta.get("fingerprint", {}), fingerprint(config))
     config = dataclasses.replace(config, mesh=MeshSection(**{"data": -1, **(mesh or {})}))
     setup = prepare_run(config, layout=run_layout(config.mesh), data_position=meta["data_position"],
-                        selection=saved_selection(config, meta), log=lambda text: None)
+                        selection=saved_selection(config, meta),
+                        read_start=functools.partial(checkpointer.restore_start, step), log=lambda text: None)
     state, meta = checkpointer.restore(step, setup.initial_state())
     checkpointer.close()
     return RestoredRun(config=config, setup=setup, state=state, frozen=setup.frozen, step=step, meta=meta)

@@ -132,6 +132,11 @@ class RunPlan:
                  for key, dtype in BATCH_DTYPES.items()}
         return _with_shardings(state, self.shardings.state), _with_shardings(frozen, self.shardings.frozen), batch
 
+    def abstract_start(self) -> dict:
+        """The adapters' starting values (`adapters.starting_values`: LoRA-GA's initial factors) as
+        `jax.ShapeDtypeStruct`s with their shardings: how a checkpoint's are read back. Empty for most methods."""
+        return _with_shardings(adapters.starting_values(self.adapted), adapters.starting_values(self.adapted_shardings))
+
     def train_step(self, donate: bool = True):
         """The step `(state, frozen, batch) -> (state, metrics)` jitted with the run's shardings: the
         state keeps its layout from step to step (and is donated), metrics come back replicated, and

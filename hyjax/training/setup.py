@@ -108,6 +108,11 @@ class RunSetup:
     def trainable_counts(self) -> dict[str, int]:
         return self.plan.trainable_counts
 
+    @property
+    def start(self) -> dict:
+        """The adapters' starting values (`adapters.starting_values`), which every checkpoint keeps."""
+        return adapters.starting_values(self.frozen)
+
     def initial_state(self) -> TrainState:
         """The fresh state, laid out on the run's devices."""
         return self.plan.create_state(self.trainable, self.base)
@@ -188,12 +193,26 @@ def _gradient_batches(config: RunConfig, data: PreparedData, layout: Layout, n_b
         yield {key: put_local(value, rows) for key, value in batch.items()} if split else batch
 
 
+def _startup_gradients(config: RunConfig, model_config: LlamaConfig, params: dict, data: PreparedData, layout: Layout,
+                       log: Callable[[str], None]) -> dict:
+    """The method's start-up estimate of each target's full gradient (`adapters.estimate_gradients`)."""
+    method = method_of(config)
+    n_batches, batch_size = method.gradient_batches(config.method)
+    log(f"{method.name}: averaging the full gradient over {n_batches} batches of {batch_size}")
+    return adapters.estimate_gradients(
+        model_config, params, _gradient_batches(config, data, layout, n_batches, batch_size),
+        targets=method.adapter_spec(config, model_config), loss_fn=AnswerLoss(model_config), n_batches=n_batches)
+
+
 def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None = None,
-                selection: Any = None, log: Callable[[str], None] = print) -> RunSetup:
+                selection: Any = None, read_start: Callable[[dict], dict | None] | None = None,
+                log: Callable[[str], None] = print) -> RunSetup:
     """Loads the model and data, runs the method's start-up gradient estimate and choice, plans the run
     and builds its adapted tree on `layout` (a `hyjax.sharding.Layout`; every process calls this
-    identically). `selection`: the method's start-up choice as a checkpoint recorded it (JSON), used
-    instead of choosing again."""
+    identically). For a restored run: `selection`, the method's start-up choice as its checkpoint
+    recorded it (JSON), used instead of choosing again; `read_start`, which reads the adapters' starting
+    values from the checkpoint into `plan.abstract_start()` (None when it has none), used instead of
+    drawing them again from a new gradient estimate."""
     check_batch_split(config, layout)
     rows = layout.process_rows(config.train.micro_batch)
     model_config, params, tokenizer, path = load_model(config, layout)
@@ -212,16 +231,18 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
     if selection is not None:
         selection = method.selection_from_json(selection)
     gradients = None
-    if method.from_gradients and selection is None:
-        n_batches, batch_size = method.gradient_batches(config.method)
-        log(f"{method.name}: averaging the full gradient over {n_batches} batches of {batch_size}")
-        gradients = adapters.estimate_gradients(
-            model_config, params, _gradient_batches(config, data, layout, n_batches, batch_size),
-            targets=method.adapter_spec(config, model_config), loss_fn=AnswerLoss(model_config), n_batches=n_batches)
+    if method.from_gradients and selection is None and read_start is None:
+        gradients = _startup_gradients(config, model_config, params, data, layout, log)
         selection = method.select(config, gradients)
     if selection is not None:
         log(selection.table())
     plan = plan_run(config, model_config, layout, total_steps(config, data.train), selection)
+    if read_start is not None and plan.abstract_start():
+        gradients = read_start(plan.abstract_start())
+        if gradients is None:
+            log(f"{method.name}: the checkpoint keeps no starting values (saved by an earlier version): drawn "
+                "again from the start-up gradient, which gives the saved model only on the mesh that saved it")
+            gradients = _startup_gradients(config, model_config, params, data, layout, log)
     # Op by op rather than one jitted program: XLA:CPU can deadlock on a program with many independent
     # collectives over fake devices (the randomized SVDs of LoRA-GA on FSDP-split gradients did).
     adapted = adapters.apply(plan.spec, params, jax.random.key(config.train.seed), gradients=gradients)
