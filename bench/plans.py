@@ -1,6 +1,6 @@
 """Per-chip memory of LLaMA-3.1 8B / 70B / 405B training steps on v5p pods, for full fine-tuning, LoRA,
 BOFT and the hybrid (and, at 8B, the ZO + FO hybrid and Hybrid-LoRA), compiled for the TPU topology on
-this CPU machine (`python -m hyjax.plan`, libtpu).
+this CPU machine (`python -m hyjax.plan`, libtpu), with each step's roofline time bound.
 
     python bench/plans.py [--only 405b] [--methods boft,hybrid --update] [--out bench/results/plans]
 
@@ -115,6 +115,24 @@ def main() -> None:
                      f"({r['batch']['micro_batch']}) | {r['trainable_parameters']:,} | {m['arguments']:.2f} | "
                      f"{m['temporaries']:.2f} | {m['total']:.2f} | {ratio} | {'yes' if r['fits'] else 'no'} | "
                      f"{r.get('pallas_calls', '')} | {r['compile_seconds']:.0f} |")
+    lines += ["", "## Step time bound (roofline)", "",
+              "Per chip per step, from the compiled step's own HLO with every loop iteration counted "
+              "(`hyjax.training.hlo_cost`: XLA's `cost_analysis()` counts a scanned layer once): its FLOPs at v5p's "
+              "459 TFLOP/s bfloat16 peak and its HBM traffic (tile-padded arrays read and written) at 2,765 GB/s, "
+              "whichever is longer. A lower bound: it assumes perfect overlap and ignores collectives' links; "
+              "Pallas kernels' FLOPs are not counted (their traffic is). MFU: model FLOPs (6 x parameters x "
+              "tokens) at that time.", "",
+              "| model | method | TFLOP | HBM GB | compute ms | memory ms | step >= ms | vs full | MFU <= |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    full_step = {r["model"]: r["roofline"]["step_s"] for r in rows if r["method"] == "full" and "roofline" in r}
+    for r in rows:
+        if "roofline" not in r:
+            continue
+        t = r["roofline"]
+        ratio = f"{t['step_s'] / full_step[r['model']]:.2f}x" if r["model"] in full_step else ""
+        lines.append(f"| {r['model']} | {r['method']} | {t['flops'] / 1e12:.1f} | {t['hbm_bytes'] / 1e9:.0f} | "
+                     f"{t['compute_s'] * 1e3:.0f} | {t['memory_s'] * 1e3:.0f} | {t['step_s'] * 1e3:.0f} | {ratio} | "
+                     f"{t['mfu']:.0%} |")
     lines += ["", "## Largest arrays of the 405B steps", "",
               "Per chip, with TPU tile padding (`hyjax.training.buffers`: distinct arrays of the optimized HLO by "
               "shape and origin, not XLA's buffer assignment); `like`: the step argument whose shard has that shape.",

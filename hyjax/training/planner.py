@@ -4,9 +4,11 @@ Compiles the real training step (the run's `RunPlan`, the same jitted step `pyth
 runs) ahead of time for a named TPU topology on this machine, without a TPU: libtpu describes the pod's chips
 (`jax.experimental.topologies`), every input is abstract (`jax.ShapeDtypeStruct` with its sharding),
 and no weight is read. Reports per-chip memory (arguments, temporaries, total against HBM), FLOPs per
-step (the model FLOPs of the MFU convention: XLA's own count sees a scanned layer once), whether it
-fits, how the largest arguments are split, and the largest arrays the compiled step computes, with
-their TPU tile padding and the operation behind each (`hyjax.training.buffers`).
+step (the model FLOPs of the MFU convention), whether it fits, how the largest arguments are split, the
+largest arrays the compiled step computes, with their TPU tile padding and the operation behind each
+(`hyjax.training.buffers`), and a roofline time bound from the compiled step's own FLOPs and HBM
+traffic with every loop iteration counted (`hyjax.training.hlo_cost`; XLA's `cost_analysis()` counts a
+scanned layer once) against the chip's peak and bandwidth.
 
 The architecture comes from `model.preset`; `model.path` is never read.
 """
@@ -26,12 +28,26 @@ from jax.experimental import topologies
 from hyjax.config import ConfigError, RunConfig
 from hyjax.model import abstract_params, count_params
 from hyjax.training.buffers import largest_buffers, shard_shapes
+from hyjax.training.hlo_cost import Cost, program_cost
 from hyjax.training.optimizer import path_string
 from hyjax.training.run_plan import plan_run, run_layout
 from pallas_kernels import dispatch
 
-# Per-chip high-bandwidth memory of each TPU generation, GiB (Google Cloud's published figures).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation's chip, as Google Cloud publishes it: HBM (GiB), peak bfloat16 matmul FLOP/s
+    and HBM bandwidth (bytes/s)."""
+
+    hbm_gib: float
+    peak_flops: float
+    hbm_bandwidth: float
+
+
+CHIPS = {"v4": Chip(32, 275e12, 1200e9), "v5e": Chip(16, 197e12, 819e9), "v5litepod": Chip(16, 197e12, 819e9),
+         "v5p": Chip(95, 459e12, 2765e9), "v6e": Chip(32, 918e12, 1638e9)}
+HBM_GIB = {name: chip.hbm_gib for name, chip in CHIPS.items()}
 _TOPOLOGY = re.compile(r"^(?P<generation>v4|v5e|v5litepod|v5p|v6e):(?P<shape>\d+(?:x\d+){1,2})$")
 
 
@@ -77,6 +93,7 @@ class Plan:
     model_flops_per_chip: float  # 6 x parameters x tokens / chips: the MFU convention
     compile_seconds: float
     pallas_calls: int  # Pallas kernel calls in the compiled step (forward and backward; 0: XLA only)
+    roofline: dict[str, float]  # per chip per step: flops, hbm_bytes, compute_s, memory_s, step_s, mfu (`roofline`)
     largest_arrays: list[dict[str, Any]]
     largest_buffers: list[dict[str, Any]]  # `hyjax.training.buffers.Buffer.to_json()` of the compiled step
 
@@ -84,7 +101,7 @@ class Plan:
         return dataclasses.asdict(self)
 
     def report(self) -> str:
-        m = self.memory_gib
+        m, r = self.memory_gib, self.roofline
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
         lines = [
             f"{self.preset} {self.method} on {self.topology} ({self.chips} chips, mesh {mesh})",
@@ -96,6 +113,10 @@ class Plan:
             f"GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
             f"  {self.model_flops_per_chip / 1e12:.2f} model TFLOP per chip per step (6 x parameters x tokens); "
             f"compiled in {self.compile_seconds:.0f} s; {self.pallas_calls} Pallas kernel calls",
+            f"  roofline: {r['flops'] / 1e12:.2f} TFLOP and {r['hbm_bytes'] / 1e9:.1f} GB of HBM traffic per chip per "
+            f"step (every loop iteration counted; Pallas kernels' FLOPs not): compute {r['compute_s'] * 1e3:.0f} ms, "
+            f"memory {r['memory_s'] * 1e3:.0f} ms, so at least {r['step_s'] * 1e3:.0f} ms per step "
+            f"({'compute' if r['compute_s'] >= r['memory_s'] else 'memory'}-bound), MFU at most {r['mfu']:.0%}",
             "  largest arrays (global shape -> per-chip shard):",
         ]
         for a in self.largest_arrays:
@@ -133,6 +154,7 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
     hbm = HBM_GIB[generation]
     parameters = count_params(abstract_params(model_config))
     train, seq = config.train, config.data.max_length
+    model_flops = 6.0 * parameters * train.global_batch_size * seq / chips
     return Plan(
         topology=topology, chips=chips, mesh=dict(layout.mesh.shape), preset=config.model.preset,
         method=config.method.name,
@@ -140,11 +162,22 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
                "accumulation": train.grad_accum_steps, "seq": seq},
         parameters=parameters, trainable_parameters=run.trainable_counts["total"],
         memory_gib={k: v / gib for k, v in sizes.items()}, hbm_gib=float(hbm), fits=sizes["total"] / gib <= hbm,
-        model_flops_per_chip=6.0 * parameters * train.global_batch_size * seq / chips, compile_seconds=seconds,
+        model_flops_per_chip=model_flops, compile_seconds=seconds,
+        roofline=roofline(program_cost(hlo), CHIPS[generation], model_flops),
         largest_arrays=_largest({"state": state, "frozen": frozen},
                                 {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest),
         pallas_calls=hlo.count("custom_call_target=\"tpu_custom_call\""),
         largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)])
+
+
+def roofline(cost: Cost, chip: Chip, model_flops: float) -> dict[str, float]:
+    """The step's time bound on `chip` from its per-chip `cost`: its FLOPs at the chip's peak and its HBM
+    traffic at the chip's bandwidth, whichever is longer (a bound: no overlap lost, no collective
+    waits), and the MFU of `model_flops` (6 x parameters x tokens per chip) at that time."""
+    compute, memory = cost.flops / chip.peak_flops, cost.bytes / chip.hbm_bandwidth
+    step = max(compute, memory)
+    return {"flops": cost.flops, "hbm_bytes": cost.bytes, "compute_s": compute, "memory_s": memory, "step_s": step,
+            "mfu": model_flops / (step * chip.peak_flops)}
 
 
 def _largest(tree, shardings, count: int) -> list[dict[str, Any]]:
