@@ -23,13 +23,18 @@ _FEATURES = contextvars.ContextVar("hyjax_input_features", default=None)
 
 
 @contextlib.contextmanager
-def activation_sharding(layout):
-    """Activations marked with `constrain` follow `layout` (a `hyjax.sharding.Layout`) while tracing."""
-    token = _ACTIVE.set(layout)
+def _setting(variable: contextvars.ContextVar, value):
+    """`variable` set to `value` inside the block, restored after it."""
+    token = variable.set(value)
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        variable.reset(token)
+
+
+def activation_sharding(layout):
+    """Activations marked with `constrain` follow `layout` (a `hyjax.sharding.Layout`) while tracing."""
+    return _setting(_ACTIVE, layout)
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
@@ -40,15 +45,10 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, layout.sharding(names))
 
 
-@contextlib.contextmanager
 def input_features(name: str | None):
     """While tracing a projection: the logical name of its input's last axis ("embed", "heads", "mlp"),
     for kernels that run per device (`on_local_tokens`). Set by `hyjax.model.linear`."""
-    token = _FEATURES.set(name)
-    try:
-        yield
-    finally:
-        _FEATURES.reset(token)
+    return _setting(_FEATURES, name)
 
 
 def on_local_tokens(fn, x: jax.Array, *whole: jax.Array, window: int | None = None,
