@@ -1,0 +1,177 @@
+"""Sweep: the hybrid's settings (and LoRA's learning rate, for a fair comparison) on SST-2 rows held out of
+the training file, never on dev.
+
+    python bench/hybrid_sweep.py [--only "NAME;..."] [--steps 150] [--batch 16] [--held-out 500] [--seed 0]
+                                 [--out bench/results] [--work runs/bench-hybrid-sweep] [--resume]
+
+The budget is the real SST-2 job's (bench/job.py): SmolLM2-135M-Instruct, each step 16 rows drawn from the
+whole training file, prompt "Review: {text}\\nSentiment:", loss on the answer tokens, AdamW, clipping at
+1.0, cosine schedule with 10% warm-up, one seed. Each setting is `python -m hyjax.train methods/<method>`
+with its overrides, in its own process; the score is the accuracy (answer log-likelihood of the two
+labels) on `--held-out` rows that `data.eval_count` holds out of the training file (the same rows for
+every setting: they depend on the seed only). Per setting: held-out accuracy and loss, the final training
+loss, the hybrid's mean lambda at the end, and wall time. Writes hybrid_sweep.{json,md} under `--out`;
+runs live under `--work`, and `--resume` keeps every run that finished there.
+
+The settings: the shipped hybrid; its learning rate; the two parameterisations (mix "weight": lambda
+weights the branches' outputs; "update": it scales their optimizer updates); the BOFT branch at BOFT's own
+learning rate (a 5x `lr_multipliers` group over LoRA-GA's); the lambda rule's direction; fixed lambda 0.5;
+and each branch alone. LoRA runs at the same learning rates as the hybrid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+from machine import cores, cpu_model
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SST2_TRAIN = PROJECT_ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+TEMPLATE = "Review: {text}\nSentiment:"
+BOFT_AT_ITS_RATE = 'train.lr_multipliers=[[".*/boft_r$",5.0]]'  # 5 x 2e-4 = BOFT's configured 1e-3
+FIXED_HALF = "train.hybrid_weights.clip=[0.5,0.5]"
+
+# name -> (method, overrides). The hybrid's settings first (at most 12), then the branches and LoRA.
+SETTINGS = {
+    "hybrid shipped (weight, lr 5e-4)": ("hybrid", []),
+    "hybrid weight lr 2e-4": ("hybrid", ["train.learning_rate=2e-4"]),
+    "hybrid weight lr 1e-3": ("hybrid", ["train.learning_rate=1e-3"]),
+    "hybrid weight lr 2e-4, BOFT 1e-3": ("hybrid", ["train.learning_rate=2e-4", BOFT_AT_ITS_RATE]),
+    "hybrid update lr 2e-4": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4"]),
+    "hybrid update lr 5e-4": ("hybrid", ["method.hybrid.mix=update"]),
+    "hybrid update lr 1e-3": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=1e-3"]),
+    "hybrid update lr 2e-4, BOFT 1e-3": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4",
+                                                    BOFT_AT_ITS_RATE]),
+    "hybrid update lr 2e-4, BOFT 1e-3, inverse": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4",
+                                                             BOFT_AT_ITS_RATE,
+                                                             "train.hybrid_weights.direction=inverse"]),
+    "hybrid update lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", ["method.hybrid.mix=update",
+                                                               "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
+                                                               FIXED_HALF]),
+    "hybrid weight lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", ["train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
+                                                               FIXED_HALF]),
+    "boft alone (lr 1e-3)": ("boft", []),
+    "lora_ga alone (lr 2e-4)": ("lora_ga", []),
+    "lora lr 2e-4": ("lora", []),
+    "lora lr 5e-4": ("lora", ["train.learning_rate=5e-4"]),
+    "lora lr 1e-3": ("lora", ["train.learning_rate=1e-3"]),
+}
+
+
+def overrides(args, folder: pathlib.Path) -> list[str]:
+    """The budget every setting shares."""
+    return ["model.path=smollm2-135m-instruct", f"data.path={args.data}", "data.chat=false",
+            f"data.template={TEMPLATE}", "data.task=classification", "data.bucket=16", "data.max_length=128",
+            f"data.eval_count={args.held_out}", f"eval.num_examples={args.held_out}", "eval.generation_samples=0",
+            "eval.before_training=false", f"train.steps={args.steps}", f"train.global_batch_size={args.batch}",
+            f"train.warmup_steps={args.steps // 10}", "train.schedule=cosine", f"train.seed={args.seed}",
+            f"data.shuffle_seed={args.seed}", f"method.lora_ga.n_batches={args.gradient_batches}",
+            f"logging.output_dir={folder}", "logging.every_steps=1", "logging.progress_bar=false",
+            "checkpoint.every_steps=0", "checkpoint.keep=1", "export.peft_adapter=false", "export.merged_model=false"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def run(name: str, args) -> dict:
+    """One setting in its own process, unless `--resume` finds it finished."""
+    method, extra = SETTINGS[name]
+    folder = pathlib.Path(args.work).resolve() / slug(name)
+    summary = folder / "summary.json"
+    if not (args.resume and summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        command = [sys.executable, "-m", "hyjax.train", f"methods/{method}", *overrides(args, folder), *extra]
+        (folder / "command.txt").write_text(" ".join(command) + "\n")
+        with open(folder / "train.log", "w") as log:
+            subprocess.run(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    if not summary.is_file():
+        tail = (folder / "train.log").read_text(errors="replace").strip().splitlines()[-5:]
+        return {"name": name, "method": method, "overrides": extra, "error": " | ".join(tail)}
+    done = json.loads(summary.read_text())
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    lambdas = steps[-1].get("lambda") if steps else None
+    tail = steps[-10:]
+    return {"name": name, "method": method, "overrides": extra, "accuracy": done["eval_after"].get("accuracy"),
+            "held_out_loss": done["eval_after"].get("loss"), "examples": done["eval_after"].get("examples"),
+            "final_train_loss": sum(r["loss"] for r in tail) / len(tail),
+            "mean_lambda": (sum(lambdas.values()) / len(lambdas)) if isinstance(lambdas, dict) and lambdas else None,
+            "wall_seconds": done["wall_time_seconds"], "run_dir": str(folder)}
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# Hybrid settings on SST-2 rows held out of the training file ({report['date']})", "",
+             f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores; {report['minutes']:.0f} minutes. "
+             f"Command: `{report['command']}`.", "",
+             f"Each setting: {s['steps']} steps of {s['batch']} rows drawn from the whole training file (less the "
+             f"held-out rows), prompt {TEMPLATE!r}, AdamW, cosine schedule with {s['steps'] // 10} warm-up steps, "
+             f"seed {s['seed']}; the start-up gradient of LoRA-GA and the hybrid over {s['gradient_batches']} "
+             f"batches of 2. Score: accuracy on {s['held_out']} rows held out of train.tsv (`data.eval_count`), "
+             "never dev. Train loss: mean of the last 10 steps. Lambda: the hybrid's mean BOFT share at the end.", "",
+             "| setting | held-out accuracy | held-out loss | train loss | lambda | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | |")
+            continue
+        lam = f"{r['mean_lambda']:.2f}" if r["mean_lambda"] is not None else ""
+        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['held_out_loss']:.3f} | {r['final_train_loss']:.3f} "
+                     f"| {lam} | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="setting names or their folder names, separated by ';' (default: all)")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--held-out", type=int, default=500, help="training rows held out and scored")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradient-batches", type=int, default=8)
+    parser.add_argument("--data", default=str(SST2_TRAIN))
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--work", default="runs/bench-hybrid-sweep")
+    parser.add_argument("--resume", action="store_true", help="keep the settings that finished in --work")
+    args = parser.parse_args()
+    by_slug = {slug(name): name for name in SETTINGS}
+    names = [by_slug.get(n.strip(), n.strip()) for n in args.only.split(";")] if args.only else list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    if not pathlib.Path(args.data).is_file():
+        raise SystemExit(f"{args.data} is missing (see ../shared/data/README.md)")
+    start, runs = time.perf_counter(), []
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} ...", flush=True)
+        runs.append(run(name, args))
+        print(f"    {json.dumps({k: v for k, v in runs[-1].items() if k not in ('overrides', 'run_dir')})}", flush=True)
+    report = {"command": "python bench/hybrid_sweep.py " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "minutes": (time.perf_counter() - start) / 60,
+              "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version(),
+                          "loadavg_end": os.getloadavg()},
+              "settings": {"steps": args.steps, "batch": args.batch, "held_out": args.held_out, "seed": args.seed,
+                           "gradient_batches": args.gradient_batches},
+              "runs": runs}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hybrid_sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "hybrid_sweep.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
