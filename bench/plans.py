@@ -120,9 +120,8 @@ def main() -> None:
               "(`hyjax.training.hlo_cost`: XLA's `cost_analysis()` counts a scanned layer once): its FLOPs at v5p's "
               "459 TFLOP/s bfloat16 peak and its HBM traffic (tile-padded arrays read and written) at 2,765 GB/s, "
               "whichever is longer. A lower bound: it assumes perfect overlap and ignores collectives' links; "
-              "Pallas kernels' FLOPs are not counted (their traffic is). MFU: model FLOPs (6 x parameters x "
-              "tokens) at that time.", "",
-              "| model | method | TFLOP | HBM GB | compute ms | memory ms | step >= ms | vs full | MFU <= |",
+              "Pallas kernels' FLOPs are not counted (their traffic is). FLOPs busy: compute time / bound.", "",
+              "| model | method | TFLOP | HBM GB | compute ms | memory ms | step >= ms | vs full | FLOPs busy |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     full_step = {r["model"]: r["roofline"]["step_s"] for r in rows if r["method"] == "full" and "roofline" in r}
     for r in rows:
@@ -132,7 +131,7 @@ def main() -> None:
         ratio = f"{t['step_s'] / full_step[r['model']]:.2f}x" if r["model"] in full_step else ""
         lines.append(f"| {r['model']} | {r['method']} | {t['flops'] / 1e12:.1f} | {t['hbm_bytes'] / 1e9:.0f} | "
                      f"{t['compute_s'] * 1e3:.0f} | {t['memory_s'] * 1e3:.0f} | {t['step_s'] * 1e3:.0f} | {ratio} | "
-                     f"{t['mfu']:.0%} |")
+                     f"{t['flop_utilization']:.0%} |")
     lines += ["", "## Largest arrays of the 405B steps", "",
               "Per chip, with TPU tile padding (`hyjax.training.buffers`: distinct arrays of the optimized HLO by "
               "shape and origin, not XLA's buffer assignment); `like`: the step argument whose shard has that shape.",

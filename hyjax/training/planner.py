@@ -93,7 +93,7 @@ class Plan:
     model_flops_per_chip: float  # 6 x parameters x tokens / chips: the MFU convention
     compile_seconds: float
     pallas_calls: int  # Pallas kernel calls in the compiled step (forward and backward; 0: XLA only)
-    roofline: dict[str, float]  # per chip per step: flops, hbm_bytes, compute_s, memory_s, step_s, mfu (`roofline`)
+    roofline: dict[str, float]  # per chip per step: flops, hbm_bytes, compute_s, memory_s, step_s, flop_utilization
     largest_arrays: list[dict[str, Any]]
     largest_buffers: list[dict[str, Any]]  # `hyjax.training.buffers.Buffer.to_json()` of the compiled step
 
@@ -116,7 +116,8 @@ class Plan:
             f"  roofline: {r['flops'] / 1e12:.2f} TFLOP and {r['hbm_bytes'] / 1e9:.1f} GB of HBM traffic per chip per "
             f"step (every loop iteration counted; Pallas kernels' FLOPs not): compute {r['compute_s'] * 1e3:.0f} ms, "
             f"memory {r['memory_s'] * 1e3:.0f} ms, so at least {r['step_s'] * 1e3:.0f} ms per step "
-            f"({'compute' if r['compute_s'] >= r['memory_s'] else 'memory'}-bound), MFU at most {r['mfu']:.0%}",
+            f"({'compute' if r['compute_s'] >= r['memory_s'] else 'memory'}-bound; FLOPs busy "
+            f"{r['flop_utilization']:.0%} of it)",
             "  largest arrays (global shape -> per-chip shard):",
         ]
         for a in self.largest_arrays:
@@ -154,7 +155,6 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
     hbm = HBM_GIB[generation]
     parameters = count_params(abstract_params(model_config))
     train, seq = config.train, config.data.max_length
-    model_flops = 6.0 * parameters * train.global_batch_size * seq / chips
     return Plan(
         topology=topology, chips=chips, mesh=dict(layout.mesh.shape), preset=config.model.preset,
         method=config.method.name,
@@ -162,22 +162,24 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
                "accumulation": train.grad_accum_steps, "seq": seq},
         parameters=parameters, trainable_parameters=run.trainable_counts["total"],
         memory_gib={k: v / gib for k, v in sizes.items()}, hbm_gib=float(hbm), fits=sizes["total"] / gib <= hbm,
-        model_flops_per_chip=model_flops, compile_seconds=seconds,
-        roofline=roofline(program_cost(hlo), CHIPS[generation], model_flops),
+        model_flops_per_chip=6.0 * parameters * train.global_batch_size * seq / chips, compile_seconds=seconds,
+        roofline=roofline(program_cost(hlo), CHIPS[generation]),
         largest_arrays=_largest({"state": state, "frozen": frozen},
                                 {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest),
         pallas_calls=hlo.count("custom_call_target=\"tpu_custom_call\""),
         largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)])
 
 
-def roofline(cost: Cost, chip: Chip, model_flops: float) -> dict[str, float]:
+def roofline(cost: Cost, chip: Chip) -> dict[str, float]:
     """The step's time bound on `chip` from its per-chip `cost`: its FLOPs at the chip's peak and its HBM
     traffic at the chip's bandwidth, whichever is longer (a bound: no overlap lost, no collective
-    waits), and the MFU of `model_flops` (6 x parameters x tokens per chip) at that time."""
+    waits), and the share of that time the compiled FLOPs keep the matrix units busy. (Not MFU: the
+    6 x parameters x tokens convention overstates an adapter step's work, whose frozen weights get no
+    gradient.)"""
     compute, memory = cost.flops / chip.peak_flops, cost.bytes / chip.hbm_bandwidth
     step = max(compute, memory)
     return {"flops": cost.flops, "hbm_bytes": cost.bytes, "compute_s": compute, "memory_s": memory, "step_s": step,
-            "mfu": model_flops / (step * chip.peak_flops)}
+            "flop_utilization": compute / step if step else 0.0}
 
 
 def _largest(tree, shardings, count: int) -> list[dict[str, Any]]:
