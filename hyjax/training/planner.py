@@ -47,7 +47,6 @@ class Chip:
 
 CHIPS = {"v4": Chip(32, 275e12, 1200e9), "v5e": Chip(16, 197e12, 819e9), "v5litepod": Chip(16, 197e12, 819e9),
          "v5p": Chip(95, 459e12, 2765e9), "v6e": Chip(32, 918e12, 1638e9)}
-HBM_GIB = {name: chip.hbm_gib for name, chip in CHIPS.items()}
 _TOPOLOGY = re.compile(r"^(?P<generation>v4|v5e|v5litepod|v5p|v6e):(?P<shape>\d+(?:x\d+){1,2})$")
 
 
@@ -60,7 +59,7 @@ def parse_topology(name: str) -> tuple[str, int]:
     match = _TOPOLOGY.match(name)
     if match is None:
         raise PlanError(f"unknown TPU topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
-                        f"{sorted(HBM_GIB)}, e.g. v5p:8x8x8 (512 chips) or v6e:16x16 (256 chips)")
+                        f"{sorted(CHIPS)}, e.g. v5p:8x8x8 (512 chips) or v6e:16x16 (256 chips)")
     return match["generation"], math.prod(int(n) for n in match["shape"].split("x"))
 
 
@@ -152,7 +151,7 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
     sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
              "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
     sizes["total"] = sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
-    hbm = HBM_GIB[generation]
+    hbm = CHIPS[generation].hbm_gib
     parameters = count_params(abstract_params(model_config))
     train, seq = config.train, config.data.max_length
     return Plan(
