@@ -264,6 +264,7 @@ def test_classification_accuracy_picks_the_higher_scoring_answer():
     result = classification_accuracy(rows, sst2(), tok, score)
     assert result.predictions == (1, 1, 0, 0, 0) and result.skipped == 1
     assert (result.correct, result.total) == (3, 5) and result.accuracy == pytest.approx(0.6)
+    assert result.golds == (0, 1, 0, 1, 0) and result.correct_rows == "01101"
     # the right answers' scores: 1 for rows 0, 1 (good -> positive) and 3 (dull -> negative), 0 for 2 and 4
     assert result.gold_log_likelihood == 3.0 and result.gold_tokens == 10  # answer word + EOS per row
 
@@ -286,6 +287,7 @@ def test_math_exact_match_uses_the_extractor():
     result = math_exact_match(rows, gsm8k(), tok, generate, batch_size=2)
     assert seen[0] == (1, *ids(tok, "Question: How many ?\nAnswer:"))
     assert result.predictions == ("1000", "6", None)
+    assert result.golds == ("1000", "5", "-2") and result.correct_rows == "100"
     assert (result.correct, result.total, result.skipped) == (1, 3, 1)
 
 

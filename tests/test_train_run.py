@@ -52,6 +52,13 @@ def test_a_run_leaves_metrics_checkpoints_plots_exports_and_a_summary(lora_run):
     assert set(summary["eval_before"]) >= {"accuracy", "loss", "perplexity"}
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
     assert summary["peak_host_memory_mib"] > 0 and summary["wall_time_seconds"] > 0
+    evals = [line for line in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
+             if "eval_seconds" in line]
+    assert [line["step"] for line in evals] == [0, 6]  # before and after training
+    for line in evals:  # each scored dev row right (1) or wrong (0), in order: the accuracy's rows
+        rows = line["eval_correct_rows"]
+        assert len(rows) == line["eval/examples"] and set(rows) <= {"0", "1"}
+        assert rows.count("1") / len(rows) == pytest.approx(line["eval/accuracy"])
 
 
 def test_restore_gives_back_the_final_adapters(lora_run):

@@ -22,6 +22,14 @@ class EvalResult:
     predictions: tuple[Any, ...]  # per scored row: predicted answer index (classification) or number
     gold_log_likelihood: float = 0.0  # classification: sum over rows of log p(right answer | prompt)
     gold_tokens: int = 0  # classification: tokens of the right answers
+    golds: tuple[Any, ...] = ()  # per scored row: the right answer index (classification) or number
+
+    @property
+    def correct_rows(self) -> str:
+        """One character per scored row, in order: `1` right, `0` wrong (for paired comparisons of two
+        models on the same rows, e.g. a bootstrap over rows)."""
+        return "".join("1" if p is not None and p == g else "0" for p, g in zip(self.predictions, self.golds,
+                                                                                   strict=True))
 
     @property
     def accuracy(self) -> float:
@@ -107,7 +115,7 @@ def classification_accuracy(
     correct = sum(p == g for p, g in zip(predictions, golds))
     gold_log_likelihood = sum(float(mine[g]) for mine, g in zip(scores, golds))
     gold_tokens = sum(len(answers[g]) for (_, answers), g in zip(groups, golds))
-    return EvalResult(correct, len(predictions), skipped, predictions, gold_log_likelihood, gold_tokens)
+    return EvalResult(correct, len(predictions), skipped, predictions, gold_log_likelihood, gold_tokens, tuple(golds))
 
 
 def math_exact_match(
@@ -129,7 +137,7 @@ def math_exact_match(
     task = _resolved(task, rows)
     pending: list[tuple[tuple[int, ...], str]] = []
     correct = skipped = 0
-    predictions = []
+    predictions, golds = [], []
 
     def flush():
         nonlocal correct
@@ -137,6 +145,7 @@ def math_exact_match(
         for text, (_, gold) in zip(texts, pending, strict=True):
             predicted = extract_final_answer(text)
             predictions.append(predicted)
+            golds.append(gold)
             correct += predicted is not None and predicted == gold
         pending.clear()
 
@@ -149,4 +158,4 @@ def math_exact_match(
         if len(pending) >= batch_size:
             flush()
     flush()
-    return EvalResult(correct, len(predictions), skipped, tuple(predictions))
+    return EvalResult(correct, len(predictions), skipped, tuple(predictions), golds=tuple(golds))

@@ -45,8 +45,9 @@ class Evaluator:
         return bool(self.examples)
 
     def __call__(self, state, frozen) -> dict[str, Any]:
-        """Metrics (`eval/loss`, `eval/perplexity`, `eval/accuracy` or `eval/exact_match`, `eval/examples`)
-        and `samples`: generated answers of the first `eval.generation_samples` rows."""
+        """Metrics (`eval/loss`, `eval/perplexity`, `eval/accuracy` or `eval/exact_match`, `eval/examples`),
+        `correct_rows` (classification and math: `EvalResult.correct_rows`, one `0`/`1` per scored row) and
+        `samples`: generated answers of the first `eval.generation_samples` rows."""
         if not self.enabled:
             return {}
         setup, config = self.setup, self.setup.config
@@ -56,12 +57,14 @@ class Evaluator:
             result = classification_accuracy(self.rows, self.task, setup.tokenizer, self._scorer(params))
             loss = result.gold_loss
             metrics["eval/accuracy"] = result.accuracy
+            metrics["correct_rows"] = result.correct_rows
         else:
             loss = self._answer_loss(state, frozen)
             if isinstance(self.task, MathWordProblems):
                 result = math_exact_match(self.rows, self.task, setup.tokenizer, self._generator(params),
                                           batch_size=config.eval.batch_size)
                 metrics["eval/exact_match"] = result.accuracy
+                metrics["correct_rows"] = result.correct_rows
         metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))})
         metrics["samples"] = self.samples(params)
         return metrics

@@ -198,7 +198,9 @@ def _evaluate(evaluator: Evaluator, state, frozen, step: int, metrics_log, log, 
     start = time.perf_counter()
     metrics = evaluator(state, frozen)
     samples = metrics.pop("samples", [])
-    metrics_log.write(step, {**metrics, "eval_seconds": time.perf_counter() - start})
+    correct_rows = metrics.pop("correct_rows", None)
+    rows = {"eval_correct_rows": correct_rows} if correct_rows is not None else {}
+    metrics_log.write(step, {**metrics, "eval_seconds": time.perf_counter() - start, **rows})
     log(f"eval {when}: {reporting.format_eval(metrics)}")
     for sample in samples:
         log(f"  sample: {sample['prompt'][-80:]!r} -> {sample['generated']!r} (reference {sample['reference']!r})")
