@@ -176,7 +176,7 @@ def test_scores_match_numpy_and_rank_full_rank_gradients_first():
     other = rng.normal(size=(12, 16)) * np.linspace(1, 0.01, 16)
     layers = np.stack([full_rank / np.linalg.norm(full_rank), rank_one / np.linalg.norm(rank_one)])
     gradients = {"layers": {"attn": {"q_proj": jnp.asarray(layers, jnp.float32)}}, "lm_head": jnp.asarray(other)}
-    for kind in SCORE_KINDS:
+    for kind in set(SCORE_KINDS) - {"random"}:
         scores = module_scores(gradients, rank=2, score=kind)
         assert scores["layers/attn/q_proj"].shape == (2,) and scores["lm_head"].shape == (1,)
         for got, g in ((scores["layers/attn/q_proj"][0], layers[0]), (scores["layers/attn/q_proj"][1], layers[1]),
@@ -186,6 +186,19 @@ def test_scores_match_numpy_and_rank_full_rank_gradients_first():
     assert default[0] > 0.5 and default[1] < 1e-3  # same norm; a rank-2 adapter captures all of the rank-1 one
     with pytest.raises(ValueError, match="unknown module score 'norm'"):
         module_scores(gradients, rank=2, score="norm")
+
+
+def test_random_scores_are_uniform_draws_of_the_key_and_fill_the_same_budget():
+    gradients = {"layers": {"attn": {"q_proj": jnp.zeros((30, 4, 4))}, "mlp": {"up_proj": jnp.zeros((30, 4, 8))}}}
+    draws = [module_scores(gradients, rank=2, score="random", key=jax.random.key(seed)) for seed in (0, 0, 1)]
+    for path in ("layers/attn/q_proj", "layers/mlp/up_proj"):
+        np.testing.assert_array_equal(draws[0][path], draws[1][path])  # the key decides
+        assert not np.array_equal(draws[0][path], draws[2][path])
+        assert draws[0][path].shape == (30,) and np.all((draws[0][path] >= 0) & (draws[0][path] < 1))
+    assert not np.array_equal(draws[0]["layers/attn/q_proj"], draws[0]["layers/mlp/up_proj"])
+    sizes = {"layers/attn/q_proj": 16, "layers/mlp/up_proj": 32}
+    chosen = [select_modules(d, sizes, fraction=0.1) for d in (draws[0], draws[2])]
+    assert [sum(map(len, c.values())) for c in chosen] == [6, 6] and chosen[0] != chosen[1]
 
 
 def test_randomized_scores_above_the_limit_agree_with_exact():

@@ -82,7 +82,7 @@ class HybridLoRASection:
 
     fraction: float = 0.1  # share of the target modules fully fine-tuned (rounded down, at least one)
     max_params: int | None = None  # instead of fraction: fully fine-tuned parameters at most (best modules that fit)
-    score: str = "grad_norm_x_residual"  # grad_norm_x_residual | grad_norm | residual_share | residual_norm
+    score: str = "grad_norm_x_residual"  # grad_norm_x_residual | grad_norm | residual_share | residual_norm | random
     rank: int | None = None  # r of the residual energy (outside the best rank-r approximation); null: method.lora.rank
     n_batches: int = 16  # batches the scoring gradient is averaged over...
     batch_size: int = 2  # ...of this many sequences each

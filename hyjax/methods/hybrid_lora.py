@@ -9,6 +9,8 @@ r the LoRA rank:
     residual_share        sum_{i>r} s_i^2 / sum_i s_i^2     the share of gradient energy outside rank r
     residual_norm         ||G - G_r||_F = sqrt(sum_{i>r} s_i^2)
     grad_norm_x_residual  ||G||_F * residual_share          (default) the energy a rank-r adapter misses
+    random                uniform in [0, 1), drawn from train.seed: the same number of modules chosen at
+                          random (the baseline the scores must beat; G only gives the modules' sizes)
 
 `select_modules` trains the top-scored modules fully within a budget (a share of the modules or a
 number of parameters); `Selection` records the scores and the choice for the log and the checkpoint,
@@ -35,7 +37,7 @@ from hyjax.adapters.targets import iter_paths, stacked_axes
 from hyjax.methods.base import Method
 from hyjax.model import abstract_params
 
-SCORES = ("grad_norm_x_residual", "grad_norm", "residual_share", "residual_norm")
+SCORES = ("grad_norm_x_residual", "grad_norm", "residual_share", "residual_norm", "random")
 EXACT_SVD_LIMIT = 4096  # matrices whose smaller side is larger get a randomized SVD
 
 
@@ -49,6 +51,7 @@ def module_scores(gradients: dict, rank: int, score: str = "grad_norm_x_residual
     `exact_limit`; above it the top-r energy comes from `randomized_svd` (q = 2r + 10 columns,
     `iterations` power iterations, `key`), an estimate that is a lower bound of the true top-r energy,
     so residual-based scores are then slightly overestimated. Compiled once per gradient shape.
+    `score="random"`: uniform scores from `key` (folded with the path's index), no SVD.
     """
     if score not in SCORES:
         raise ValueError(f"unknown module score {score!r}; choose one of {SCORES}")
@@ -61,6 +64,10 @@ def module_scores(gradients: dict, rank: int, score: str = "grad_norm_x_residual
             raise ValueError(f"gradient of {path} has shape {gradient.shape}; module scores need [d_in, d_out] or "
                              "[layers, d_in, d_out] gradients")
         stacked = gradient.reshape((-1,) + gradient.shape[-2:])
+        if score == "random":
+            scores[path] = np.asarray(jax.random.uniform(jax.random.fold_in(key, index), (stacked.shape[0],)),
+                                      np.float64)
+            continue
         exact = min(gradient.shape[-2:]) <= exact_limit
         total, residual = _energies(stacked, jax.random.fold_in(key, index), rank, exact, iterations)
         scores[path] = _score(score, _on_host(total), _on_host(residual))
@@ -233,7 +240,8 @@ class HybridLoRA(Method):
         budget = section.hybrid_lora
         rank = self.score_rank(section)
         sizes = module_sizes(gradients)
-        scores = module_scores(gradients, rank, budget.score)
+        draw = jax.random.key(config.train.seed) if budget.score == "random" else None
+        scores = module_scores(gradients, rank, budget.score, key=draw)
         chosen = select_modules(scores, sizes, fraction=budget.fraction, max_params=budget.max_params)
         return Selection.build(scores, sizes, chosen, budget.score, rank)
 
