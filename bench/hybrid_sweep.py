@@ -10,8 +10,9 @@ whole training file, prompt "Review: {text}\\nSentiment:", loss on the answer to
 with its overrides, in its own process; the score is the accuracy (answer log-likelihood of the two
 labels) on `--held-out` rows that `data.eval_count` holds out of the training file (the same rows for
 every setting: they depend on the seed only). Per setting: held-out accuracy and loss, the final training
-loss, the hybrid's mean lambda at the end, and wall time. Writes hybrid_sweep.{json,md} under `--out`;
-runs live under `--work`, and `--resume` keeps every run that finished there.
+loss, the hybrid's mean lambda at the end, and wall time. Writes hybrid_sweep.{json,md} under `--out`
+after every setting; runs live under `--work`. `--resume` keeps every setting that finished in `--work` or
+is recorded in `--out`/hybrid_sweep.json with this budget, so the sweep continues across sittings.
 
 The settings: the shipped hybrid; its learning rate; the two parameterisations (mix "weight": lambda
 weights the branches' outputs; "update": it scales their optimizer updates); the BOFT branch at BOFT's own
@@ -84,7 +85,7 @@ def slug(name: str) -> str:
 
 
 def run(name: str, args) -> dict:
-    """One setting in its own process, unless `--resume` finds it finished."""
+    """One setting in its own process, unless `--resume` finds it finished in `--work`."""
     method, extra = SETTINGS[name]
     folder = pathlib.Path(args.work).resolve() / slug(name)
     summary = folder / "summary.json"
@@ -153,24 +154,34 @@ def main() -> None:
         parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
     if not pathlib.Path(args.data).is_file():
         raise SystemExit(f"{args.data} is missing (see ../shared/data/README.md)")
-    start, runs = time.perf_counter(), []
+    settings = {"steps": args.steps, "batch": args.batch, "held_out": args.held_out, "seed": args.seed,
+                "gradient_batches": args.gradient_batches}
+    out = pathlib.Path(args.out)
+    previous = json.loads((out / "hybrid_sweep.json").read_text()) \
+        if args.resume and (out / "hybrid_sweep.json").is_file() else {}
+    recorded = {r["name"]: r for r in previous.get("runs", []) if previous.get("settings") == settings
+                and "error" not in r and r["name"] in SETTINGS and r["overrides"] == SETTINGS[r["name"]][1]}
+    start = time.perf_counter()
+    report = {"command": "python bench/hybrid_sweep.py " + " ".join(sys.argv[1:]), "settings": settings,
+              "minutes": previous.get("minutes", 0.0) if recorded else 0.0, "runs": []}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
-        runs.append(run(name, args))
-        print(f"    {json.dumps({k: v for k, v in runs[-1].items() if k not in ('overrides', 'run_dir')})}", flush=True)
-    report = {"command": "python bench/hybrid_sweep.py " + " ".join(sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "minutes": (time.perf_counter() - start) / 60,
-              "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version(),
-                          "loadavg_end": os.getloadavg()},
-              "settings": {"steps": args.steps, "batch": args.batch, "held_out": args.held_out, "seed": args.seed,
-                           "gradient_batches": args.gradient_batches},
-              "runs": runs}
-    out = pathlib.Path(args.out)
+        result = recorded.pop(name, None) or run(name, args)
+        report["runs"] = [r for r in report["runs"] if r["name"] != name] + [result]
+        print(f"    {json.dumps({k: v for k, v in result.items() if k not in ('overrides', 'run_dir')})}", flush=True)
+        order = list(SETTINGS)  # the table in SETTINGS' order, earlier sittings' runs included
+        rows = sorted([*report["runs"], *recorded.values()], key=lambda r: order.index(r["name"]))
+        write(out, {**report, "runs": rows, "minutes": report["minutes"] + (time.perf_counter() - start) / 60,
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version(),
+                                "loadavg_end": os.getloadavg()}})
+    print((out / "hybrid_sweep.md").read_text())
+
+
+def write(out: pathlib.Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "hybrid_sweep.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "hybrid_sweep.md").write_text(markdown(report))
-    print(markdown(report))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 from machine import cores, cpu_model
-from methods import PROJECTIONS, SST2, hf_folder, matmul_peak
+from methods import SST2, hf_folder, matmul_peak
+from peft_reference import hf_copy, job_rows, train_peft_lora
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -69,65 +68,21 @@ def run_ours(method: str, args) -> dict:
     return {"step_s": [r["step_seconds"] for r in steps], "final_loss": steps[-1]["loss"], "process_wall_s": wall}
 
 
-def job_batches(args):
-    """The rows of every step of the hyjax job (its data pipeline, seed and order), as token lists:
-    `[[(prompt + answer ids, answer length), ...] per step]`."""
-    from hyjax import pretrained
-    from hyjax.config import load_config
-    from hyjax.data import prepare
-    from hyjax.tokenization import load_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config("methods/lora", job_overrides(args, tmp))
-    tokenizer = load_tokenizer(pretrained.smollm2_135m_instruct())
-    data = prepare(config.data, tokenizer, global_batch_size=args.batch, process_index=0, process_count=1)
-    steps = []
-    for _ in range(args.steps):
-        batch = next(data.train)
-        rows = []
-        for tokens, targets, mask, segments in zip(batch["tokens"], batch["targets"], batch["loss_mask"],
-                                                    batch["segment_ids"]):
-            n = int(np.sum(segments > 0))
-            rows.append(([*tokens[:n].tolist(), int(targets[n - 1])], int(np.sum(mask))))
-        steps.append(rows)
-    return steps, tokenizer.pad_id
-
-
 def run_peft(method: str, args) -> dict:
-    """The same job in HF PEFT: LoRA r 8, alpha 16 on the seven projections, AdamW, left-padded batches."""
+    """The same job in HF PEFT (`peft_reference.train_peft_lora`): LoRA r 8, alpha 16 on the seven
+    projections, the same rows, learning rate and AdamW, left-padded batches."""
     import peft
     import torch
     import transformers
 
-    torch.set_num_threads(cores())
-    torch.manual_seed(0)
-    steps, pad_id = job_batches(args)
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_folder(args), dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                       target_modules=PROJECTIONS))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    times, positions, losses = [], [], []
-    for rows in steps:
-        start = time.perf_counter()
-        length = max(len(tokens) for tokens, _ in rows)
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for i, (tokens, answer) in enumerate(rows):
-            input_ids[i, length - len(tokens):] = torch.tensor(tokens)
-            attention[i, length - len(tokens):] = 1
-            labels[i, length - answer:] = torch.tensor(tokens[-answer:])
-        # transformers shifts labels by one inside the loss: position t predicts labels[t + 1]
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - start)
-        positions.append(len(rows) * length)
+    from hyjax.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config("methods/lora", job_overrides(args, tmp))
+    steps, pad_id = job_rows(config, args.steps)
+    _, losses, times = train_peft_lora(hf_copy(config, hf_folder(args)), steps, pad_id, train=config.train, seed=0,
+                                       threads=cores())
+    positions = [len(rows) * max(len(tokens) for tokens, _ in rows) for rows in steps]
     return {"step_s": times, "final_loss": losses[-1], "positions_per_step": statistics.mean(positions),
             "peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
@@ -149,25 +104,16 @@ def summarize(row: dict) -> dict:
 
 
 def run_all(args) -> dict:
-    from hyjax.config import load_config
-
     machine = {"cpu_model": cpu_model(), "cores_used": cores(), "loadavg_start": os.getloadavg()}
     peaks = [matmul_peak() / 1e9]
-    if args.peft and not (hf_folder(args) / "config.json").is_file():
-        from hyjax import pretrained
-        from hyjax.weights import load_gguf, save_hf_checkpoint
-
-        save_hf_checkpoint(hf_folder(args), *load_gguf(pretrained.smollm2_135m_instruct()))
     ours = {}
     for method in args.methods:
         print(f"hyjax {method}: {args.steps} steps", flush=True)
         ours[method] = summarize(child("--one", method, args))
     theirs = {}
     if args.peft:
-        with tempfile.TemporaryDirectory() as tmp:
-            lr = load_config("methods/lora", job_overrides(args, tmp)).train.learning_rate
         print(f"PEFT lora: {args.steps} steps", flush=True)
-        theirs["lora"] = summarize(child("--peft-one", "lora", args, ["--lr", str(lr)]))
+        theirs["lora"] = summarize(child("--peft-one", "lora", args))
     peaks.append(matmul_peak() / 1e9)
     machine.update(loadavg_end=os.getloadavg(), matmul_peaks_gflop_per_s=peaks)
     for method, row in ours.items():
@@ -227,7 +173,6 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=str(SST2), help="training file")
     for flag in ("--one", "--peft-one", "--json-out"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
-    parser.add_argument("--lr", type=float, default=2e-4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.methods = [m for m in args.methods.split(",") if m]

@@ -31,6 +31,7 @@ import traceback
 import numpy as np
 
 from machine import cores, cpu_model
+from peft_reference import PROJECTIONS
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -38,7 +39,6 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SST2 = PROJECT_ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 METHODS = ("full", "lora", "lora_ga", "oft", "boft", "unitary", "hybrid", "zo_fo", "hybrid_lora")
 PEFT_METHODS = ("lora", "oft", "boft", "full")
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FLOPS_FORMULA = ("6 * N * B * T: N = every model parameter (134.5M; the tied embedding counted once, as the "
                  "lm_head matmul), B * T = positions in the batch; the same for every method, so MFU compares "
                  "step times (PEFT methods do less work per token: no weight gradients of frozen layers; "

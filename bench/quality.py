@@ -1,45 +1,46 @@
-"""Benchmark: what each fine-tuning method learns in a fixed budget, on SST-2 and GSM8K.
+"""Benchmark: what each fine-tuning method learns at a real budget, beside HF PEFT LoRA at the same one.
 
-    python bench/quality.py [--methods a,b] [--tasks sst2,gsm8k] [--seeds 0,1,2] [--gsm8k-seeds 0]
-                            [--steps N] [--gsm8k-steps N] [--eval-examples N] [--gsm8k-eval-examples N]
-                            [--out bench/results] [--work DIR] [--resume]
+    python bench/quality.py [--methods a,b] [--seeds 0,1,2] [--tasks sst2,gsm8k] [--gsm8k-methods a,b]
+                            [--steps 150] [--batch 16] [--eval-every 50] [--gsm8k-steps 200]
+                            [--out bench/results] [--work runs/bench-quality] [--resume]
 
-Every method (full, lora, lora_ga, oft, boft, unitary, hybrid, zo_fo, hybrid_lora) fine-tunes the real
-SmolLM2-135M-Instruct as a job does (`python -m hyjax.train methods/<name> key=value ...`), each run in its
-own process, under one budget per task that is the same for every method (steps, batch, max_length,
-packing, warmup, training rows, evaluation examples); only the learning rate is each method's own
-(its config's, unless `--lr`). LoRA-GA's, the hybrid's and Hybrid-LoRA's start-up gradient is averaged
-over `--gradient-batches` batches of 2 (their configs say 64 and 16; too slow for this CPU budget).
+SmolLM2-135M-Instruct, fine-tuned as a user's job does (`python -m hyjax.train methods/<method>` with the
+budget's overrides, each run in its own process), every setting not in the budget from the method's YAML
+(its learning rate too).
 
-- SST-2: train on `sst2/train.tsv` (the first `--sst2-rows` rows), accuracy (answer log-likelihood of
-  " negative" / " positive") on the first `--eval-examples` rows of `dev.tsv`; seeds `--seeds`
-  (`train.seed` and `data.shuffle_seed`), reported as mean, sample std and [min, max].
-- GSM8K: train on `gsm8k/train.jsonl` less a held-out slice of `--gsm8k-eval-examples` rows
-  (the config's own `data.eval_count`, drawn by `data.shuffle_seed`, so each seed has its own slice
-  and every method sees the same one), exact match of the final number after greedy generation of at
-  most `--max-new-tokens` tokens; seeds `--gsm8k-seeds`.
+- **SST-2** (every method, `--seeds`): each step 16 rows drawn from the whole training file, prompt
+  "Review: {text}\\nSentiment:", loss on the answer tokens, AdamW with cosine schedule and 10% warm-up,
+  150 steps; accuracy (answer log-likelihood of " negative" / " positive") on the whole dev set (872
+  rows), every `--eval-every` steps and at the end. `train.seed` and `data.shuffle_seed` are the seed,
+  so a seed changes the initialisation, the data order and what is drawn from data (start-up gradients).
+  Beside ours: `peft_lora`, HF PEFT LoRA (r 8, alpha 16, the seven projections, LoRA's learning rate and
+  schedule) on the very rows of each seed's hyjax run, its merged model scored by hyjax's evaluation
+  (`bench/peft_reference.py`); and `hybrid_lora_random`, Hybrid-LoRA with the same number of fully
+  trained modules drawn at random (`method.hybrid_lora.score=random`, a new draw per seed).
+- **GSM8K** (`--gsm8k-methods`, `--gsm8k-seeds`): 200 steps of 4 problems (256 tokens), answer loss and
+  exact match of the final number (greedy, `--max-new-tokens`) on 200 problems held out of the training
+  file. The answer loss is the main metric: a 135M model solves almost none.
 
-The pretrained model's score comes from the before-training evaluation of the first run of each task
-(only that run evaluates before training; its wall time is reported without it). Per run: the final
-evaluation, wall time and peak host memory (the run's `summary.json`), the training loss of every step
-(`metrics.jsonl`). Writes `quality.json`, `quality.md` and `quality_loss_curves.png` (training loss of
-every method, seed 0, one panel per task) under `--out`; runs live under `--work`, and `--resume`
-keeps every run whose `summary.json` there says finished, so a stopped benchmark continues where it was
-(an unfinished run starts again from scratch, so that its time and memory are whole).
+Reported per method: mean, sample std and each seed's score; the paired difference to hyjax LoRA per
+seed and its mean, with a 95% bootstrap interval over dev rows (the rows resampled, the same draw for
+both methods and every seed: the runs share the dev set, so the pairing removes the rows' difficulty);
+the train seconds (sum of step times) and steps until the periodic evaluation first reaches PEFT LoRA's
+mean final accuracy; wall time, peak host memory. Curves (training loss, dev accuracy per evaluation):
+`quality_curves.png`.
 
-Duration of the defaults: 49 minutes on this quiet 2-core CPU (AMD EPYC, jax 0.10.2, one run at a time;
-about 32 for the 27 SST-2 runs, 17 for the 9 GSM8K runs); each run's wall time, step time and peak memory are
-in `results/quality.md`. At these budgets the SST-2 comparison resolves differences of roughly 10 accuracy
-points (64 dev rows: a standard error of about 6 points), and GSM8K exact match stays near 0 (SmolLM2-135M
-scores 0 before training; about half the worked solutions are longer than 128 tokens): its held-out loss is
-the finer signal. For larger budgets raise `--steps`, `--eval-examples` (872: all of dev), `--gsm8k-steps`,
-`--gsm8k-eval-examples` and `--max-new-tokens`. Run it when nothing else uses the CPU.
+`--resume` keeps every run recorded in `--out`/quality.json whose settings (the resolved config less
+paths and logging, or PEFT's budget) equal this invocation's, so the benchmark continues across
+sittings and machines from its committed JSON; the JSON and table are rewritten after every run. Run it
+when nothing else uses the CPU: one run takes 15-45 minutes on the 2-core machine (step times there vary
+up to 4x from day to day), so the whole default set (30 SST-2 runs, 3 GSM8K runs) takes many hours;
+`--methods` and `--seeds` choose a part.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -48,7 +49,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+
+import numpy as np
 
 from machine import cores, cpu_model
 
@@ -56,312 +60,414 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 SST2_TRAIN, SST2_DEV = DATA / "sst2" / "train.tsv", DATA / "sst2" / "dev.tsv"
 GSM8K_TRAIN = DATA / "gsm8k" / "train.jsonl"
+TEMPLATE = "Review: {text}\nSentiment:"
 METHODS = ("full", "lora", "lora_ga", "oft", "boft", "unitary", "hybrid", "zo_fo", "hybrid_lora")
+# name -> (runner, method YAML, extra overrides)
+VARIANTS = {**{m: ("hyjax", m, ()) for m in METHODS},
+            "hybrid_lora_random": ("hyjax", "hybrid_lora", ("method.hybrid_lora.score=random",)),
+            "peft_lora": ("peft", "lora", ())}
 TASKS = ("sst2", "gsm8k")
-METRIC = {"sst2": "accuracy", "gsm8k": "exact_match"}
-GRADIENT_METHODS = {"lora_ga": "lora_ga", "hybrid": "lora_ga", "hybrid_lora": "hybrid_lora"}
+METRIC = {"sst2": "accuracy", "gsm8k": "eval_loss"}
+BASELINE, REFERENCE = "lora", "peft_lora"
+BOOTSTRAP_DRAWS = 4000
 
 
-# ------------------------------------------------------------------------------------------- runs
+# ------------------------------------------------------------------------------------------ budget
 
 
-def budget(task: str, args) -> dict:
-    """The fixed budget of `task`, the same for every method."""
+def overrides(task: str, seed: int, args, output: pathlib.Path, eval_before: bool) -> list[str]:
+    """The budget of `task` as config overrides, the same for every method and seed but the seed."""
+    common = ["model.path=smollm2-135m-instruct", f"train.seed={seed}", f"data.shuffle_seed={seed}",
+              "train.schedule=cosine", "eval.generation_samples=0", f"eval.before_training={str(eval_before).lower()}",
+              f"logging.output_dir={output}", "logging.every_steps=1", "logging.progress_bar=false",
+              "checkpoint.every_steps=0", "checkpoint.keep=1", "export.peft_adapter=false",
+              "export.merged_model=false", f"method.lora_ga.n_batches={args.gradient_batches}",
+              f"method.hybrid_lora.n_batches={args.gradient_batches}"]
     if task == "sst2":
-        steps = args.steps
-        return {"data": str(SST2_TRAIN), "eval_data": f"{SST2_DEV} (first {args.eval_examples} rows)",
-                "steps": steps, "batch": args.batch, "max_length": args.max_length, "packing": True,
-                "warmup_steps": steps // 10, "train_rows": args.sst2_rows, "eval_examples": args.eval_examples,
-                "metric": "accuracy (answer log-likelihood of the two verbalized labels)", "chat": False,
-                "seeds": args.seeds}
-    steps = args.gsm8k_steps
-    return {"data": str(GSM8K_TRAIN), "eval_data": f"{args.gsm8k_eval_examples} rows held out of the training "
-            "file (data.eval_count, drawn by data.shuffle_seed = seed)", "steps": steps, "batch": args.gsm8k_batch,
-            "max_length": args.gsm8k_max_length, "packing": False, "warmup_steps": steps // 10,
-            "train_rows": "all less the held-out slice", "eval_examples": args.gsm8k_eval_examples,
-            "max_new_tokens": args.max_new_tokens, "metric": "exact match of the final number (greedy generation)",
-            "chat": "auto", "seeds": args.gsm8k_seeds}
+        return common + [
+            f"data.path={SST2_TRAIN}", f"data.eval_path={SST2_DEV}", "data.task=classification", "data.chat=false",
+            f"data.template={TEMPLATE}", "data.bucket=16", "data.max_length=128", f"train.steps={args.steps}",
+            f"train.global_batch_size={args.batch}", f"train.warmup_steps={args.steps // 10}",
+            f"eval.num_examples={args.dev_rows or 'null'}", f"eval.every_steps={args.eval_every}",
+            "eval.batch_size=32"]
+    return common + [
+        f"data.path={GSM8K_TRAIN}", "data.task=math", f"data.eval_count={args.gsm8k_eval_examples}", "data.bucket=32",
+        "data.max_length=256", f"train.steps={args.gsm8k_steps}", f"train.global_batch_size={args.gsm8k_batch}",
+        f"train.warmup_steps={args.gsm8k_steps // 10}", "eval.num_examples=null", "eval.every_steps=0",
+        f"eval.max_new_tokens={args.max_new_tokens}"]
 
 
-def overrides(method: str, task: str, seed: int, args, run_dir: pathlib.Path, eval_before: bool) -> list[str]:
-    """The run's config overrides on top of `methods/<method>`."""
-    b = budget(task, args)
-    items = [
-        "model.path=smollm2-135m-instruct",
-        f"train.steps={b['steps']}", f"train.global_batch_size={b['batch']}", f"train.warmup_steps={b['warmup_steps']}",
-        f"train.seed={seed}", f"data.shuffle_seed={seed}",
-        f"data.max_length={b['max_length']}", f"data.packing={str(b['packing']).lower()}",
-        f"eval.num_examples={b['eval_examples']}", "eval.generation_samples=0",
-        f"eval.before_training={str(eval_before).lower()}",
-        f"logging.output_dir={run_dir}", "logging.every_steps=1", "logging.progress_bar=false",
-        "checkpoint.every_steps=0", "checkpoint.keep=1",
-        "export.peft_adapter=false", "export.merged_model=false",
-        f"method.lora_ga.n_batches={args.gradient_batches}", f"method.hybrid_lora.n_batches={args.gradient_batches}",
-    ]
-    if task == "sst2":
-        items += [f"data.path={SST2_TRAIN}", f"data.eval_path={SST2_DEV}", "data.task=classification",
-                  "data.chat=false", "data.bucket=16", f"data.max_rows={args.sst2_rows}"]
-    else:
-        items += [f"data.path={GSM8K_TRAIN}", "data.task=math", f"data.eval_count={args.gsm8k_eval_examples}",
-                  "data.bucket=32", f"eval.max_new_tokens={args.max_new_tokens}"]
-    if args.lr is not None:
-        items.append(f"train.learning_rate={args.lr}")
-    return items + list(args.set)
+def run_config(name: str, task: str, seed: int, args, output: pathlib.Path, eval_before: bool):
+    from hyjax.config import load_config
+
+    _, method, extra = VARIANTS[name]
+    return load_config(f"methods/{method}", [*overrides(task, seed, args, output, eval_before), *extra])
 
 
-def run_dir(args, task: str, method: str, seed: int) -> pathlib.Path:
-    return pathlib.Path(args.work).resolve() / task / method / f"seed{seed}"
+def fingerprint(name: str, task: str, seed: int, args) -> str:
+    """What decides a run's result: its resolved config less paths, logging and checkpointing (a changed
+    method YAML or budget makes an old record stale), and the runner."""
+    config = run_config(name, task, seed, args, pathlib.Path("run"), eval_before=False).to_dict()
+    for section in ("logging", "checkpoint", "export"):
+        config.pop(section, None)
+    config["eval"].pop("before_training", None)
+    for key in ("path", "eval_path"):
+        if config["data"].get(key):
+            config["data"][key] = pathlib.Path(config["data"][key]).name
+    text = json.dumps({"runner": VARIANTS[name][0], "config": config}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def launch(method: str, task: str, seed: int, args, eval_before: bool) -> dict:
-    """Runs one job in its own process (its log in `train.log`) unless `--resume` finds it finished."""
-    folder = run_dir(args, task, method, seed)
-    summary = folder / "summary.json"
-    if args.resume and summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
-        return {"reused": True, **collect(folder)}
-    if folder.exists():  # a fresh measurement: hyjax would otherwise resume from the old checkpoint
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+# -------------------------------------------------------------------------------------------- runs
+
+
+def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_before: bool) -> dict:
+    """`python -m hyjax.train` in its own process; what its folder holds afterwards."""
+    _, method, extra = VARIANTS[name]
     command = [sys.executable, "-m", "hyjax.train", f"methods/{method}",
-               *overrides(method, task, seed, args, folder, eval_before)]
+               *overrides(task, seed, args, folder, eval_before), *extra]
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     with open(folder / "train.log", "w") as log:
         code = subprocess.run(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    if not args.keep_checkpoints:
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    result = collect(folder)
-    if code != 0 and "error" not in result:
-        result["error"] = f"exit code {code}"
-    if "error" in result:
-        tail = (folder / "train.log").read_text(errors="replace").strip().splitlines()[-6:]
-        result["error"] += ": " + " | ".join(tail)
-    return {"reused": False, **result}
-
-
-def collect(folder: pathlib.Path) -> dict:
-    """What a finished run left: its summary, the loss of every step and its evaluations' durations."""
     summary_file = folder / "summary.json"
-    if not summary_file.is_file():
-        return {"error": f"no summary.json in {folder}"}
+    if code or not summary_file.is_file():
+        tail = (folder / "train.log").read_text(errors="replace").strip().splitlines()[-6:]
+        return {"error": f"exit code {code}: " + " | ".join(tail)}
     summary = json.loads(summary_file.read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_seconds" in r]
-    before = summary.get("eval_before", {})
-    after = summary.get("eval_after", {})
-    before_s = evals[0]["eval_seconds"] if before and evals else 0.0
-    result = {
-        "status": summary.get("status"), "steps": summary.get("steps"), "skipped_steps": summary.get("skipped_steps"),
-        "trainable_parameters": summary.get("trainable_parameters"),
-        "zeroth_order_parameters": summary.get("zeroth_order_parameters"),
-        "accuracy": after.get("accuracy"), "exact_match": after.get("exact_match"), "eval_loss": after.get("loss"),
-        "eval_examples": after.get("examples"), "eval_before": before or None,
-        "wall_time_seconds": summary["wall_time_seconds"],
-        "wall_time_without_eval_before_seconds": summary["wall_time_seconds"] - before_s,
-        "eval_before_seconds": before_s if before else None,
-        "eval_after_seconds": evals[-1]["eval_seconds"] if evals and after else None,
-        "train_seconds": sum(r["step_seconds"] for r in steps),
-        "first_step_seconds": steps[0]["step_seconds"] if steps else None,
-        "median_step_seconds": statistics.median(r["step_seconds"] for r in steps[1:]) if len(steps) > 1 else None,
-        "peak_host_memory_mib": summary["peak_host_memory_mib"],
-        "loss_curve": [[r["step"], r["loss"]] for r in steps],
-        "run_dir": str(folder),
-    }
-    if summary.get("status") != "finished":
-        result["error"] = f"run status {summary.get('status')!r}"
+    elapsed, evals = {}, []
+    for r in steps:
+        elapsed[r["step"]] = elapsed.get(r["step"] - 1, 0.0) + r["step_seconds"]
+    for r in records:
+        if "eval_seconds" in r:
+            evals.append({"step": r["step"], "accuracy": r.get("eval/accuracy"),
+                          "exact_match": r.get("eval/exact_match"), "eval_loss": r["eval/loss"],
+                          "train_seconds": elapsed.get(r["step"], 0.0), "eval_seconds": r["eval_seconds"]})
+    final = evals[-1]
+    before = evals[0] if eval_before and evals and evals[0]["step"] == 0 else None
+    return {"accuracy": final["accuracy"], "exact_match": final["exact_match"], "eval_loss": final["eval_loss"],
+            "correct_rows": next(r for r in reversed(records) if "eval_seconds" in r).get("eval_correct_rows"),
+            "evals": [e for e in evals if e["step"] > 0], "eval_before": before,
+            "wall_seconds": summary["wall_time_seconds"] - (before["eval_seconds"] if before else 0.0),
+            "train_seconds": elapsed[max(elapsed)], "median_step_seconds": statistics.median(
+                r["step_seconds"] for r in steps[1:]), "peak_host_memory_mib": summary["peak_host_memory_mib"],
+            "trainable_parameters": summary["trainable_parameters"], "skipped_steps": summary["skipped_steps"],
+            "loss_curve": [r["loss"] for r in steps]}
+
+
+def run_peft(name: str, task: str, seed: int, args, folder: pathlib.Path) -> dict:
+    """PEFT LoRA on the rows of this seed's hyjax LoRA run, scored by hyjax (`bench/peft_reference.py`),
+    in a child process of this script."""
+    out = folder / "result.json"
+    command = [sys.executable, __file__, *args.argv, "--peft-child", str(out), "--child-seed", str(seed)]
+    with open(folder / "train.log", "w") as log:
+        code = subprocess.run(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code or not out.is_file():
+        tail = (folder / "train.log").read_text(errors="replace").strip().splitlines()[-6:]
+        return {"error": f"exit code {code}: " + " | ".join(tail)}
+    return json.loads(out.read_text())
+
+
+def peft_child(args) -> None:
+    """The `--peft-child` process: trains, merges, scores; writes the record to `args.peft_child`."""
+    import resource
+
+    from peft_reference import hf_copy, job_rows, merged_folder, score_classification, train_peft_lora
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = run_config("lora", "sst2", args.child_seed, args, pathlib.Path(tmp), eval_before=False)
+        steps, pad_id = job_rows(config, config.train.steps)
+        hf = hf_copy(config, pathlib.Path(tempfile.gettempdir()) / "hyjax-bench-methods" / "smollm2-135m-instruct-hf")
+        model, losses, seconds = train_peft_lora(hf, steps, pad_id, train=config.train, seed=args.child_seed,
+                                                 threads=cores())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        eval_start = time.perf_counter()
+        result = score_classification(config, merged_folder(model, pathlib.Path(tmp) / "merged"))
+        eval_seconds = time.perf_counter() - eval_start
+    import peft
+    import torch
+    import transformers
+
+    record = {"accuracy": result.accuracy, "exact_match": None, "eval_loss": result.gold_loss,
+              "correct_rows": result.correct_rows,
+              "evals": [{"step": len(steps), "accuracy": result.accuracy, "exact_match": None,
+                         "eval_loss": result.gold_loss, "train_seconds": sum(seconds), "eval_seconds": eval_seconds}],
+              "eval_before": None, "wall_seconds": time.perf_counter() - start, "train_seconds": sum(seconds),
+              "median_step_seconds": statistics.median(seconds[1:]),
+              "peak_host_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "trainable_parameters": trainable,
+              "skipped_steps": 0, "loss_curve": losses,
+              "versions": {"peft": peft.__version__, "transformers": transformers.__version__,
+                           "torch": torch.__version__}}
+    pathlib.Path(args.peft_child).write_text(json.dumps(record))
+
+
+def launch(name: str, task: str, seed: int, args, eval_before: bool) -> dict:
+    folder = pathlib.Path(args.work).resolve() / task / name / f"seed{seed}"
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh measurement: hyjax would resume an old checkpoint
+    folder.mkdir(parents=True)
+    if VARIANTS[name][0] == "peft":
+        return run_peft(name, task, seed, args, folder)
+    result = run_hyjax(name, task, seed, args, folder, eval_before)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     return result
 
 
-# --------------------------------------------------------------------------------------- reporting
+# ----------------------------------------------------------------------------------------- analysis
 
 
-def spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+def bootstrap_difference(ours: list[str], theirs: list[str], draws: int = BOOTSTRAP_DRAWS, seed: int = 0):
+    """Mean over seeds of accuracy(ours) - accuracy(theirs), and its 95% percentile interval when the dev
+    rows are resampled with replacement (one resample of row indices for every seed of both).
+    `ours[i]`, `theirs[i]`: seed i's `correct_rows` strings (`1` right) over the same rows."""
+    a = np.array([[c == "1" for c in rows] for rows in ours], np.float64)
+    b = np.array([[c == "1" for c in rows] for rows in theirs], np.float64)
+    diff = (a - b).mean(axis=0)  # per row, averaged over seeds
+    rng = np.random.default_rng(seed)
+    samples = diff[rng.integers(0, diff.size, size=(draws, diff.size))].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
 
 
-def aggregate(runs: list[dict], task: str, methods: list[str]) -> dict:
-    """Per method: the metric's mean, std and range over seeds, and the mean cost of a run."""
+def first_reaching(run: dict, target: float):
+    """`(step, train seconds)` of the first evaluation of `run` at or above `target` accuracy, else None."""
+    for e in run["evals"]:
+        if e["accuracy"] is not None and e["accuracy"] >= target:
+            return e["step"], e["train_seconds"]
+    return None
+
+
+def summarize(runs: list[dict], task: str, names: list[str]) -> dict:
+    """Per variant: the metric's mean, std and per-seed values; paired difference to LoRA; time to PEFT."""
+    metric = METRIC[task]
+    done = [r for r in runs if r["task"] == task and "error" not in r]
+    by_name = {n: sorted((r for r in done if r["name"] == n), key=lambda r: r["seed"]) for n in names}
+    reference = [r["accuracy"] for r in by_name.get(REFERENCE, [])]
+    target = statistics.fmean(reference) if reference and task == "sst2" else None
     table = {}
-    for method in methods:
-        rows = [r for r in runs if r["task"] == task and r["method"] == method]
-        good = [r for r in rows if "error" not in r and r.get(METRIC[task]) is not None]
-        entry = {"runs": len(rows), "failed": len(rows) - len(good)}
-        if good:
-            entry[METRIC[task]] = spread([r[METRIC[task]] for r in good])
-            entry["eval_loss"] = spread([r["eval_loss"] for r in good])
-            for key in ("wall_time_without_eval_before_seconds", "train_seconds", "median_step_seconds"):
-                values = [r[key] for r in good if r.get(key) is not None]
-                entry[key] = statistics.fmean(values) if values else None
-            entry["peak_host_memory_mib"] = max(r["peak_host_memory_mib"] for r in good)
-            entry["trainable_parameters"] = good[0]["trainable_parameters"]
-        table[method] = entry
+    for name in names:
+        rows = by_name[name]
+        failed = sum(1 for r in runs if r["task"] == task and r["name"] == name and "error" in r)
+        entry = {"failed": failed, "n": len(rows)}
+        if rows:
+            values = [r[metric] for r in rows]
+            entry.update(seeds={r["seed"]: r[metric] for r in rows}, mean=statistics.fmean(values),
+                         std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                         eval_loss=statistics.fmean(r["eval_loss"] for r in rows),
+                         wall_seconds=statistics.fmean(r["wall_seconds"] for r in rows),
+                         train_seconds=statistics.fmean(r["train_seconds"] for r in rows),
+                         median_step_seconds=statistics.fmean(r["median_step_seconds"] for r in rows),
+                         peak_host_memory_mib=max(r["peak_host_memory_mib"] for r in rows),
+                         trainable_parameters=rows[0]["trainable_parameters"])
+            if task == "gsm8k":
+                entry["exact_match"] = statistics.fmean(r["exact_match"] for r in rows)
+            base = {r["seed"]: r for r in by_name.get(BASELINE, [])}
+            paired = [(r, base[r["seed"]]) for r in rows if r["seed"] in base and r.get("correct_rows")
+                      and base[r["seed"]].get("correct_rows")]
+            if task == "sst2" and paired and name != BASELINE:
+                mean, lo, hi = bootstrap_difference([r["correct_rows"] for r, _ in paired],
+                                                    [b["correct_rows"] for _, b in paired])
+                per_seed = {r["seed"]: bootstrap_difference([r["correct_rows"]], [b["correct_rows"]])
+                            for r, b in paired}
+                entry["vs_lora"] = {"mean": mean, "low": lo, "high": hi, "seeds": per_seed}
+            if target is not None and name != REFERENCE:
+                reached = [first_reaching(r, target) for r in rows]
+                hits = [x for x in reached if x is not None]
+                entry["to_peft_accuracy"] = {"target": target, "reached": len(hits), "of": len(rows),
+                                             "steps": statistics.fmean(s for s, _ in hits) if hits else None,
+                                             "train_seconds": statistics.fmean(t for _, t in hits) if hits else None}
+        table[name] = entry
     return table
 
 
-def pretrained_scores(runs: list[dict]) -> dict:
-    scores = {}
-    for run in runs:
-        if run.get("eval_before") and run["task"] not in scores:
-            scores[run["task"]] = {**run["eval_before"], "from_run": f"{run['method']} seed {run['seed']}"}
-    return scores
+# ------------------------------------------------------------------------------------------ report
 
 
-def plot_curves(runs: list[dict], tasks: list[str], path: pathlib.Path) -> pathlib.Path | None:
-    """Training loss per step of every method's lowest-seed run, one panel per task (moving average)."""
+def plot(report: dict, path: pathlib.Path) -> pathlib.Path | None:
+    """Training loss (moving average over 10 steps) of every method's lowest seed, and SST-2 dev accuracy
+    at each evaluation (mean over seeds), PEFT LoRA's final as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    panels = []
-    for task in tasks:
-        chosen = {}
-        for run in sorted((r for r in runs if r["task"] == task and r.get("loss_curve")), key=lambda r: r["seed"]):
-            chosen.setdefault(run["method"], run)
-        if chosen:
-            panels.append((task, chosen))
+    runs = [r for r in report["runs"] if "error" not in r]
+    tasks = [task for task in report["tasks"] if any(r["task"] == task for r in runs)]
+    panels = [(task, "loss") for task in tasks] + [("sst2", "accuracy")] * ("sst2" in tasks)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-    for ax, (task, chosen) in zip(axes[0], panels):
-        window = 1
-        for method, run in chosen.items():
-            steps, losses = (np.asarray(v, float) for v in zip(*run["loss_curve"]))
-            window = max(1, len(losses) // 12)
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, label=method, linewidth=1.4)
-        seeds = sorted({run["seed"] for run in chosen.values()})
-        smoothing = f"moving average of {window} steps" if window > 1 else "every step"
-        ax.set_title(f"{task}: training loss, seed {', '.join(map(str, seeds))} ({smoothing})", fontsize=10)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (task, kind) in zip(axes[0], panels):
+        names = [n for n in report["settings"]["names"][task]
+                 if any(r["name"] == n and r["task"] == task for r in runs)]
+        for name in names:
+            mine = sorted((r for r in runs if r["task"] == task and r["name"] == name), key=lambda r: r["seed"])
+            if kind == "loss":
+                losses = np.asarray(mine[0]["loss_curve"], float)
+                window = min(10, len(losses))
+                smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+                ax.plot(np.arange(window, len(losses) + 1), smooth, label=name, linewidth=1.2)
+            elif name == REFERENCE:
+                ax.axhline(statistics.fmean(r["accuracy"] for r in mine), color="black", linestyle="--",
+                           linewidth=1, label="PEFT LoRA (final)")
+            else:
+                steps = sorted({e["step"] for r in mine for e in r["evals"]})
+                means = [statistics.fmean(e["accuracy"] for r in mine for e in r["evals"] if e["step"] == s)
+                         for s in steps]
+                ax.plot(steps, means, marker="o", label=name, linewidth=1.2)
+        title = {"loss": f"{task}: training loss (answer tokens), lowest seed, 10-step mean",
+                 "accuracy": "sst2: dev accuracy at each evaluation, mean over seeds"}[kind]
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("answer-token cross-entropy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else f"{value:{spec}}"
-
-
 def markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
-    lines = [
-        "# Fine-tuning quality per method in a fixed budget: SmolLM2-135M-Instruct on SST-2 and GSM8K", "",
-        f"{m['cpu_model']}, {m['cores_used']} cores, jax {m['jax']} ({m['backend']}); {report['date']}; load "
-        f"average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end; "
-        f"{report['total_minutes']:.0f} minutes. Command: `{report['command']}`.", "",
-        "Each run is `python -m hyjax.train methods/<method>` in its own process with the same budget per task; "
-        "the learning rate is each method's config's (" + ", ".join(f"{k} {v:g}" for k, v in s["learning_rates"]
-                                                                 .items()) + "). LoRA-GA's, the hybrid's and "
-        f"Hybrid-LoRA's start-up gradient: {s['gradient_batches']} batches of 2 (configs: 64 and 16). Wall time: "
-        "the whole run (start-up, model load, tokenization, start-up gradient, compilation, steps, final "
-        "evaluation, checkpoint), the before-training evaluation excluded; train s: the steps (the first "
-        "includes compilation); peak MiB: the run process's resident high-water mark (ru_maxrss), largest "
-        "over seeds.", "",
-    ]
-    pretrained = report["pretrained"]
+    lines = ["# Fine-tuning quality at a real budget: SmolLM2-135M-Instruct, every method and HF PEFT LoRA", "",
+             f"{m['cpu_model']}, {m['cores']} cores, jax {m['jax']}; runs from {report['first_run']} to "
+             f"{report['last_run']}; {report['minutes']:.0f} minutes of runs. Command: `{report['command']}`.", "",
+             "Every run: `python -m hyjax.train methods/<method>` with the budget below, every other setting "
+             "(learning rate included) from the method's YAML; `peft_lora`: HF PEFT LoRA (r 8, alpha 16, the "
+             "seven projections, LoRA's learning rate and schedule) on the same rows of each seed, its merged "
+             "model scored by hyjax's evaluation; `hybrid_lora_random`: Hybrid-LoRA's module count drawn at "
+             f"random (a new draw per seed). Start-up gradients: {s['gradient_batches']} batches of 2.", ""]
     for task in report["tasks"]:
-        b = s["tasks"][task]
-        metric = METRIC[task]
-        table = report["summary"][task]
+        b, table = s["tasks"][task], report["summary"][task]
         if task == "sst2":
-            lines += [f"## SST-2: dev accuracy after {b['steps']} steps of {b['batch']} packed rows x "
-                      f"{b['max_length']} tokens, seeds {', '.join(map(str, b['seeds']))}", "",
-                      f"Training: the first {b['train_rows']} rows of train.tsv; evaluation: {b['eval_data']}; cosine "
-                      f"schedule, {b['warmup_steps']} warm-up steps."]
+            lines += [f"## SST-2: dev accuracy ({b['eval_rows']} rows) after {b['steps']} steps of {b['batch']} "
+                      f"rows, seeds {', '.join(map(str, b['seeds']))}", "",
+                      f"Each step {b['batch']} rows drawn from the whole training file, prompt {TEMPLATE!r}, loss on "
+                      f"the answer tokens, cosine schedule with {b['steps'] // 10} warm-up steps; evaluation every "
+                      f"{b['eval_every']} steps and at the end. Δ vs LoRA: mean over seeds of the paired accuracy "
+                      f"difference to hyjax LoRA, [95% interval] from {BOOTSTRAP_DRAWS} resamples of the dev rows. "
+                      "To PEFT: steps and train seconds (sum of step times) until an evaluation first reaches PEFT "
+                      "LoRA's mean final accuracy (seeds that reach it / seeds)."]
         else:
-            lines += [f"## GSM8K: held-out exact match after {b['steps']} steps of {b['batch']} rows x "
-                      f"{b['max_length']} tokens, seeds {', '.join(map(str, b['seeds']))}", "",
-                      f"Evaluation: {b['eval_data']}; greedy generation of at most {b['max_new_tokens']} new "
-                      "tokens, the number after `####` compared; cosine schedule, "
-                      f"{b['warmup_steps']} warm-up steps. Eval loss: answer-token cross-entropy of the worked "
-                      "solutions of the held-out slice."]
-        if task in pretrained:
-            p = pretrained[task]
-            lines += ["", f"Pretrained (before training, {p['from_run']}'s evaluation): {metric.replace('_', ' ')} "
-                          f"{p.get(metric, float('nan')):.3f}, eval loss {p.get('loss', float('nan')):.3f}."]
-        lines += ["", f"| method | {metric.replace('_', ' ')} mean ± std | [min, max] | eval loss | wall s | train s "
-                      "| s/step | peak MiB | trainable params |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for method, e in table.items():
-            if metric not in e:
-                lines.append(f"| {method} | failed ({e['failed']} of {e['runs']} runs) |" + " |" * 7)
+            lines += [f"## GSM8K: answer loss on {b['eval_rows']} problems held out of the training file, after "
+                      f"{b['steps']} steps of {b['batch']} problems, seeds {', '.join(map(str, b['seeds']))}", "",
+                      f"Exact match: the final number of a greedy generation of at most {b['max_new_tokens']} tokens."]
+        before = next((r["eval_before"] for r in report["runs"] if r["task"] == task and r.get("eval_before")), None)
+        if before:
+            score = f"accuracy {before['accuracy']:.3f}" if task == "sst2" else \
+                f"exact match {before['exact_match']:.3f}"
+            lines += ["", f"Pretrained model: {score}, answer loss {before['eval_loss']:.3f}."]
+        if task == "sst2":
+            lines += ["", "| method | accuracy mean ± std | per seed | Δ vs LoRA [95%] | to PEFT: steps, train s | "
+                          "answer loss | wall s | s/step | peak MiB | trainable |",
+                      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        else:
+            lines += ["", "| method | answer loss | exact match | wall s | s/step | peak MiB | trainable |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, e in table.items():
+            if not e["n"]:
+                lines.append(f"| {name} | " + (f"failed ({e['failed']})" if e["failed"] else "not run") + " |")
                 continue
-            v, loss = e[metric], e["eval_loss"]
-            failed = f" ({e['failed']} failed)" if e["failed"] else ""
-            lines.append(
-                f"| {method} | {v['mean']:.3f} ± {v['std']:.3f} (n={v['n']}){failed} | [{v['min']:.3f}, {v['max']:.3f}]"
-                f" | {loss['mean']:.3f} | {_fmt(e['wall_time_without_eval_before_seconds'], '.0f')} | "
-                f"{_fmt(e['train_seconds'], '.0f')} | {_fmt(e['median_step_seconds'], '.2f')} | "
-                f"{e['peak_host_memory_mib']:,.0f} | {e['trainable_parameters']:,} |")
+            cost = (f"{e['wall_seconds']:.0f} | {e['median_step_seconds']:.2f} | {e['peak_host_memory_mib']:,.0f} | "
+                    f"{e['trainable_parameters']:,} |")
+            if task == "gsm8k":
+                lines.append(f"| {name} | {e['mean']:.3f} | {e['exact_match']:.3f} | {cost}")
+                continue
+            seeds = ", ".join(f"{v:.3f}" for v in e["seeds"].values())
+            d = e.get("vs_lora")
+            delta = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "-"
+            t = e.get("to_peft_accuracy")
+            reach = "-" if not t else (f"{t['steps']:.0f}, {t['train_seconds']:.0f} ({t['reached']}/{t['of']})"
+                                       if t["reached"] else f"not reached (0/{t['of']})")
+            lines.append(f"| {name} | {e['mean']:.3f} ± {e['std']:.3f} | {seeds} | {delta} | {reach} | "
+                         f"{e['eval_loss']:.3f} | {cost}")
         lines.append("")
     errors = [r for r in report["runs"] if "error" in r]
     if errors:
-        lines += ["Failed runs:", ""] + [f"- {r['task']} {r['method']} seed {r['seed']}: {r['error'][:300]}"
+        lines += ["Failed runs:", ""] + [f"- {r['task']} {r['name']} seed {r['seed']}: {r['error'][:300]}"
                                          for r in errors] + [""]
-    if report.get("loss_curves"):
-        lines += [f"Training loss curves: `{pathlib.Path(report['loss_curves']).name}`.", ""]
+    lines += ["Curves: `quality_curves.png`.", ""]
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------------ main
 
 
-def run_all(args) -> dict:
+def plan(args) -> list[tuple[str, str, int]]:
+    out = []
+    if "sst2" in args.tasks:
+        out += [("sst2", name, seed) for seed in args.seeds for name in args.methods]
+    if "gsm8k" in args.tasks:
+        out += [("gsm8k", name, seed) for seed in args.gsm8k_seeds for name in args.gsm8k_methods]
+    return out
+
+
+def write(report: dict, out: pathlib.Path) -> None:
+    report["summary"] = {task: summarize(report["runs"], task, report["settings"]["names"][task])
+                         for task in report["tasks"]}
+    finished = [r["finished"] for r in report["runs"] if "finished" in r]
+    report["first_run"], report["last_run"] = (min(finished), max(finished)) if finished else ("-", "-")
+    report["minutes"] = sum(r.get("wall_seconds", 0.0) for r in report["runs"]) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot(report, out / "quality_curves.png")
+    report["curves"] = str(png.name) if png else None
+    (out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "quality.md").write_text(markdown(report))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.peft_child:
+        peft_child(args)
+        return
+    for path in (SST2_TRAIN, SST2_DEV, GSM8K_TRAIN):
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing (see ../shared/data/README.md)")
     import jax
 
-    from hyjax.config import load_config
-
-    start = time.perf_counter()
-    machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cores_used": cores(),
-               "loadavg_start": os.getloadavg()}
-    rates = {m: load_config(f"methods/{m}", [f"train.learning_rate={args.lr}"] if args.lr else []).train.learning_rate
-             for m in args.methods}
-    plan = [(task, method, seed) for task in args.tasks for method in args.methods
-            for seed in (args.seeds if task == "sst2" else args.gsm8k_seeds)]
-    first = {task: next((p for p in plan if p[0] == task), None) for task in args.tasks}
-    print(f"{len(plan)} runs ({', '.join(args.methods)} on {', '.join(args.tasks)}); work folder {args.work}", flush=True)
-    runs = []
-    for i, (task, method, seed) in enumerate(plan, 1):
-        tick = time.perf_counter()
-        print(f"[{i}/{len(plan)}] {task} {method} seed {seed} ...", flush=True)
-        result = launch(method, task, seed, args, eval_before=first[task] == (task, method, seed))
-        runs.append({"task": task, "method": method, "seed": seed, **result})
-        if "error" in result:
-            print(f"    FAILED after {time.perf_counter() - tick:.0f} s: {result['error'][:400]}", flush=True)
+    out = pathlib.Path(args.out)
+    previous = json.loads((out / "quality.json").read_text()) if args.resume and (out / "quality.json").is_file() \
+        else {"runs": []}
+    todo = plan(args)
+    kept = {(r["task"], r["name"], r["seed"]): r for r in previous.get("runs", []) if "error" not in r
+            and r["task"] in TASKS and r["name"] in VARIANTS
+            and r.get("fingerprint") == fingerprint(r["name"], r["task"], r["seed"], args)}
+    tasks = [t for t in TASKS if t in args.tasks or any(k[0] == t for k in kept)]
+    names = {t: [n for n in VARIANTS if (t, n) in {(k[0], k[1]) for k in [*todo, *kept]}] for t in TASKS}
+    report = {"benchmark": "quality at a real budget: every method and HF PEFT LoRA",
+              "command": "python bench/quality.py " + " ".join(args.argv), "tasks": tasks,
+              "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version(),
+                          "jax": jax.__version__},
+              "settings": {"gradient_batches": args.gradient_batches,
+                           "names": names,
+                           "tasks": {"sst2": {"steps": args.steps, "batch": args.batch, "eval_every": args.eval_every,
+                                              "eval_rows": args.dev_rows or 872, "seeds": args.seeds},
+                                     "gsm8k": {"steps": args.gsm8k_steps, "batch": args.gsm8k_batch,
+                                               "eval_rows": args.gsm8k_eval_examples, "seeds": args.gsm8k_seeds,
+                                               "max_new_tokens": args.max_new_tokens}}},
+              "runs": [r for k, r in kept.items() if k not in todo]}  # earlier sittings' other runs
+    first_of_task = {task: next(((t, n, s) for t, n, s in todo if t == task and VARIANTS[n][0] == "hyjax"), None)
+                     for task in args.tasks}
+    print(f"{len(todo)} runs; work folder {args.work}", flush=True)
+    for i, (task, name, seed) in enumerate(todo, 1):
+        key = (task, name, seed)
+        if key in kept:
+            report["runs"].append(kept[key])
+            print(f"[{i}/{len(todo)}] {task} {name} seed {seed}: kept from {out / 'quality.json'}", flush=True)
             continue
-        before = result["eval_before"]
-        before = f" (before training {before[METRIC[task]]:.3f})" if before else ""
-        print(f"    {METRIC[task]} {result[METRIC[task]]:.3f}{before}, eval loss {result['eval_loss']:.3f}, "
-              f"last loss {result['loss_curve'][-1][1]:.3f}, wall {result['wall_time_seconds']:.0f} s, "
-              f"peak {result['peak_host_memory_mib']:,.0f} MiB" + (" (reused)" if result["reused"] else ""),
-              flush=True)
-    machine.update(loadavg_end=os.getloadavg(), python=platform.python_version(), jax=jax.__version__,
-                   backend=jax.default_backend())
-    return {
-        "benchmark": "quality: each method's fine-tuning result in a fixed budget (SST-2 accuracy, GSM8K exact match)",
-        "command": "python bench/quality.py " + " ".join(args.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "total_minutes": (time.perf_counter() - start) / 60,
-        "tasks": args.tasks,
-        "settings": {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
-                     "methods": args.methods, "tasks": {t: budget(t, args) for t in args.tasks},
-                     "learning_rates": rates, "lr_override": args.lr, "gradient_batches": args.gradient_batches,
-                     "gradient_batch_size": 2, "gradient_methods": {m: GRADIENT_METHODS[m] for m in args.methods
-                                                                    if m in GRADIENT_METHODS},
-                     "optimizer": "AdamW (weight decay 0, clip 1.0), cosine schedule", "extra_overrides": args.set,
-                     "work": str(pathlib.Path(args.work).resolve())},
-        "machine": machine,
-        "pretrained": pretrained_scores(runs),
-        "summary": {task: aggregate(runs, task, args.methods) for task in args.tasks},
-        "runs": runs,
-    }
+        print(f"[{i}/{len(todo)}] {task} {name} seed {seed} ...", flush=True)
+        result = launch(name, task, seed, args, eval_before=first_of_task[task] == (task, name, seed))
+        record = {"task": task, "name": name, "seed": seed, "fingerprint": fingerprint(name, task, seed, args),
+                  "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "loadavg_end": os.getloadavg(), **result}
+        report["runs"].append(record)
+        shown = {k: record.get(k) for k in ("accuracy", "exact_match", "eval_loss", "wall_seconds", "error")
+                 if record.get(k) is not None}
+        print(f"    {json.dumps(shown)[:400]}", flush=True)
+        write(report, out)
+    write(report, out)
+    print(markdown(report))
 
 
 def _ints(text: str) -> list[int]:
@@ -370,64 +476,49 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, of sst2,gsm8k")
+    parser.add_argument("--methods", default=",".join(VARIANTS), help=f"SST-2 runs, of {','.join(VARIANTS)}")
+    parser.add_argument("--gsm8k-methods", default="lora,hybrid,full", help="GSM8K runs (hyjax methods)")
+    parser.add_argument("--tasks", default="sst2,gsm8k", help="comma-separated, of sst2,gsm8k")
     parser.add_argument("--seeds", default="0,1,2", help="SST-2 seeds (train.seed and data.shuffle_seed)")
-    parser.add_argument("--gsm8k-seeds", default="0", help="GSM8K seeds")
-    parser.add_argument("--steps", type=int, default=12, help="SST-2 optimizer steps")
-    parser.add_argument("--gsm8k-steps", type=int, default=10, help="GSM8K optimizer steps")
-    parser.add_argument("--batch", type=int, default=8, help="SST-2 packed rows per step")
-    parser.add_argument("--gsm8k-batch", type=int, default=4, help="GSM8K rows (one problem each) per step")
-    parser.add_argument("--max-length", type=int, default=64, help="SST-2 tokens per packed row")
-    parser.add_argument("--gsm8k-max-length", type=int, default=256, help="GSM8K tokens per row (no packing)")
-    parser.add_argument("--sst2-rows", type=int, default=4000, help="SST-2 training rows read (the file's first)")
-    parser.add_argument("--eval-examples", type=int, default=64, help="SST-2 dev rows evaluated (872: all)")
-    parser.add_argument("--gsm8k-eval-examples", type=int, default=16, help="GSM8K rows held out and evaluated")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="GSM8K greedy generation budget")
+    parser.add_argument("--gsm8k-seeds", default="0")
+    parser.add_argument("--steps", type=int, default=150, help="SST-2 optimizer steps")
+    parser.add_argument("--batch", type=int, default=16, help="SST-2 rows per step")
+    parser.add_argument("--eval-every", type=int, default=50, help="SST-2 steps between dev evaluations")
+    parser.add_argument("--dev-rows", type=int, help="SST-2 dev rows evaluated (default: all 872)")
+    parser.add_argument("--gsm8k-steps", type=int, default=200)
+    parser.add_argument("--gsm8k-batch", type=int, default=4)
+    parser.add_argument("--gsm8k-eval-examples", type=int, default=200, help="problems held out and evaluated")
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="GSM8K greedy generation budget")
     parser.add_argument("--gradient-batches", type=int, default=8,
                         help="batches of 2 for LoRA-GA's, the hybrid's and Hybrid-LoRA's start-up gradient")
-    parser.add_argument("--lr", type=float, help="learning rate of every method (default: each config's own)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override for every run (repeatable)")
-    parser.add_argument("--out", default="bench/results", help="folder of quality.json, .md and the loss-curve PNG")
+    parser.add_argument("--out", default="bench/results", help="folder of quality.json, .md and the curves PNG")
     parser.add_argument("--work", default="runs/bench-quality", help="folder of the runs")
-    parser.add_argument("--resume", action="store_true", help="keep the runs of --work that have a summary.json")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of --out/quality.json whose settings equal this invocation's")
+    parser.add_argument("--peft-child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--peft-child" in argv:
+        argv = argv[:argv.index("--peft-child")]
+    args.argv = argv
     args.methods = [m for m in args.methods.split(",") if m]
+    args.gsm8k_methods = [m for m in args.gsm8k_methods.split(",") if m]
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.seeds, args.gsm8k_seeds = _ints(args.seeds), _ints(args.gsm8k_seeds)
-    unknown = [m for m in args.methods if m not in METHODS] + [t for t in args.tasks if t not in TASKS]
+    unknown = [m for m in args.methods if m not in VARIANTS] + \
+        [m for m in args.gsm8k_methods if VARIANTS.get(m, ("peft",))[0] != "hyjax"] + \
+        [t for t in args.tasks if t not in TASKS]
     if unknown:
-        parser.error(f"unknown {unknown}; methods: {list(METHODS)}, tasks: {list(TASKS)}")
-    small = {k: v for k, v in (("--steps", args.steps), ("--gsm8k-steps", args.gsm8k_steps), ("--batch", args.batch),
-                               ("--gsm8k-batch", args.gsm8k_batch),
-                               ("--eval-examples", args.eval_examples), ("--gradient-batches", args.gradient_batches),
-                               ("--gsm8k-eval-examples", args.gsm8k_eval_examples),
-                               ("--max-new-tokens", args.max_new_tokens)) if v < 1}
+        parser.error(f"unknown {unknown}; SST-2: {list(VARIANTS)}, GSM8K: {list(METHODS)}, tasks: {list(TASKS)}")
+    small = [f for f, v in (("--steps", args.steps), ("--batch", args.batch), ("--eval-every", args.eval_every),
+                            ("--gsm8k-steps", args.gsm8k_steps), ("--gsm8k-batch", args.gsm8k_batch),
+                            ("--gsm8k-eval-examples", args.gsm8k_eval_examples),
+                            ("--max-new-tokens", args.max_new_tokens),
+                            ("--gradient-batches", args.gradient_batches)) if v < 1]
     if small or not args.seeds or not args.gsm8k_seeds:
         parser.error(f"need positive values and at least one seed (got {small or 'no seeds'})")
     return args
-
-
-def main() -> None:
-    args = parse_args()
-    for path in (SST2_TRAIN, SST2_DEV, GSM8K_TRAIN):
-        if not path.is_file():
-            raise SystemExit(f"{path} is missing (see ../shared/data/README.md)")
-    report = run_all(args)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(report["runs"], args.tasks, out / "quality_loss_curves.png")
-    report["loss_curves"] = str(png) if png else None
-    (out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (out / "quality.md").write_text(text)
-    print(text)
-    failed = [f"{r['task']} {r['method']} seed {r['seed']}" for r in report["runs"] if "error" in r]
-    if failed:
-        raise SystemExit(f"failed: {failed} (see {out / 'quality.json'})")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,30 @@ def test_math_runs_report_exact_match(tiny_checkpoint, sentiment_data, tmp_path)
     after = result.eval_after
     assert 0.0 <= after["eval/exact_match"] <= 1.0 and after["eval/examples"] == 4
     assert len(after["samples"]) == 1 and "####" in after["samples"][0]["reference"]
+
+
+ALL_METHODS = ("full", "lora", "lora_ga", "oft", "boft", "unitary", "hybrid", "zo_fo", "hybrid_lora")
+SEEDED_INITIALISATION = {"lora", "lora_ga", "unitary", "hybrid", "zo_fo", "hybrid_lora"}  # full, OFT, BOFT: identity
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_the_seed_reaches_the_data_order_the_initialisation_and_the_run_key(tiny_checkpoint, sentiment_data, tmp_path,
+                                                                            method):
+    """train.seed and data.shuffle_seed: another seed, other batches, another run key and, where the method
+    draws its start (random LoRA factors, a start-up gradient from drawn batches), other initial values."""
+    from hyjax.training import prepare_run, run_layout
+
+    def start(seed: int):
+        config = load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, tmp_path / str(seed),
+                                                      f"method.name={method}", f"train.seed={seed}",
+                                                      f"data.shuffle_seed={seed}", "method.lora_ga.n_batches=2",
+                                                      "method.hybrid_lora.n_batches=2"))
+        setup = prepare_run(config, layout=run_layout(config.mesh), log=lambda text: None)
+        return next(setup.data.train)["tokens"], jax.device_get(setup.initial_state())
+
+    (tokens_a, state_a), (tokens_b, state_b) = start(0), start(1)
+    assert not np.array_equal(tokens_a, tokens_b)
+    assert not np.array_equal(state_a.rng, state_b.rng)
+    same_start = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state_a.trainable),
+                                                           jax.tree.leaves(state_b.trainable)))
+    assert same_start == (method not in SEEDED_INITIALISATION)
