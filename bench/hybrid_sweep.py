@@ -28,10 +28,10 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
-import time
 
 from machine import cores, cpu_model
 
@@ -115,7 +115,8 @@ def run(name: str, args) -> dict:
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Hybrid settings on SST-2 rows held out of the training file ({report['date']})", "",
-             f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores; {report['minutes']:.0f} minutes. "
+             f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores; "
+             f"{sum(r.get('wall_seconds', 0) for r in report['runs']) / 60:.0f} minutes of runs. "
              f"Command: `{report['command']}`.", "",
              f"Each setting: {s['steps']} steps of {s['batch']} rows drawn from the whole training file (less the "
              f"held-out rows), prompt {TEMPLATE!r}, AdamW, cosine schedule with {s['steps'] // 10} warm-up steps, "
@@ -161,9 +162,7 @@ def main() -> None:
         if args.resume and (out / "hybrid_sweep.json").is_file() else {}
     recorded = {r["name"]: r for r in previous.get("runs", []) if previous.get("settings") == settings
                 and "error" not in r and r["name"] in SETTINGS and r["overrides"] == SETTINGS[r["name"]][1]}
-    start = time.perf_counter()
-    report = {"command": "python bench/hybrid_sweep.py " + " ".join(sys.argv[1:]), "settings": settings,
-              "minutes": previous.get("minutes", 0.0) if recorded else 0.0, "runs": []}
+    report = {"command": "python bench/hybrid_sweep.py " + shlex.join(sys.argv[1:]), "settings": settings, "runs": []}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
         result = recorded.pop(name, None) or run(name, args)
@@ -171,7 +170,7 @@ def main() -> None:
         print(f"    {json.dumps({k: v for k, v in result.items() if k not in ('overrides', 'run_dir')})}", flush=True)
         order = list(SETTINGS)  # the table in SETTINGS' order, earlier sittings' runs included
         rows = sorted([*report["runs"], *recorded.values()], key=lambda r: order.index(r["name"]))
-        write(out, {**report, "runs": rows, "minutes": report["minutes"] + (time.perf_counter() - start) / 60,
+        write(out, {**report, "runs": rows,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version(),
                                 "loadavg_end": os.getloadavg()}})
