@@ -13,7 +13,8 @@ import pytest
 from hyjax import adapters as A
 from hyjax import model as M
 from hyjax.training.step import TrainState, make_train_step
-from hyjax.optim.zeroth_order import ZerothOrder, join_base, perturbed, projected_gradients, spsa_update
+from hyjax.optim.zeroth_order import (ZerothOrder, join_base, perturbed, projected_gradients, spsa_update,
+                                     zeroth_order_step)
 
 TINY = M.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
@@ -81,6 +82,42 @@ def test_the_update_follows_the_regenerated_directions(params):
 
 def _zeroth_order(targets=(".*",), directions=1):
     return ZerothOrder(targets=targets, mu=1e-3, directions=directions, schedule=optax.constant_schedule(1e-6))
+
+
+@pytest.mark.parametrize("broken", ["none", "first_order", "spsa"])
+def test_a_skipped_step_changes_no_weight(params, broken):
+    """When the adapters' gradient (the optimizer skips) or an SPSA estimate is not finite, the step is
+    skipped: base weights (weight decay included), adapters and optimizer state stay bitwise as they were."""
+    trainable = {"a": jnp.ones((3,))}
+    optimizer = optax.apply_if_finite(optax.adam(0.1), 10)
+    zeroth_order = ZerothOrder(targets=(".*",), mu=1e-3, directions=2, schedule=optax.constant_schedule(1e-2),
+                               weight_decay=0.1)
+    base, rest = zeroth_order.split(params)
+    state = TrainState.create(trainable, optimizer, 0, base=base)
+
+    def first_order(state, frozen, batch, key):
+        grads = {"a": jnp.full((3,), jnp.nan if broken == "first_order" else 1.0)}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        return (state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
+                              opt_state=opt_state),
+                {"skipped": jnp.logical_not(opt_state.last_finite).astype(jnp.int32)})
+
+    def batch_loss(trainable, frozen, opt_state, batch, key):
+        loss = _loss(frozen)
+        return jnp.nan * loss if broken == "spsa" else loss
+
+    step = jax.jit(zeroth_order_step(first_order, batch_loss, zeroth_order))
+    before = jax.device_get(state)
+    after, metrics = jax.device_get(step(state, rest, {}, jax.random.key(0)))
+    assert int(metrics["skipped"]) == (broken != "none") and int(after.step) == 1
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves((after.base, after.trainable)),
+                                                         jax.tree.leaves((before.base, before.trainable)))]
+    if broken == "none":
+        assert all(changed)
+    else:
+        assert not any(changed)
+        for a, b in zip(jax.tree.leaves(after.opt_state.inner_state), jax.tree.leaves(before.opt_state.inner_state)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_split_takes_the_base_weights_out_and_join_puts_them_back(params):

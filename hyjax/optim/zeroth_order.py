@@ -178,9 +178,12 @@ def zeroth_order_step(first_order, batch_loss, zeroth_order: ZerothOrder):
     The returned `step(state, frozen, batch, key)` (with `state.base` the zeroth-order weights and
     `frozen` the rest) splits `key` into the first-order step's randomness and the SPSA directions',
     estimates the directional derivatives at the current point (same adapters, same dropout), takes the
-    first-order step there, and moves `state.base` by `spsa_update` in the SPSA working copy. A step
-    whose estimate is not finite counts as skipped. Added metrics: `zo_projected_grad` (the mean
-    estimate), `zo_loss_difference` (mean L+ - L-) and `zo_learning_rate`.
+    first-order step there, and moves `state.base` by `spsa_update` in the SPSA working copy. A skipped
+    step changes no weight: when the first-order gradient is not finite (the optimizer skips the
+    adapters' update) or any SPSA estimate is not finite, the base weights keep their values (the SPSA
+    update and its weight decay run at learning rate 0) and so do the adapters and their optimizer
+    state. Added metrics: `zo_projected_grad` (the mean estimate), `zo_loss_difference` (mean L+ - L-)
+    and `zo_learning_rate`.
     """
 
     def step(state, frozen, batch, key):
@@ -189,12 +192,15 @@ def zeroth_order_step(first_order, batch_loss, zeroth_order: ZerothOrder):
             lambda base: batch_loss(state.trainable, join_base(base, frozen), state.opt_state, batch, key),
             state.base, zo_key, zeroth_order.mu, zeroth_order.directions)
         updated, metrics = first_order(state, join_base(state.base, frozen), batch, key)
-        learning_rate = zeroth_order.schedule(state.step)  # the update goes into the SPSA working copy
-        base = spsa_update(state.base, zo_key, g, learning_rate, zeroth_order.weight_decay, into=work)
         finite = jnp.all(jnp.isfinite(g))
-        metrics = {**metrics, "skipped": jnp.maximum(metrics["skipped"], jnp.logical_not(finite).astype(jnp.int32)),
-                   "zo_projected_grad": jnp.mean(g), "zo_loss_difference": jnp.mean(plus - minus),
-                   "zo_learning_rate": learning_rate}
-        return updated.replace(base=base), metrics
+        skipped = jnp.maximum(metrics["skipped"], jnp.logical_not(finite).astype(jnp.int32))
+        learning_rate = zeroth_order.schedule(state.step)
+        applied = jnp.where(skipped > 0, jnp.zeros_like(learning_rate), learning_rate)  # lr 0: w stays w
+        base = spsa_update(state.base, zo_key, g, applied, zeroth_order.weight_decay, into=work)  # in the working copy
+        trainable, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                            (updated.trainable, updated.opt_state), (state.trainable, state.opt_state))
+        metrics = {**metrics, "skipped": skipped, "zo_projected_grad": jnp.mean(g),
+                   "zo_loss_difference": jnp.mean(plus - minus), "zo_learning_rate": learning_rate}
+        return updated.replace(trainable=trainable, opt_state=opt_state, base=base), metrics
 
     return step
