@@ -34,12 +34,14 @@ import subprocess
 import sys
 
 from machine import cores, cpu_model
+from quality import bootstrap_difference
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SST2_TRAIN = PROJECT_ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 TEMPLATE = "Review: {text}\nSentiment:"
 BOFT_AT_ITS_RATE = 'train.lr_multipliers=[[".*/boft_r$",5.0]]'  # 5 x 2e-4 = BOFT's configured 1e-3
 FIXED_HALF = "train.hybrid_weights.clip=[0.5,0.5]"
+BASELINE = "lora lr 2e-4"  # LoRA as shipped
 
 # name -> (method, overrides). The hybrid's settings first (at most 12), then the branches and LoRA.
 SETTINGS = {
@@ -109,7 +111,8 @@ def run(name: str, args) -> dict:
             "held_out_loss": done["eval_after"].get("loss"), "examples": done["eval_after"].get("examples"),
             "final_train_loss": sum(r["loss"] for r in tail) / len(tail),
             "mean_lambda": (sum(lambdas.values()) / len(lambdas)) if isinstance(lambdas, dict) and lambdas else None,
-            "wall_seconds": done["wall_time_seconds"], "run_dir": str(folder)}
+            "wall_seconds": done["wall_time_seconds"], "run_dir": str(folder),
+            "correct_rows": next(r for r in reversed(records) if "eval_seconds" in r).get("eval_correct_rows")}
 
 
 def markdown(report: dict) -> str:
@@ -122,16 +125,23 @@ def markdown(report: dict) -> str:
              f"held-out rows), prompt {TEMPLATE!r}, AdamW, cosine schedule with {s['steps'] // 10} warm-up steps, "
              f"seed {s['seed']}; the start-up gradient of LoRA-GA and the hybrid over {s['gradient_batches']} "
              f"batches of 2. Score: accuracy on {s['held_out']} rows held out of train.tsv (`data.eval_count`), "
-             "never dev. Train loss: mean of the last 10 steps. Lambda: the hybrid's mean BOFT share at the end.", "",
-             "| setting | held-out accuracy | held-out loss | train loss | lambda | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "never dev. Train loss: mean of the last 10 steps. Lambda: the hybrid's mean BOFT share at the end. "
+             f"vs {BASELINE}: the paired accuracy difference on the same held-out rows, [95% interval] from "
+             "resampling the rows.", "",
+             f"| setting | held-out accuracy | vs {BASELINE} [95%] | held-out loss | train loss | lambda | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    baseline = next((r.get("correct_rows") for r in report["runs"] if r["name"] == BASELINE), None)
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | |")
             continue
         lam = f"{r['mean_lambda']:.2f}" if r["mean_lambda"] is not None else ""
-        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['held_out_loss']:.3f} | {r['final_train_loss']:.3f} "
-                     f"| {lam} | {r['wall_seconds']:.0f} |")
+        versus = "-"
+        if baseline and r.get("correct_rows") and r["name"] != BASELINE:
+            mean, low, high = bootstrap_difference([r["correct_rows"]], [baseline])
+            versus = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {versus} | {r['held_out_loss']:.3f} | "
+                     f"{r['final_train_loss']:.3f} | {lam} | {r['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
