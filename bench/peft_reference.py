@@ -14,7 +14,6 @@ compare our methods with at the same budget, data order and scoring.
 from __future__ import annotations
 
 import pathlib
-import tempfile
 import time
 
 import numpy as np
@@ -26,9 +25,8 @@ def job_rows(config, steps: int) -> tuple[list[list[tuple[list[int], int]]], int
     """`(rows of every step, pad id)`: the `(prompt + answer ids, answer length)` rows that a hyjax run
     of `config` trains on at each of its first `steps` steps."""
     from hyjax.data import prepare
-    from hyjax.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(_model_file(config))
+    tokenizer = load_run_tokenizer(config)
     data = prepare(config.data, tokenizer, global_batch_size=config.train.global_batch_size, process_index=0,
                    process_count=1)
     out = []
@@ -43,11 +41,20 @@ def job_rows(config, steps: int) -> tuple[list[list[tuple[list[int], int]]], int
     return out, tokenizer.pad_id
 
 
-def _model_file(config) -> pathlib.Path:
+def model_file(config) -> pathlib.Path:
+    """The checkpoint `config.model.path` names, as a run reads it (a known name fetched by
+    `hyjax.pretrained`, else the path itself)."""
     from hyjax import pretrained
 
-    return pretrained.smollm2_135m_instruct() if config.model.path == "smollm2-135m-instruct" else \
-        pathlib.Path(config.model.path)
+    section = config.model
+    return pretrained.fetch(section.path) if section.pretrained else pathlib.Path(section.path)
+
+
+def load_run_tokenizer(config):
+    """The tokenizer a run of `config` uses: `model.tokenizer`, else the checkpoint's."""
+    from hyjax.tokenization import load_tokenizer
+
+    return load_tokenizer(config.model.tokenizer or model_file(config))
 
 
 def hf_copy(config, folder: pathlib.Path) -> pathlib.Path:
@@ -55,7 +62,7 @@ def hf_copy(config, folder: pathlib.Path) -> pathlib.Path:
     if not (folder / "config.json").is_file():
         from hyjax.weights import load_checkpoint, save_hf_checkpoint
 
-        save_hf_checkpoint(folder, *load_checkpoint(_model_file(config)))
+        save_hf_checkpoint(folder, *load_checkpoint(model_file(config)))
     return folder
 
 
@@ -111,10 +118,9 @@ def score_classification(config, folder: pathlib.Path):
     (`data.eval_path`, at most `eval.num_examples`), scored as a hyjax run's evaluation scores them."""
     from hyjax.data import classification_accuracy, load_rows, make_task
     from hyjax.likelihood import candidate_log_likelihoods
-    from hyjax.tokenization import load_tokenizer
     from hyjax.weights import load_checkpoint
 
-    tokenizer = load_tokenizer(_model_file(config))
+    tokenizer = load_run_tokenizer(config)
     rows = load_rows(config.data.eval_path, format=config.data.format)
     if config.eval.num_examples is not None and len(rows) > config.eval.num_examples:
         rows = rows.select(range(config.eval.num_examples))
@@ -129,8 +135,7 @@ def score_classification(config, folder: pathlib.Path):
     return classification_accuracy(rows, task, tokenizer, score)
 
 
-def merged_folder(model, folder: pathlib.Path | None = None) -> pathlib.Path:
-    """The PEFT model's LoRA merged into its weights, saved as a Hugging Face folder (float32)."""
-    folder = folder or pathlib.Path(tempfile.mkdtemp(prefix="peft-merged-"))
+def merged_folder(model, folder: pathlib.Path) -> pathlib.Path:
+    """The PEFT model's LoRA merged into its weights, saved as the Hugging Face folder `folder` (float32)."""
     model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     return folder

@@ -137,18 +137,17 @@ def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_
     summary = json.loads(summary_file.read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
-    elapsed, evals = {}, []
+    elapsed = {}
     for r in steps:
         elapsed[r["step"]] = elapsed.get(r["step"] - 1, 0.0) + r["step_seconds"]
-    for r in records:
-        if "eval_seconds" in r:
-            evals.append({"step": r["step"], "accuracy": r.get("eval/accuracy"),
-                          "exact_match": r.get("eval/exact_match"), "eval_loss": r["eval/loss"],
-                          "train_seconds": elapsed.get(r["step"], 0.0), "eval_seconds": r["eval_seconds"]})
+    eval_records = [r for r in records if "eval_seconds" in r]
+    evals = [{"step": r["step"], "accuracy": r.get("eval/accuracy"), "exact_match": r.get("eval/exact_match"),
+              "eval_loss": r["eval/loss"], "train_seconds": elapsed.get(r["step"], 0.0),
+              "eval_seconds": r["eval_seconds"]} for r in eval_records]
     final = evals[-1]
     before = evals[0] if eval_before and evals and evals[0]["step"] == 0 else None
     return {"accuracy": final["accuracy"], "exact_match": final["exact_match"], "eval_loss": final["eval_loss"],
-            "correct_rows": next(r for r in reversed(records) if "eval_seconds" in r).get("eval_correct_rows"),
+            "correct_rows": eval_records[-1].get("eval_correct_rows"),
             "evals": [e for e in evals if e["step"] > 0], "eval_before": before,
             "wall_seconds": summary["wall_time_seconds"] - (before["eval_seconds"] if before else 0.0),
             "train_seconds": elapsed[max(elapsed)], "median_step_seconds": statistics.median(
