@@ -12,6 +12,7 @@ import pytest
 from hyjax import checkpoint
 from hyjax.config import load_config
 from hyjax.training import train
+from hyjax.weights import load_checkpoint
 
 
 def tiny_run_overrides(tiny_checkpoint, sentiment_data, output_dir, *extra) -> list[str]:
@@ -34,6 +35,7 @@ def lora_run(tiny_checkpoint, sentiment_data, tmp_path_factory):
     output = tmp_path_factory.mktemp("lora_run")
     config = load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, output, "method.name=lora",
                                                   "export.peft_adapter=true", "export.merged_model=true",
+                                                  "export.gguf=q8_0", "export.gguf_lora=true",
                                                   "logging.tensorboard=true"))
     return output, train(config, log=lambda text: None)
 
@@ -44,8 +46,11 @@ def test_a_run_leaves_metrics_checkpoints_plots_exports_and_a_summary(lora_run):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values())))
     assert sorted(int(p.name) for p in (output / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6][-3:]
     for name in ("config.yaml", "summary.json", "loss_curve.png", "export/peft_adapter/adapter_config.json",
-                 "export/merged_model/config.json"):
+                 "export/merged_model/config.json", "export/model-q8_0.gguf", "export/lora_adapter.gguf"):
         assert (output / name).is_file(), name
+    merged = load_checkpoint(output / "export/merged_model")[1]["layers"]["attn"]["q_proj"]
+    in_gguf = load_checkpoint(output / "export/model-q8_0.gguf")[1]["layers"]["attn"]["q_proj"]
+    assert np.abs(in_gguf - merged).max() <= np.abs(merged).max() / 220  # Q8_0's rounding (test_export_gguf)
     assert list((output / "tensorboard").iterdir())
     summary = json.loads((output / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["trainable_parameters"] == result.setup.trainable_counts["total"]

@@ -21,9 +21,10 @@ from hyjax.adapters.selective import SelectiveConfig, SelectiveWeight, selective
 from hyjax.adapters.unitary import UnitaryConfig, UnitaryWeight, UnitVectors
 from hyjax.adapters.unitary_full import Orthogonal, UnitaryFullWeight
 from hyjax.adapters.peft_io import export_merged, export_peft, import_peft
+from hyjax.adapters.gguf_lora import export_gguf_lora
 
 __all__ = [
-    "BOFTConfig", "BOFTWeight", "cayley", "export_merged", "export_peft", "import_peft",
+    "BOFTConfig", "BOFTWeight", "cayley", "export_gguf_lora", "export_merged", "export_peft", "import_peft",
     "AdaptedWeight", "AdapterSpec", "FullConfig", "FullWeight", "LoRAConfig", "LoRAWeight", "apply", "combine",
     "count_trainable", "merge", "split_trainable", "starting_values", "unmerge", "with_rng",
     "HybridConfig", "HybridWeight", "LoRAGAConfig", "LoRAGAWeight", "estimate_gradients", "set_lambdas",

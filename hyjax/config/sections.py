@@ -18,6 +18,7 @@ from hyjax.optim.optimizers import OPTIMIZERS
 from hyjax.optim.schedule import SCHEDULES
 from hyjax.pretrained import SMOLLM2_135M_INSTRUCT, is_known
 from hyjax.sharding.mesh import check_sizes
+from hyjax.weights.gguf_writer import GGUF_FILE_TYPES
 from hyjax.sharding.rules import Rules
 from hyjax.validation import at_least, in_range, one_of, valid_regex
 
@@ -227,3 +228,14 @@ class ExportSection:
 
     peft_adapter: bool = True  # Hugging Face PEFT adapter (adapter_config.json + adapter_model.safetensors)
     merged_model: bool = False  # the merged model as a Hugging Face safetensors folder
+    gguf: str | None = None  # the merged model as one GGUF file (llama.cpp, ollama): f32, f16, bf16 or q8_0
+    gguf_lora: bool = False  # the LoRA adapter as a GGUF LoRA file (llama.cpp's --lora); method lora only
+
+    def __post_init__(self):
+        if self.gguf is not None:
+            one_of("gguf", self.gguf, sorted(GGUF_FILE_TYPES))
+
+    @property
+    def requested(self) -> bool:
+        """Whether the run exports anything."""
+        return self.peft_adapter or self.merged_model or self.gguf is not None or self.gguf_lora

@@ -1,11 +1,12 @@
 """What a finished run exports into `<output_dir>/export`: the adapter in Hugging Face PEFT's format
-where PEFT can hold the method, and optionally the merged model as a Hugging Face checkpoint."""
+where PEFT can hold the method, and optionally the merged model as a Hugging Face checkpoint and as a
+GGUF file, and a LoRA adapter as a GGUF LoRA file."""
 
 from __future__ import annotations
 
 import pathlib
 
-from hyjax import adapters, pretrained
+from hyjax import adapters, pretrained, weights
 
 
 def export_run(setup, adapted, log) -> dict[str, str]:
@@ -24,4 +25,14 @@ def export_run(setup, adapted, log) -> dict[str, str]:
         path = adapters.export_merged(folder / "merged_model", setup.model_config, adapted, tokenizer=setup.tokenizer)
         written["merged_model"] = str(path)
         log(f"exported the merged model (Hugging Face safetensors) to {path}")
+    if config.export.gguf is not None:
+        path = weights.save_gguf(folder / f"model-{config.export.gguf}.gguf", setup.model_config,
+                                 adapters.merge(adapted), setup.tokenizer, file_type=config.export.gguf,
+                                 name=pathlib.Path(config.logging.output_dir).name)
+        written["gguf"] = str(path)
+        log(f"exported the merged model as GGUF ({config.export.gguf}) to {path}")
+    if config.export.gguf_lora:
+        path = adapters.export_gguf_lora(folder / "lora_adapter.gguf", setup.model_config, adapted)
+        written["gguf_lora"] = str(path)
+        log(f"exported the LoRA adapter as a GGUF LoRA file (llama.cpp --lora) to {path}")
     return written

@@ -165,7 +165,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
         eval_after = evaluate(state, steps_done, "after training") if evaluator.enabled else periodic.last
     result = RunResult(setup=setup, state=state, frozen=frozen, summary={}, eval_before=eval_before,
                        eval_after=eval_after, interrupted=interrupted is not None)
-    exports = not result.interrupted and (config.export.peft_adapter or config.export.merged_model)
+    exports = not result.interrupted and config.export.requested
     adapted_on_host = distributed.to_host(result.adapted) if exports else None  # every process takes part
     if main_process:
         result.summary = _finish(result, adapted_on_host, steps_done, start_step, skipped.total, wall_start, log)

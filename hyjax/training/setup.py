@@ -25,6 +25,7 @@ from hyjax.model import init_params
 from hyjax.model.config import LlamaConfig
 from hyjax.sharding import Layout, put_local
 from hyjax.tokenization import Tokenizer, load_tokenizer
+from hyjax.tokenization.gguf_vocab import GGUFTokenizerError, tokenizer_fields
 from hyjax.training.run_plan import RunPlan, base_shardings, check_batch_split, plan_run
 from hyjax.training.step import AnswerLoss, TrainState
 from hyjax.weights import load_checkpoint_sharded
@@ -144,6 +145,12 @@ def load_model(config: RunConfig, layout):
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
                           f"of {model_config.vocab_size}")
+    if config.export.gguf is not None:  # refused now rather than after training
+        try:
+            tokenizer_fields(tokenizer, model_config.vocab_size)
+        except GGUFTokenizerError as err:
+            raise ConfigError(f"export.gguf={config.export.gguf!r}: {err}; set export.gguf=null "
+                              "(export.merged_model=true writes a Hugging Face folder)") from err
     return model_config, params, tokenizer, path
 
 

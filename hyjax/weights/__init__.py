@@ -9,6 +9,7 @@ import jax
 
 from hyjax.weights.errors import CheckpointError
 from hyjax.weights.gguf_reader import load_gguf
+from hyjax.weights.gguf_writer import GGUF_FILE_TYPES, save_gguf
 from hyjax.weights.hf import load_hf_checkpoint, save_hf_checkpoint
 from hyjax.weights.sharded import (
     is_orbax_model,
@@ -41,5 +42,6 @@ def _on_default_device(config: LlamaConfig) -> Params:
     return jax.tree.map(lambda _: device, abstract_params(config))
 
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_checkpoint_sharded", "load_gguf", "load_hf_checkpoint",
-           "load_hf_sharded", "load_orbax_sharded", "save_hf_checkpoint", "save_orbax_model"]
+__all__ = ["CheckpointError", "GGUF_FILE_TYPES", "load_checkpoint", "load_checkpoint_sharded", "load_gguf",
+           "load_hf_checkpoint", "load_hf_sharded", "load_orbax_sharded", "save_gguf", "save_hf_checkpoint",
+           "save_orbax_model"]
