@@ -7,7 +7,9 @@ import gguf
 import jax
 import numpy as np
 import pytest
+import sentencepiece
 import tokenizers
+from conftest import sentiment_rows
 
 from hyjax import adapters as A
 from hyjax import model as M
@@ -114,6 +116,22 @@ def test_transformers_reads_the_tokenizer_and_its_padding_tokens(small, tmp_path
     assert metadata["tokenizer.ggml.tokens"][-1] == "[PAD319]"
     assert metadata["tokenizer.ggml.token_type"][-1] == gguf.TokenType.UNUSED
     assert load_tokenizer(path).encode(TEXTS[0]) == tokenizer.encode(TEXTS[0])
+
+
+def test_a_sentencepiece_tokenizer_is_written_as_llama_cpp_s_llama_vocabulary(tmp_path):
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([text for text, _ in sentiment_rows(400, 0)]), model_prefix=str(tmp_path / "m"),
+        vocab_size=340, model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2, num_threads=1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True)
+    tokenizer = load_tokenizer(tmp_path / "m.model")
+    config = SMALL.replace(num_layers=1, vocab_size=384, bos_token_id=1)
+    path = save_gguf(tmp_path / "model.gguf", config, M.init_params(config, jax.random.key(0)), tokenizer)
+    metadata = read_gguf_metadata(path)
+    assert metadata["tokenizer.ggml.model"] == "llama"
+    assert metadata["tokenizer.ggml.token_type"][3] == gguf.TokenType.BYTE  # byte fallback pieces
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ["the film is warm and gripping", "Hello wörld 123", "two  spaces"]:
+        assert theirs.encode(text) == tokenizer.encode(text)
 
 
 def test_llama3_rope_scaling_is_written_as_llama_cpp_factors(small, tmp_path):
