@@ -164,4 +164,4 @@ def test_cli_rejects_bad_arguments_before_loading(tmp_path):
     assert result.returncode == 2 and "top_p=1.5 must be in (0, 1]" in result.stderr
     result = subprocess.run([sys.executable, "-m", "hyjax.generate", "--prompt", "x", "--model",
                              str(tmp_path / "missing.gguf")], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 2 and "missing.gguf: no such file or folder" in result.stderr
+    assert result.returncode == 2 and "missing.gguf' does not exist" in result.stderr

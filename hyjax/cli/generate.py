@@ -1,14 +1,13 @@
 """`python -m hyjax.generate --prompt "..."`: answer a prompt with a LLaMA-family model.
 
 By default the model is the real SmolLM2-135M-Instruct (fetched once into the user cache) and the
-prompt is wrapped in the checkpoint's chat template; `--model` takes a `.gguf` file or a Hugging Face
-folder, `--raw` continues the text as it is.
+prompt is wrapped in the checkpoint's chat template; `--model` takes a `.gguf` file, a Hugging Face
+folder or a Hub name (`hyjax.hub`), `--raw` continues the text as it is.
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 
@@ -21,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hyjax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"a .gguf file, a Hugging Face checkpoint folder, or {DEFAULT_MODEL!r} (default)")
+                        help=f"a .gguf file, a Hugging Face checkpoint folder, a Hub name (org/name, "
+                             f"org/name/file.gguf), or {DEFAULT_MODEL!r} (default)")
     parser.add_argument("--tokenizer", help="tokenizer path if the model's own is not wanted")
     parser.add_argument("--chat-template", help="built-in template name (chatml, zephyr, llama2, llama3) or "
                                                 "jinja2 text, replacing the checkpoint's")
@@ -34,16 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute and parameter dtype")
     return parser
-
-
-def _resolve_model(name: str) -> pathlib.Path:
-    if pretrained.is_known(name):
-        return pretrained.fetch(name)
-    path = pathlib.Path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"--model {name}: no such file or folder (give a .gguf file, a Hugging Face "
-                                f"checkpoint folder, or {DEFAULT_MODEL!r})")
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     from hyjax.weights import CheckpointError, load_checkpoint
     from hyjax.sampling import generate
     from hyjax.model.config import UnsupportedConfigError
+    from hyjax.hub import resolve_model
     from hyjax.pretrained import PretrainedFetchError
     from hyjax.tokenization import load_tokenizer
 
     try:
         start = time.perf_counter()
-        model_path = _resolve_model(args.model)
+        model_path = resolve_model(args.model)
         tokenizer = load_tokenizer(args.tokenizer or model_path, chat_template=args.chat_template)
         if args.raw:
             prompt_ids = tokenizer.encode(args.prompt)

@@ -30,8 +30,9 @@ class ModelSection:
     # Architecture preset (hyjax.model.presets, e.g. "smollm2-135m", "llama3.1-8b"); null: read the
     # architecture from the checkpoint at `path`. Both given: the checkpoint must match the preset.
     preset: str | None = "smollm2-135m"
-    # Checkpoint: a .gguf file, a Hugging Face folder (config.json + safetensors), or a name hyjax fetches
-    # itself ("smollm2-135m-instruct": the real SmolLM2-135M-Instruct, see hyjax.pretrained). null:
+    # Checkpoint: a .gguf file, a Hugging Face folder (config.json + safetensors), a Hub name (org/name,
+    # org/name@revision, org/name/file.gguf; see hyjax.hub), or a name hyjax fetches itself
+    # ("smollm2-135m-instruct": the real SmolLM2-135M-Instruct, see hyjax.pretrained). null:
     # random initialisation from the preset (for compile and memory checks).
     path: str | None = SMOLLM2_135M_INSTRUCT
     # Tokenizer file or folder (.gguf, sentencepiece .model, tokenizer.json); null: the checkpoint's own.

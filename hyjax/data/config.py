@@ -36,9 +36,9 @@ _COLUMN_FIELDS = {
 class DataConfig:
     """The training data: a file, a task that turns its rows into (prompt, answer) pairs, batching."""
 
-    path: str | None = None  # tsv/csv/jsonl/parquet file or save_to_disk folder (required to train)
+    path: str | None = None  # tsv/csv/jsonl/parquet file, save_to_disk folder or hf:org/name[/config][:split]
     format: str | None = None  # one of tsv, csv, jsonl, parquet, disk; null: from the file suffix
-    split: str | None = None  # split of a saved DatasetDict folder
+    split: str | None = None  # split of a saved DatasetDict folder or Hub data set
     task: str = "classification"  # classification (sst2) | math (gsm8k) | instructions
     text_column: str | None = None  # text / question / prompt column; null: the task's default
     label_column: str | None = None  # label / answer / completion column; null: the task's default

@@ -1,4 +1,5 @@
-"""`load_rows`: local tsv/csv/jsonl/parquet files and `save_to_disk` folders as rows with line numbers."""
+"""`load_rows`: local tsv/csv/jsonl/parquet files, `save_to_disk` folders and Hugging Face Hub data sets
+(`hf:org/name[/config][:split][@revision]`, see `hyjax.hub`) as rows with line numbers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Iterator, Sequence
 
 import datasets
 import numpy as np
+
+from hyjax.hub import HubDataset, dataset_folder, parse_dataset
 
 # Format name -> file suffixes it is inferred from. A folder is always "disk" (`Dataset.save_to_disk`).
 FORMATS = {
@@ -22,7 +25,8 @@ _DELIMITERS = {"tsv": "\t", "csv": ","}
 
 
 def _accepted() -> str:
-    return "tsv, csv, jsonl (json lines), parquet, or a folder written by Dataset.save_to_disk"
+    return ("tsv, csv, jsonl (json lines), parquet, a folder written by Dataset.save_to_disk, or a Hub data set "
+            "hf:org/name[/config][:split]")
 
 
 @dataclasses.dataclass
@@ -119,15 +123,19 @@ def load_rows(
     """Read a local data file or a `save_to_disk` folder with `datasets`.
 
     Args:
-      path: a `.tsv`, `.csv`, `.jsonl`/`.json` (one JSON object a line), `.parquet` file, or a folder
-        written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+      path: a `.tsv`, `.csv`, `.jsonl`/`.json` (one JSON object a line), `.parquet` file, a folder
+        written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a Hub data set
+        `hf:org/name[/config][:split][@revision]` (or `hf:./folder` laid out like a dataset repository).
       format: one of `FORMATS`; None infers it from the suffix.
-      split: for a saved `DatasetDict`, the split to read (required when it has several).
+      split: for a saved `DatasetDict` or a Hub data set, the split to read (required when it has several;
+        a split in the Hub name wins).
       cache_dir: where `datasets` keeps its Arrow cache (default: its own).
 
     tsv/csv cells are read as text (a tsv has no quoting; blank lines become empty rows so line numbers
     stay right); the task formats parse labels and numbers from them.
     """
+    if (hub_data := parse_dataset(str(path))) is not None:
+        return _load_hub_rows(hub_data, split, cache_dir)
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist; accepted: {_accepted()}.")
@@ -180,6 +188,27 @@ def load_rows(
     if split is not None and fmt != "disk" and split != "train":
         raise ValueError(f"{path} is a single {fmt} file; split={split!r} applies only to save_to_disk folders.")
     return Rows(dataset=ds, path=path, format=fmt, index=np.arange(len(ds), dtype=np.int64))
+
+
+def _load_hub_rows(data: HubDataset, split: str | None, cache_dir) -> Rows:
+    """A Hub data set's split, read with `datasets` from the repository's local snapshot."""
+    folder = dataset_folder(data)
+    datasets.disable_progress_bars()
+    name = f"hf:{data.repo_id}" + (f"/{data.config}" if data.config else "")
+    try:
+        splits = datasets.load_dataset(str(folder), name=data.config,
+                                       cache_dir=None if cache_dir is None else str(cache_dir))
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError) as err:
+        raise ValueError(f"cannot read {name} (snapshot {folder}) with datasets: {err}") from err
+    wanted = data.split or split
+    if wanted is None:
+        if len(splits) != 1:
+            raise ValueError(f"{name} holds splits {sorted(splits)}; name one, e.g. {name}:{sorted(splits)[0]}")
+        wanted = next(iter(splits))
+    if wanted not in splits:
+        raise ValueError(f"{name} has no split {wanted!r}; it holds {sorted(splits)}")
+    ds = splits[wanted]
+    return Rows(dataset=ds, path=folder, format="hub", index=np.arange(len(ds), dtype=np.int64))
 
 
 def pick_column(columns: Sequence[str], wanted: str | None, known: Sequence[str], what: str, path=None) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pathlib
 
-from hyjax import adapters, pretrained, weights
+from hyjax import adapters, hub, pretrained, weights
 
 
 def export_run(setup, adapted, log) -> dict[str, str]:
@@ -16,8 +16,7 @@ def export_run(setup, adapted, log) -> dict[str, str]:
     folder = pathlib.Path(config.logging.output_dir) / "export"
     written = {}
     if config.export.peft_adapter:
-        base = (pretrained.hub_id(config.model.path) if config.model.pretrained
-                else str(setup.model_path or config.model.preset))
+        base = _base_model_name(config, setup.model_path)
         path = adapters.export_peft(folder / "peft_adapter", setup.model_config, adapted, base_model_name_or_path=base)
         written["peft_adapter"] = str(path)
         log(f"exported the adapter in PEFT's format to {path} (base model {base})")
@@ -36,3 +35,13 @@ def export_run(setup, adapted, log) -> dict[str, str]:
         written["gguf_lora"] = str(path)
         log(f"exported the LoRA adapter as a GGUF LoRA file (llama.cpp --lora) to {path}")
     return written
+
+
+def _base_model_name(config, model_path) -> str:
+    """What a PEFT adapter names as its base: the Hub id where the model came from the Hub, else the path."""
+    if config.model.pretrained:
+        return pretrained.hub_id(config.model.path)
+    hub_model = hub.parse_model(config.model.path) if config.model.path is not None else None
+    if hub_model is not None and hub_model.filename is None:
+        return hub_model.repo_id
+    return str(model_path or config.model.preset)

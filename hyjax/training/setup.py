@@ -24,6 +24,7 @@ from hyjax.methods import method_of
 from hyjax.model import init_params
 from hyjax.model.config import LlamaConfig
 from hyjax.sharding import Layout, put_local
+from hyjax.hub import parse_dataset, parse_model, resolve_model
 from hyjax.tokenization import Tokenizer, load_tokenizer
 from hyjax.tokenization.gguf_vocab import GGUFTokenizerError, tokenizer_fields
 from hyjax.training.run_plan import RunPlan, base_shardings, check_batch_split, plan_run
@@ -39,14 +40,23 @@ def preflight(config: RunConfig) -> None:
         if key == "path" and value is None:
             raise ConfigError("data.path is not set: give the training file, e.g. data.path=train.tsv "
                               "(tsv, csv, jsonl, parquet, or a save_to_disk folder)")
-        if value is not None and not pathlib.Path(value).exists():
+        try:
+            hub_data = None if value is None else parse_dataset(value)
+        except ValueError as err:
+            raise ConfigError(f"data.{key}: {err}") from err
+        if value is not None and hub_data is None and not pathlib.Path(value).exists():
             raise ConfigError(f"data.{key}={value!r} does not exist (relative paths are read from the working "
-                              f"directory {os.getcwd()})")
+                              f"directory {os.getcwd()}; a Hugging Face Hub data set is written hf:org/name)")
     if config.model.tokenizer is not None and not pathlib.Path(config.model.tokenizer).exists():
         raise ConfigError(f"model.tokenizer={config.model.tokenizer!r} does not exist")
-    if config.model.path is not None and not config.model.pretrained and not pathlib.Path(config.model.path).exists():
-        raise ConfigError(f"model.path={config.model.path!r} does not exist: give a .gguf file, a Hugging Face "
-                          f"folder, or one of {sorted(pretrained.KNOWN)}")
+    if config.model.path is not None and not config.model.pretrained:
+        try:
+            hub_model = parse_model(config.model.path)
+        except ValueError as err:
+            raise ConfigError(f"model.path: {err}") from err
+        if hub_model is None and not pathlib.Path(config.model.path).exists():
+            raise ConfigError(f"model.path={config.model.path!r} does not exist: give a .gguf file, a Hugging Face "
+                              f"folder, a Hub name (org/name), or one of {sorted(pretrained.KNOWN)}")
     for key, folder in (("logging.output_dir", config.logging.output_dir), ("checkpoint.dir", config.checkpoint_dir)):
         _check_writable(key, pathlib.Path(folder))
 
@@ -130,7 +140,7 @@ def load_model(config: RunConfig, layout):
         params = jax.jit(init_params, static_argnums=0, out_shardings=base_shardings(layout, model_config))(
             model_config, jax.random.key(config.train.seed))
     else:
-        path = pretrained.fetch(section.path) if section.pretrained else pathlib.Path(section.path)
+        path = resolve_model(section.path)
         model_config, params = load_checkpoint_sharded(path, lambda found: base_shardings(layout, found), **dtypes)
         expected = section.preset_config()
         if expected is not None and _architecture(expected) != _architecture(model_config):
