@@ -121,10 +121,11 @@ def test_a_hub_data_set_reads_its_splits_from_the_cache_offline(sst2_like_reposi
 
 def test_a_run_trains_from_hub_names(tiny_checkpoint, sst2_like_repository, offline_cache, tmp_path):
     write_hub_snapshot(offline_cache, "org/tiny", {p.name: p for p in tiny_checkpoint.iterdir()})
-    write_hub_snapshot(offline_cache, "org/sst2", {f"data/{p.name}": p for p in (sst2_like_repository / "data").iterdir()},
-                       repo_type="dataset")
+    data_files = {f"data/{p.name}": p for p in (sst2_like_repository / "data").iterdir()}
+    write_hub_snapshot(offline_cache, "org/sst2", data_files, repo_type="dataset")
     config = load_config(None, [
-        "model.preset=null", "model.path=org/tiny", "data.path=hf:org/sst2:train", "data.eval_path=hf:org/sst2:validation",
+        "model.preset=null", "model.path=org/tiny", "data.path=hf:org/sst2:train",
+        "data.eval_path=hf:org/sst2:validation",
         "data.chat=false", "data.max_length=32", "data.bucket=16", "train.steps=2", "train.global_batch_size=4",
         "checkpoint.every_steps=0", "eval.num_examples=8", "eval.generation_samples=0", "eval.before_training=false",
         f"logging.output_dir={tmp_path / 'run'}", "logging.progress_bar=false", "method.name=lora"])
