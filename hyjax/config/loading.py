@@ -2,10 +2,10 @@
 
 Where YAML files are found (`configs_dir()`):
   1. `$HYJAX_CONFIGS`, if set;
-  2. `configs/` beside the `hyjax` package: a source checkout or an editable install (`pip install -e .`).
-A non-editable install does not carry configs/: set HYJAX_CONFIGS to a copy of the folder, or pass
-file paths. Without a configs folder base.yaml is skipped (the dataclass defaults are base.yaml's
-values; a test keeps them equal) and only absolute or working-directory-relative files can be named.
+  2. `hyjax/configs`, the package's copy of the project's `configs/` (a link to it in a source checkout,
+     the files themselves in an installed wheel), so every install finds them from any directory.
+Without a configs folder base.yaml is skipped (the dataclass defaults are base.yaml's values; a test
+keeps them equal) and only absolute or working-directory-relative files can be named.
 
 A config file argument may be a path (absolute, or relative to the working directory) or a name inside
 the configs folder, with or without `.yaml` (`quickstart`, `methods/lora.yaml`). A file's `include:`
@@ -71,8 +71,8 @@ def configs_dir() -> pathlib.Path | None:
         if not path.is_dir():
             raise ConfigError(f"{ENV_CONFIGS}={env!r} is not a folder")
         return path
-    beside = pathlib.Path(__file__).resolve().parents[2] / "configs"
-    return beside if (beside / "base.yaml").is_file() else None
+    packaged = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    return packaged if (packaged / "base.yaml").is_file() else None
 
 
 def load_config(config_path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> RunConfig:
@@ -110,7 +110,7 @@ def find_config(name: str | os.PathLike, beside: pathlib.Path | None = None) -> 
         if candidate.is_file():
             return candidate
     hint = "" if configs_dir() is not None else (
-        f"; no configs folder was found (set {ENV_CONFIGS} for a non-editable install)")
+        f"; no configs folder was found (hyjax/configs is missing: reinstall hyjax, or set {ENV_CONFIGS})")
     raise ConfigError(f"config file {str(name)!r} not found; tried {[str(c) for c in candidates]}{hint}")
 
 

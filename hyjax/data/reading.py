@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import datasets
 import numpy as np
 
+from hyjax import bundled
 from hyjax.hub import HubDataset, dataset_folder, parse_dataset
 
 # Format name -> file suffixes it is inferred from. A folder is always "disk" (`Dataset.save_to_disk`).
@@ -125,7 +126,8 @@ def load_rows(
     Args:
       path: a `.tsv`, `.csv`, `.jsonl`/`.json` (one JSON object a line), `.parquet` file, a folder
         written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a Hub data set
-        `hf:org/name[/config][:split][@revision]` (or `hf:./folder` laid out like a dataset repository).
+        `hf:org/name[/config][:split][@revision]` (or `hf:./folder` laid out like a dataset repository),
+        or a file shipped with hyjax, `bundled:sst2/train.tsv` (`hyjax.bundled`).
       format: one of `FORMATS`; None infers it from the suffix.
       split: for a saved `DatasetDict` or a Hub data set, the split to read (required when it has several;
         a split in the Hub name wins).
@@ -136,7 +138,7 @@ def load_rows(
     """
     if (hub_data := parse_dataset(str(path))) is not None:
         return _load_hub_rows(hub_data, split, cache_dir)
-    path = pathlib.Path(path)
+    path = bundled.resolve(str(path)) or pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist; accepted: {_accepted()}.")
     fmt = format or infer_format(path)

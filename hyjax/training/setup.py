@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import jax
 
-from hyjax import adapters, pretrained
+from hyjax import adapters, bundled, pretrained
 from hyjax.config import ConfigError, RunConfig
 from hyjax.data import BatchIterator, PreparedData, Rows, load_rows, make_task, prepare
 from hyjax.methods import method_of
@@ -41,10 +41,10 @@ def preflight(config: RunConfig) -> None:
             raise ConfigError("data.path is not set: give the training file, e.g. data.path=train.tsv "
                               "(tsv, csv, jsonl, parquet, or a save_to_disk folder)")
         try:
-            hub_data = None if value is None else parse_dataset(value)
-        except ValueError as err:
+            named = value is not None and (parse_dataset(value) is not None or bundled.resolve(value) is not None)
+        except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data.{key}: {err}") from err
-        if value is not None and hub_data is None and not pathlib.Path(value).exists():
+        if value is not None and not named and not pathlib.Path(value).exists():
             raise ConfigError(f"data.{key}={value!r} does not exist (relative paths are read from the working "
                               f"directory {os.getcwd()}; a Hugging Face Hub data set is written hf:org/name)")
     if config.model.tokenizer is not None and not pathlib.Path(config.model.tokenizer).exists():
