@@ -14,7 +14,8 @@ each candidate alone costs C prompt passes with logits at every position.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +54,15 @@ def _scores(config: LlamaConfig, params: Params, prompts, prompt_valid, answers,
 
 
 def candidate_log_likelihoods(config: LlamaConfig, params: Params, groups: Sequence[Group], *, pad_id: int,
-                              max_length: int, batch_size: int = 64, bucket: int = 16) -> list[list[float]]:
+                              max_length: int, batch_size: int = 64, bucket: int = 16,
+                              progress: Callable[[int], Any] | None = None) -> list[list[float]]:
     """`log p(answer | prompt)` of every candidate of every group, in order.
 
     Prompts lose tokens from the left so that prompt + longest candidate fits `max_length` positions
     (as `hyjax.data.batching.truncate` does to one example). Groups are scored longest prompts first, in
     batches of `batch_size` rows padded to a multiple of `bucket` (few shapes, few compilations); every
-    group must have the same number of candidates.
+    group must have the same number of candidates. `progress(n)` is called with the number of groups
+    each batch scored (a progress bar's `update`).
     """
     if not groups:
         return []
@@ -87,4 +90,6 @@ def candidate_log_likelihoods(config: LlamaConfig, params: Params, groups: Seque
         scores = np.asarray(_scores(config, params, tokens, valid, answers, answer_valid))
         for row, i in enumerate(rows):
             out[i] = [float(x) for x in scores[row]]
+        if progress is not None:
+            progress(len(rows))
     return out

@@ -42,14 +42,7 @@ def prepare(
     if config.path is None:
         raise ValueError("data.path is not set: give the training file (e.g. data.path=train.tsv)")
     task = make_task(config)
-    rows = load_rows(config.path, format=config.format, split=config.split, cache_dir=cache_dir)
-    if config.max_rows is not None and len(rows) > config.max_rows:
-        rows = rows.select(range(config.max_rows))
-    eval_rows = None
-    if config.eval_fraction is not None or config.eval_count is not None:
-        rows, eval_rows = train_eval_split(
-            rows, fraction=config.eval_fraction, count=config.eval_count, seed=config.shuffle_seed
-        )
+    rows, eval_rows = _split_training_file(config, cache_dir)
     limit = BadRowLimit(max_fraction=config.max_bad_fraction, max_rows=config.max_bad_rows)
     examples, report = build_examples(rows, task, tokenizer, limit=limit)
     train = BatchIterator(
@@ -67,3 +60,31 @@ def prepare(
     )
     task = task.resolve(rows.column_names, rows.path)
     return PreparedData(train=train, eval_rows=eval_rows, task=task, report=report)
+
+
+def _split_training_file(config: DataConfig, cache_dir: str | None = None) -> tuple[Rows, Rows | None]:
+    """The training file's rows (its first `max_rows`), less the rows `eval_fraction`/`eval_count` hold
+    out, and those held-out rows (None when nothing is held out)."""
+    rows = load_rows(config.path, format=config.format, split=config.split, cache_dir=cache_dir)
+    if config.max_rows is not None and len(rows) > config.max_rows:
+        rows = rows.select(range(config.max_rows))
+    if config.eval_fraction is None and config.eval_count is None:
+        return rows, None
+    return train_eval_split(rows, fraction=config.eval_fraction, count=config.eval_count, seed=config.shuffle_seed)
+
+
+def held_out_rows(config: DataConfig, num_examples: int | None) -> tuple[Rows, Any] | None:
+    """`(rows, task)` a run evaluates on: `eval_path`'s rows, or those held out of the training file,
+    at most `num_examples` of them, with the task resolved against their columns; None when the config
+    holds nothing out. Reads no more than the files; tokenizes nothing."""
+    if config.eval_path is not None:
+        rows = load_rows(config.eval_path, format=config.format)
+    elif config.path is not None:
+        rows = _split_training_file(config)[1]
+    else:
+        rows = None
+    if rows is None:
+        return None
+    if num_examples is not None and len(rows) > num_examples:
+        rows = rows.select(range(num_examples))
+    return rows, make_task(config).resolve(rows.column_names, rows.path)

@@ -8,8 +8,11 @@ Classification reads each prompt once (`hyjax.likelihood`), and its loss comes f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+from tqdm.auto import tqdm
 
 from hyjax.data import (
     BatchIterator,
@@ -24,84 +27,98 @@ from hyjax.likelihood import candidate_log_likelihoods
 from hyjax.sampling import SamplingConfig, generate
 
 
-class Evaluator:
-    """Evaluates states of one run on `setup.eval_rows` (built once: examples, compiled functions)."""
+class HeldOutEvaluation:
+    """A model's metrics on held-out rows (examples built once): answer-token loss and perplexity, the
+    task's own metric, and generated samples. Used by a run's `Evaluator` and by `python -m hyjax.eval`.
 
-    def __init__(self, setup):
-        self.setup = setup
-        self.eval_step = setup.plan.eval_step()
-        config = setup.config
-        self.rows = setup.eval_rows
-        self.task = setup.eval_task
+    Args:
+      model_config, tokenizer: the model's.
+      rows, task: the held-out `Rows` and the task (resolved against their columns) that reads them.
+      eval_config: the `eval:` section (batch size, generation samples, max new tokens).
+      max_length, bucket: the data section's row length and padding bucket.
+      progress: show a progress bar per pass over the rows (scoring, generation, loss).
+    """
+
+    def __init__(self, model_config, tokenizer, rows, task, *, eval_config, max_length: int, bucket: int,
+                 progress: bool = False):
+        self.model_config, self.tokenizer, self.rows, self.task = model_config, tokenizer, rows, task
+        self.eval_config, self.max_length, self.bucket = eval_config, max_length, bucket
+        self.progress = progress
         self.examples = None
-        if self.rows is not None:
+        if rows is not None:
             no_limit = BadRowLimit(max_fraction=None, max_rows=None)  # evaluation skips and counts bad rows
-            self.examples, _ = build_examples(self.rows, self.task, setup.tokenizer, limit=no_limit)
-        self.max_length = config.data.max_length
-        self.bucket = config.data.bucket
+            self.examples, _ = build_examples(rows, task, tokenizer, limit=no_limit)
 
     @property
     def enabled(self) -> bool:
         return bool(self.examples)
 
-    def __call__(self, state, frozen) -> dict[str, Any]:
+    def metrics(self, params, batch_loss: Callable[[dict], tuple[Any, Any]]) -> dict[str, Any]:
         """Metrics (`eval/loss`, `eval/perplexity`, `eval/accuracy` or `eval/exact_match`, `eval/examples`),
         `correct_rows` (classification and math: `EvalResult.correct_rows`, one `0`/`1` per scored row) and
-        `samples`: generated answers of the first `eval.generation_samples` rows."""
+        `samples`: generated answers of the first `eval.generation_samples` rows.
+
+        params: the (adapted) parameter tree; batch_loss: `batch -> (answer-token nll sum, answer tokens)`
+        of the same model, for tasks whose loss is not the classification scores'."""
         if not self.enabled:
             return {}
-        setup, config = self.setup, self.setup.config
-        params = setup.plan.params(state, frozen)
         metrics: dict[str, Any] = {"eval/examples": len(self.examples)}
         if isinstance(self.task, Classification):
-            result = classification_accuracy(self.rows, self.task, setup.tokenizer, self._scorer(params))
+            with self._bar("scoring answers") as bar:
+                result = classification_accuracy(self.rows, self.task, self.tokenizer, self._scorer(params, bar))
             loss = result.gold_loss
             metrics["eval/accuracy"] = result.accuracy
             metrics["correct_rows"] = result.correct_rows
         else:
-            loss = self._answer_loss(state, frozen)
+            loss = self._answer_loss(batch_loss)
             if isinstance(self.task, MathWordProblems):
-                result = math_exact_match(self.rows, self.task, setup.tokenizer, self._generator(params),
-                                          batch_size=config.eval.batch_size)
+                with self._bar("generating answers") as bar:
+                    result = math_exact_match(self.rows, self.task, self.tokenizer, self._generator(params, bar),
+                                              batch_size=self.eval_config.batch_size)
                 metrics["eval/exact_match"] = result.accuracy
                 metrics["correct_rows"] = result.correct_rows
         metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))})
         metrics["samples"] = self.samples(params)
         return metrics
 
-    def _answer_loss(self, state, frozen) -> float:
-        """Mean answer-token loss of the held-out examples, by the eval step over padded batches."""
-        config = self.setup.config
-        batches = BatchIterator(self.examples, global_batch_size=config.eval.batch_size, max_length=self.max_length,
-                                pad_id=self.setup.tokenizer.pad_id, bucket=self.bucket, shuffle=False,
-                                drop_remainder=False, process_index=0, process_count=1)
+    def _answer_loss(self, batch_loss) -> float:
+        """Mean answer-token loss of the held-out examples over padded batches."""
+        batches = BatchIterator(self.examples, global_batch_size=self.eval_config.batch_size,
+                                max_length=self.max_length, pad_id=self.tokenizer.pad_id, bucket=self.bucket,
+                                shuffle=False, drop_remainder=False, process_index=0, process_count=1)
         total = count = 0.0
-        for step in range(batches.steps_per_epoch(0)):
-            nll, tokens = self.eval_step(state, frozen, batches.global_batch(0, step))
-            total, count = total + float(nll), count + float(tokens)
+        with self._bar("answer loss") as bar:
+            for step in range(batches.steps_per_epoch(0)):
+                batch = batches.global_batch(0, step)
+                nll, tokens = batch_loss(batch)
+                total, count = total + float(nll), count + float(tokens)
+                bar.update(int(np.sum(np.any(batch["loss_mask"], axis=-1))))
         return total / max(count, 1.0)
 
-    def _scorer(self, params):
-        setup = self.setup
-        return lambda groups: candidate_log_likelihoods(
-            setup.model_config, params, groups, pad_id=setup.tokenizer.pad_id, max_length=self.max_length,
-            batch_size=setup.config.eval.batch_size, bucket=self.bucket)
+    def _bar(self, description: str) -> tqdm:
+        return tqdm(total=len(self.rows), desc=description, unit="row", leave=False, disable=not self.progress)
 
-    def _generator(self, params):
-        setup, config = self.setup, self.setup.config
-        sampling = SamplingConfig(max_new_tokens=config.eval.max_new_tokens)
+    def _scorer(self, params, bar=None):
+        return lambda groups: candidate_log_likelihoods(
+            self.model_config, params, groups, pad_id=self.tokenizer.pad_id, max_length=self.max_length,
+            batch_size=self.eval_config.batch_size, bucket=self.bucket, progress=bar.update if bar else None)
+
+    def _generator(self, params, bar=None):
+        sampling = SamplingConfig(max_new_tokens=self.eval_config.max_new_tokens)
 
         def generate_text(prompts):
-            outputs = generate(setup.model_config, params, [list(p) for p in prompts], sorted(setup.tokenizer.stop_ids),
-                               sampling, pad_id=setup.tokenizer.pad_id)
-            return [setup.tokenizer.decode(tokens) for tokens in outputs]
+            outputs = generate(self.model_config, params, [list(p) for p in prompts], sorted(self.tokenizer.stop_ids),
+                               sampling, pad_id=self.tokenizer.pad_id)
+            if bar is not None:
+                bar.update(len(prompts))
+            return [self.tokenizer.decode(tokens) for tokens in outputs]
 
         return generate_text
 
     def samples(self, params) -> list[dict[str, str]]:
         """`{prompt, generated, reference}` for the first `eval.generation_samples` usable rows."""
-        wanted = self.setup.config.eval.generation_samples
-        tokenizer = self.setup.tokenizer
+        wanted = self.eval_config.generation_samples
+        tokenizer = self.tokenizer
         prompts, references = [], []
         for row in self.rows:
             if len(prompts) == wanted:
@@ -118,3 +135,25 @@ class Evaluator:
         return [{"prompt": tokenizer.decode(p), "generated": g, "reference": r}
                 for p, g, r in zip(prompts, generated, references)]
 
+
+class Evaluator:
+    """Evaluates states of one run on `setup.eval_rows` (built once: examples, compiled functions)."""
+
+    def __init__(self, setup):
+        self.setup = setup
+        self.eval_step = setup.plan.eval_step()
+        config = setup.config
+        self.held_out = HeldOutEvaluation(setup.model_config, setup.tokenizer, setup.eval_rows, setup.eval_task,
+                                          eval_config=config.eval, max_length=config.data.max_length,
+                                          bucket=config.data.bucket)
+
+    @property
+    def enabled(self) -> bool:
+        return self.held_out.enabled
+
+    def __call__(self, state, frozen) -> dict[str, Any]:
+        """`HeldOutEvaluation.metrics` of the state's model (the loss by the run's sharded eval step)."""
+        if not self.enabled:
+            return {}
+        params = self.setup.plan.params(state, frozen)
+        return self.held_out.metrics(params, lambda batch: self.eval_step(state, frozen, batch))
