@@ -116,15 +116,12 @@ def train_peft_lora(hf_folder: pathlib.Path, steps: list, pad_id: int, *, train,
 def score_classification(config, folder: pathlib.Path):
     """`hyjax.data.EvalResult` of the Hugging Face model in `folder` on `config`'s held-out rows
     (`data.eval_path`, at most `eval.num_examples`), scored as a hyjax run's evaluation scores them."""
-    from hyjax.data import classification_accuracy, load_rows, make_task
+    from hyjax.data import classification_accuracy, held_out_rows
     from hyjax.likelihood import candidate_log_likelihoods
     from hyjax.weights import load_checkpoint
 
     tokenizer = load_run_tokenizer(config)
-    rows = load_rows(config.data.eval_path, format=config.data.format)
-    if config.eval.num_examples is not None and len(rows) > config.eval.num_examples:
-        rows = rows.select(range(config.eval.num_examples))
-    task = make_task(config.data).resolve(rows.column_names, rows.path)
+    rows, task = held_out_rows(config.data, config.eval.num_examples)
     model_config, params = load_checkpoint(folder)
 
     def score(groups):
