@@ -36,14 +36,16 @@ def lora_run(tiny_checkpoint, sentiment_data, tmp_path_factory):
     config = load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, output, "method.name=lora",
                                                   "export.peft_adapter=true", "export.merged_model=true",
                                                   "export.gguf=q8_0", "export.gguf_lora=true",
-                                                  "logging.tensorboard=true"))
+                                                  "logging.tensorboard=true", "logging.every_steps=4"))
     return output, train(config, log=lambda text: None)
 
 
 def test_a_run_leaves_metrics_checkpoints_plots_exports_and_a_summary(lora_run):
     output, result = lora_run
-    losses = _losses(output)
+    losses = _losses(output)  # every step's loss; every 4th step's (and the last's) other metrics too
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(losses.values())))
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "learning_rate" in r] == [4, 6]
     assert sorted(int(p.name) for p in (output / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6][-3:]
     for name in ("config.yaml", "summary.json", "loss_curve.png", "export/peft_adapter/adapter_config.json",
                  "export/merged_model/config.json", "export/model-q8_0.gguf", "export/lora_adapter.gguf"):

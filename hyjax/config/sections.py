@@ -215,7 +215,7 @@ class LoggingSection:
     """Where a run writes and how often it reports."""
 
     output_dir: str = "runs/default"  # run folder: resolved config.yaml, metrics, checkpoints, exports
-    every_steps: int = 10  # log loss, learning rate, throughput (and hybrid lambdas) every N steps
+    every_steps: int = 10  # log learning rate, throughput (and hybrid lambdas) every N steps; the loss every step
     tensorboard: bool = False  # also write TensorBoard event files
     progress_bar: bool = True  # a tqdm progress bar on the terminal
 

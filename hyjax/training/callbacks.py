@@ -115,13 +115,15 @@ class ProgressBar(Callback):
 
 class MetricsLogging(Callback):
     """Every `every` steps (and the last): the step's metrics, throughput and, with `lambdas`, the
-    hybrid's mean lambda per weight, into the run's `MetricsLog`."""
+    hybrid's mean lambda per weight, into the run's `MetricsLog`; every other step its loss alone, so
+    the loss curve has every step."""
 
     def __init__(self, metrics_log: reporting.MetricsLog, every: int, lambdas: bool):
         self.metrics_log, self.every, self.lambdas = metrics_log, every, lambdas
 
     def on_step(self, event: StepEnd) -> None:
         if event.step % self.every and not event.final:
+            self.metrics_log.write(event.step, {"loss": event.metrics["loss"]})
             return
         record = {**event.metrics, "tokens_per_second": event.tokens / event.seconds, "step_seconds": event.seconds}
         if self.lambdas:

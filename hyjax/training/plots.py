@@ -17,16 +17,35 @@ def _pyplot():
     return plt
 
 
+def smoothed(values: np.ndarray, window: int) -> np.ndarray:
+    """Exponential moving average with the span of `window` values, debiased at the start (as
+    TensorBoard's smoothing), so the first values are not pulled towards zero."""
+    decay = 1.0 - 2.0 / (window + 1)
+    out = np.empty(len(values))
+    average = weight = 0.0
+    for i, value in enumerate(values):
+        average = decay * average + (1 - decay) * value
+        weight = decay * weight + (1 - decay)
+        out[i] = average / weight
+    return out
+
+
 def loss_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
-    """Training loss per step (and held-out loss where evaluated) as a PNG."""
+    """Training loss at every step (raw, and smoothed over about a twentieth of the run) and the held-out
+    loss at each evaluation (step 0: before training), as a PNG."""
     plt = _pyplot()
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    held_out = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    by_step = {r["step"]: r["loss"] for r in records if "loss" in r}  # a resumed run's redone steps: the last
+    held_out = sorted({r["step"]: r["eval/loss"] for r in records if "eval/loss" in r}.items())
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if by_step:
+        steps, losses = zip(*sorted(by_step.items()))
+        window = max(1, len(steps) // 20)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (each step)")
+        if window > 1:
+            ax.plot(steps, smoothed(np.asarray(losses, float), window), color="tab:blue", linewidth=1.6,
+                    label=f"train loss (smoothed, {window} steps)")
     if held_out:
-        ax.plot(*zip(*held_out), "o-", label="held-out loss")
+        ax.plot(*zip(*held_out), "o-", color="tab:orange", label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("answer-token cross-entropy")
     ax.grid(alpha=0.3)
