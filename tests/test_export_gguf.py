@@ -214,3 +214,21 @@ def test_export_settings_are_checked_with_the_config():
         load_config(None, ["method.name=boft", "export.peft_adapter=false", "export.gguf_lora=true"])
     assert load_config(None, ["export.gguf=q8_0", "export.gguf_lora=true"]).export.requested
 
+
+
+@pytest.mark.slow
+def test_the_real_model_exported_as_q8_0_keeps_its_logits_in_transformers(smollm2_gguf, tmp_path):
+    """SmolLM2-135M-Instruct re-exported as Q8_0 with its tokenizer: transformers reads the file (weights
+    and tokenizer) as we do, and the next-token predictions of a real sentence barely move."""
+    config, params = load_gguf(smollm2_gguf)
+    tokenizer = load_tokenizer(smollm2_gguf)
+    path = save_gguf(tmp_path / "smollm2-q8_0.gguf", config, params, tokenizer, file_type="q8_0")
+    ids = np.asarray([tokenizer.encode("The Eiffel Tower is a wrought-iron lattice tower in Paris, France.")])
+    original = np.asarray(_apply(config, params, ids))
+    found_config, found = load_gguf(path)
+    ours = np.asarray(_apply(found_config, found, ids))
+    np.testing.assert_allclose(_transformers_logits(path, ids), ours, atol=2e-3, rtol=1e-3)
+    assert (ours.argmax(-1) == original.argmax(-1)).mean() >= 0.9
+    assert np.abs(ours - original).max() < 0.05 * np.abs(original).max()
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert theirs(TEXTS[1], add_special_tokens=False)["input_ids"] == tokenizer.encode(TEXTS[1], add_bos=False)
