@@ -149,13 +149,7 @@ def load_rows(
     if fmt == "disk":
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            if split is None:
-                if len(ds) != 1:
-                    raise ValueError(f"{path} holds splits {sorted(ds)}; pass split= one of them.")
-                split = next(iter(ds))
-            if split not in ds:
-                raise ValueError(f"{path} has no split {split!r}; it holds {sorted(ds)}.")
-            ds = ds[split]
+            ds = _one_split(ds, split, str(path), "pass split= one of them.")
     elif fmt in _DELIMITERS:
         with open(path, newline="", encoding="utf-8") as f:
             quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
@@ -202,15 +196,20 @@ def _load_hub_rows(data: HubDataset, split: str | None, cache_dir) -> Rows:
                                        cache_dir=None if cache_dir is None else str(cache_dir))
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError) as err:
         raise ValueError(f"cannot read {name} (snapshot {folder}) with datasets: {err}") from err
-    wanted = data.split or split
+    ds = _one_split(splits, data.split or split, name, f"name one, e.g. {name}:{sorted(splits)[0]}")
+    return Rows(dataset=ds, path=folder, format="hub", index=np.arange(len(ds), dtype=np.int64))
+
+
+def _one_split(splits: datasets.DatasetDict, wanted: str | None, name: str, how: str) -> datasets.Dataset:
+    """The split `wanted` of `splits`, or the only one when `wanted` is None; errors name `name`'s splits
+    and `how` to choose."""
     if wanted is None:
         if len(splits) != 1:
-            raise ValueError(f"{name} holds splits {sorted(splits)}; name one, e.g. {name}:{sorted(splits)[0]}")
+            raise ValueError(f"{name} holds splits {sorted(splits)}; {how}")
         wanted = next(iter(splits))
     if wanted not in splits:
-        raise ValueError(f"{name} has no split {wanted!r}; it holds {sorted(splits)}")
-    ds = splits[wanted]
-    return Rows(dataset=ds, path=folder, format="hub", index=np.arange(len(ds), dtype=np.int64))
+        raise ValueError(f"{name} has no split {wanted!r}; it holds {sorted(splits)}.")
+    return splits[wanted]
 
 
 def pick_column(columns: Sequence[str], wanted: str | None, known: Sequence[str], what: str, path=None) -> str:
