@@ -1,4 +1,5 @@
-"""`prepare`: a `DataConfig` (file + task) and a tokenizer to a resumable, sharded `BatchIterator` (for `hyjax.train`)."""
+"""`prepare`: a `DataConfig` (file + task) and a tokenizer to a resumable, sharded `BatchIterator` (for
+`hyjax.train`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def make_task(config: DataConfig):
 @dataclasses.dataclass
 class PreparedData:
     train: BatchIterator  # this process's training batches
-    eval_rows: Rows | None  # held-out rows (for `classification_accuracy` / `math_exact_match`)
+    eval_rows: Rows | None  # held-out rows: eval_path's, or those held out of the training file
     task: Any  # the task format, for evaluation
     report: DataReport
 
@@ -43,6 +44,8 @@ def prepare(
         raise ValueError("data.path is not set: give the training file (e.g. data.path=train.tsv)")
     task = make_task(config)
     rows, eval_rows = _split_training_file(config, cache_dir)
+    if config.eval_path is not None:
+        eval_rows = load_rows(config.eval_path, format=config.format)
     limit = BadRowLimit(max_fraction=config.max_bad_fraction, max_rows=config.max_bad_rows)
     examples, report = build_examples(rows, task, tokenizer, limit=limit)
     train = BatchIterator(
@@ -73,6 +76,13 @@ def _split_training_file(config: DataConfig, cache_dir: str | None = None) -> tu
     return train_eval_split(rows, fraction=config.eval_fraction, count=config.eval_count, seed=config.shuffle_seed)
 
 
+def first_rows(rows: Rows | None, num_examples: int | None) -> Rows | None:
+    """The first `num_examples` of `rows` (all of them when None)."""
+    if rows is None or num_examples is None or len(rows) <= num_examples:
+        return rows
+    return rows.select(range(num_examples))
+
+
 def held_out_rows(config: DataConfig, num_examples: int | None) -> tuple[Rows, Any] | None:
     """`(rows, task)` a run evaluates on: `eval_path`'s rows, or those held out of the training file,
     at most `num_examples` of them, with the task resolved against their columns; None when the config
@@ -85,6 +95,5 @@ def held_out_rows(config: DataConfig, num_examples: int | None) -> tuple[Rows, A
         rows = None
     if rows is None:
         return None
-    if num_examples is not None and len(rows) > num_examples:
-        rows = rows.select(range(num_examples))
+    rows = first_rows(rows, num_examples)
     return rows, make_task(config).resolve(rows.column_names, rows.path)

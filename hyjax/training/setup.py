@@ -19,7 +19,7 @@ import jax
 
 from hyjax import adapters, bundled, pretrained
 from hyjax.config import ConfigError, RunConfig
-from hyjax.data import BatchIterator, PreparedData, Rows, load_rows, make_task, prepare
+from hyjax.data import BatchIterator, PreparedData, Rows, first_rows, make_task, prepare
 from hyjax.methods import method_of
 from hyjax.model import init_params
 from hyjax.model.config import LlamaConfig
@@ -177,17 +177,6 @@ def _architecture_difference(expected, found) -> str:
                      for name in _ARCHITECTURE if getattr(expected, name) != getattr(found, name))
 
 
-def _eval_rows(config: RunConfig, data: PreparedData):
-    rows = data.eval_rows
-    if config.data.eval_path is not None:
-        rows = load_rows(config.data.eval_path, format=config.data.format)
-    if rows is None:
-        return None
-    if config.eval.num_examples is not None and len(rows) > config.eval.num_examples:
-        rows = rows.select(range(config.eval.num_examples))
-    return rows
-
-
 def total_steps(config: RunConfig, batches: BatchIterator) -> int:
     """`train.steps`, or `train.epochs` passes over the data in steps."""
     if config.train.steps is not None:
@@ -240,7 +229,7 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
         raise ConfigError(f"{len(data.train.examples)} training examples make no full batch of "
                           f"train.global_batch_size={config.train.global_batch_size}; lower it or add data")
     log(f"data: {data.report.summary()}")
-    eval_rows = _eval_rows(config, data)
+    eval_rows = first_rows(data.eval_rows, config.eval.num_examples)
     eval_task = None
     if eval_rows is not None:  # a separate eval file may name its columns differently (SST-2's dev.tsv does)
         eval_task = make_task(config.data).resolve(eval_rows.column_names, eval_rows.path)
