@@ -83,8 +83,13 @@ def test_quickstart():
     ((pattern, method),) = spec.rules
     assert isinstance(method, adapters.HybridConfig)
     assert method.boft.n_factors == 2 and method.lora_ga.n_batches == 4
-    assert config.train.global_batch_size == 8
+    assert config.train.global_batch_size == 16
     assert config.data.task_options()["answers"] == ((0, " negative"), (1, " positive"))
+    hybrid = load_config("methods/hybrid")  # the quickstart keeps the hybrid's shipped settings
+    assert (config.method.hybrid, config.train.learning_rate, config.train.lr_multipliers,
+            config.train.hybrid_weights) == (hybrid.method.hybrid, hybrid.train.learning_rate,
+                                             hybrid.train.lr_multipliers, hybrid.train.hybrid_weights)
+    assert hybrid.method.hybrid.mix == "update" and hybrid.train.learning_rate == 2e-4
 
 
 def test_config_named_without_suffix_or_by_path(monkeypatch, tmp_path):
