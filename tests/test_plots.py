@@ -17,6 +17,10 @@ def test_smoothing_is_the_debiased_exponential_moving_average():
     np.testing.assert_allclose(plots.smoothed(np.array([3.0, 3.0, 3.0]), 10), 3.0, rtol=1e-12)  # no pull to 0
 
 
+def test_short_runs_are_smoothed_too():
+    assert [plots.smoothing_window(n) for n in (4, 7, 8, 12, 36, 100, 1000)] == [1, 1, 2, 3, 5, 5, 50]
+
+
 def test_the_loss_curve_reads_every_step_and_each_evaluation(tmp_path):
     records = [{"step": 0, "eval/loss": 2.5}]
     records += [{"step": s, "loss": 3.0 / s} for s in range(1, 41)]

@@ -30,8 +30,14 @@ def smoothed(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def smoothing_window(n_steps: int) -> int:
+    """The span the loss curve smooths over: a twentieth of the run, and at least 5 steps when the run has
+    20 or more (a short run is noisy step to step too); 1 (no smoothing) below 8 steps."""
+    return max(1, n_steps // 20, min(5, n_steps // 4))
+
+
 def loss_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
-    """Training loss at every step (raw, and smoothed over about a twentieth of the run) and the held-out
+    """Training loss at every step (raw, and smoothed over `smoothing_window` steps) and the held-out
     loss at each evaluation (step 0: before training), as a PNG."""
     plt = _pyplot()
     by_step = {r["step"]: r["loss"] for r in records if "loss" in r}  # a resumed run's redone steps: the last
@@ -39,13 +45,13 @@ def loss_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     if by_step:
         steps, losses = zip(*sorted(by_step.items()))
-        window = max(1, len(steps) // 20)
+        window = smoothing_window(len(steps))
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (each step)")
         if window > 1:
             ax.plot(steps, smoothed(np.asarray(losses, float), window), color="tab:blue", linewidth=1.6,
                     label=f"train loss (smoothed, {window} steps)")
     if held_out:
-        ax.plot(*zip(*held_out), "o-", color="tab:orange", label="held-out loss")
+        ax.plot(*zip(*held_out), "o:", color="tab:orange", label="held-out loss (at each evaluation)")
     ax.set_xlabel("step")
     ax.set_ylabel("answer-token cross-entropy")
     ax.grid(alpha=0.3)
