@@ -76,24 +76,25 @@ def _split_training_file(config: DataConfig, cache_dir: str | None = None) -> tu
     return train_eval_split(rows, fraction=config.eval_fraction, count=config.eval_count, seed=config.shuffle_seed)
 
 
-def first_rows(rows: Rows | None, num_examples: int | None) -> Rows | None:
-    """The first `num_examples` of `rows` (all of them when None)."""
-    if rows is None or num_examples is None or len(rows) <= num_examples:
-        return rows
-    return rows.select(range(num_examples))
+def evaluation_set(config: DataConfig, rows: Rows | None, num_examples: int | None) -> tuple[Rows, Any] | None:
+    """`(rows, task)`: the first `num_examples` of held-out `rows` (all when None), with the task resolved
+    against their columns (a separate eval file may name them differently: SST-2's dev.tsv does); None
+    when there are no rows."""
+    if rows is None:
+        return None
+    if num_examples is not None and len(rows) > num_examples:
+        rows = rows.select(range(num_examples))
+    return rows, make_task(config).resolve(rows.column_names, rows.path)
 
 
 def held_out_rows(config: DataConfig, num_examples: int | None) -> tuple[Rows, Any] | None:
     """`(rows, task)` a run evaluates on: `eval_path`'s rows, or those held out of the training file,
-    at most `num_examples` of them, with the task resolved against their columns; None when the config
-    holds nothing out. Reads no more than the files; tokenizes nothing."""
+    at most `num_examples` of them (`evaluation_set`); None when the config holds nothing out. Reads no
+    more than the files; tokenizes nothing."""
     if config.eval_path is not None:
         rows = load_rows(config.eval_path, format=config.format)
     elif config.path is not None:
         rows = _split_training_file(config)[1]
     else:
         rows = None
-    if rows is None:
-        return None
-    rows = first_rows(rows, num_examples)
-    return rows, make_task(config).resolve(rows.column_names, rows.path)
+    return evaluation_set(config, rows, num_examples)

@@ -19,7 +19,7 @@ import jax
 
 from hyjax import adapters, bundled, pretrained
 from hyjax.config import ConfigError, RunConfig
-from hyjax.data import BatchIterator, PreparedData, Rows, first_rows, make_task, prepare
+from hyjax.data import BatchIterator, PreparedData, Rows, evaluation_set, prepare
 from hyjax.methods import method_of
 from hyjax.model import init_params
 from hyjax.model.config import LlamaConfig
@@ -229,10 +229,7 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
         raise ConfigError(f"{len(data.train.examples)} training examples make no full batch of "
                           f"train.global_batch_size={config.train.global_batch_size}; lower it or add data")
     log(f"data: {data.report.summary()}")
-    eval_rows = first_rows(data.eval_rows, config.eval.num_examples)
-    eval_task = None
-    if eval_rows is not None:  # a separate eval file may name its columns differently (SST-2's dev.tsv does)
-        eval_task = make_task(config.data).resolve(eval_rows.column_names, eval_rows.path)
+    eval_rows, eval_task = evaluation_set(config.data, data.eval_rows, config.eval.num_examples) or (None, None)
     method = method_of(config)
     if selection is not None:
         selection = method.selection_from_json(selection)
