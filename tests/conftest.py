@@ -11,6 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Deviceless TPU compilation never touches a TPU: let several test processes load libtpu at once
 # instead of failing on its single-process lockfile.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# jax's CPU linear algebra (LU, QR, SVD) runs in scipy's OpenBLAS, which picks its kernels by CPU model and
+# its threads by core count; their last bits differ (one ulp in LoRA-GA's start-up factors, BOFT's Cayley
+# solve) and a few Adam steps at the tests' learning rates make that a 0.5% loss difference. Pinned, the
+# steps recorded in tests/fixtures reproduce on every x86-64 machine.
+os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
