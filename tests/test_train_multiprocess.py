@@ -4,6 +4,7 @@ mesh resumes; launch/local.sh starts such runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import socket
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from hyjax.config import load_config
-from hyjax.training import train
+from hyjax.training import integrity, train
 from test_train_run import _losses, tiny_run_overrides
 
 COMMON = ["method.name=lora", "train.steps=3", "checkpoint.every_steps=0", "eval.num_examples=4",
@@ -64,9 +65,10 @@ def _two_processes(overrides: list[str]) -> list[str]:
 def test_two_process_checkpoint_resumes_on_one_process_with_another_mesh(tiny_checkpoint, sentiment_data, tmp_path):
     """2 processes (data parallel) train 3 steps of the hybrid (BOFT and LoRA-GA) and save; 1 process with 4
     devices split fsdp 2 x tensor 2 (the rotations, factors and their moments split over both) restores
-    that checkpoint and continues: steps 4 and 5 have the loss of 2 processes training 5 steps
-    uninterrupted. LoRA-GA's initial factors come from the checkpoint: drawn again from a gradient summed
-    over another mesh, they would differ (its singular values nearly tie) and so would the model."""
+    that checkpoint (checking the digests both processes wrote) and continues: steps 4 and 5 have the loss of
+    2 processes training 5 steps uninterrupted. LoRA-GA's initial factors come from the checkpoint: drawn
+    again from a gradient summed over another mesh, they would differ (its singular values nearly tie) and so
+    would the model."""
     steps = ["method.name=hybrid", "method.boft.n_factors=2", "checkpoint.every_steps=0",
              "eval.num_examples=4", "eval.generation_samples=0", "eval.before_training=false"]
     reference = tmp_path / "reference"
@@ -74,6 +76,11 @@ def test_two_process_checkpoint_resumes_on_one_process_with_another_mesh(tiny_ch
     run = tmp_path / "run"
     outputs = _two_processes(tiny_run_overrides(tiny_checkpoint, sentiment_data, run, *steps, "train.steps=3"))
     assert "data 2 x fsdp 1 x tensor 1 (2 devices, 2 processes)" in outputs[0]
+    saved = run / "checkpoints" / "3"  # each process recorded the digest of the files it wrote
+    for process in (0, 1):
+        listed = json.loads(integrity.digest_path(saved, process).read_text())["files"]
+        assert listed and {integrity.owner(pathlib.PurePath(name)) for name in listed} == {process}
+    assert integrity.problems(saved) == []
 
     second = tiny_run_overrides(tiny_checkpoint, sentiment_data, run, *steps, "train.steps=5", "mesh.data=1",
                                 "mesh.fsdp=2", "mesh.tensor=2")

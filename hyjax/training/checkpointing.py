@@ -8,7 +8,11 @@ One checkpoint per saved step, in `<dir>/<step>/`, with two or three items:
   * `start` (LoRA-GA and the hybrid): the frozen values the adapters drew from data at start-up
     (`hyjax.adapters.starting_values`), so a restore rebuilds the same model on any mesh.
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run killed
-during a save leaves the earlier checkpoints intact and the half-written one invisible.
+during a save leaves the earlier checkpoints intact and the half-written one invisible. Once a checkpoint
+is on disk each process records a digest of the files it wrote (`hyjax.training.integrity`); resuming
+checks them and resumes from the newest intact one, with a warning for each damaged newer one (cut,
+changed or missing files), which is moved, never deleted, to `<dir>/damaged/<step>`: the resumed run can
+save that step again, and `checkpoint.keep` counts intact checkpoints only.
 """
 
 from __future__ import annotations
@@ -16,16 +20,24 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
+
+from hyjax.training import distributed, integrity
 
 
 START = "start"  # the item of the adapters' starting values
+DAMAGED = "damaged"  # the subfolder damaged checkpoints are moved to
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint folder belongs to another run (another model or method), or cannot be reused."""
+
+
+class CheckpointDamagedError(CheckpointMismatchError):
+    """The checkpoint asked for, or every checkpoint of the folder, has cut, changed or missing files."""
 
 
 class RunCheckpointer:
@@ -42,22 +54,68 @@ class RunCheckpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int | None, async_save: bool, fingerprint: dict):
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = _jsonable(fingerprint)
+        self._undigested: list[int] = []  # steps this checkpointer saved whose digest is not yet written
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", START))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def problems(self, step: int) -> list[str]:
+        """What is damaged in checkpoint `step`, by the digests this process checks (see `integrity`)."""
+        return integrity.problems(self.directory / str(step), jax.process_index(), jax.process_count())
+
+    def newest_intact_step(self, warn: Callable[[str], None]) -> tuple[int | None, list[int]]:
+        """The newest checkpoint whose files match their digests on every process (None: no checkpoint),
+        and the damaged newer ones, each named to `warn` with its damaged files.
+
+        Raises `CheckpointDamagedError` when every checkpoint is damaged."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            found = self.problems(step)
+            if not distributed.any_process(bool(found)):
+                return step, damaged
+            damaged.append(step)
+            warn(f"checkpoint step {step} in {self.directory} is damaged ({_listed(found)}); the newest intact "
+                 "checkpoint before it is used")
+        if steps:
+            raise CheckpointDamagedError(
+                f"every checkpoint in {self.directory} is damaged (steps {sorted(steps)}; step {steps[0]}: "
+                f"{_listed(self.problems(steps[0]))}). They are left untouched: move them away or choose a new "
+                "logging.output_dir / checkpoint.dir to train again")
+        return None, damaged
+
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON item of checkpoint `step` (default: the latest)."""
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def check_compatible(self, resume: bool) -> int | None:
-        """The step to resume from (None: start fresh), after checking the folder's latest checkpoint.
+    def _set_aside(self, steps: list[int], warn: Callable[[str], None]) -> None:
+        """Moves checkpoints `steps` into `<dir>/damaged/`, never deleting them, so that the resumed run
+        saves their steps again (the main process moves; every process then rereads the folder)."""
+        if not steps:
+            return
+        warn(f"damaged checkpoints of steps {sorted(steps)} moved to {self.directory / DAMAGED}")
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / DAMAGED / str(step)
+                copies = 0
+                while target.exists():
+                    copies += 1
+                    target = self.directory / DAMAGED / f"{step}.{copies}"
+                target.parent.mkdir(exist_ok=True)
+                os.replace(self.directory / str(step), target)
+        distributed.wait_for_every_process("damaged checkpoints set aside")
+        self.manager.reload()
+
+    def check_compatible(self, resume: bool, warn: Callable[[str], None]) -> int | None:
+        """The step to resume from (None: start fresh): the newest intact checkpoint, after checking that
+        it belongs to this run. Damaged newer ones are named to `warn` and moved to `<dir>/damaged/`.
 
         Raises `CheckpointMismatchError` when the folder holds checkpoints of another model or method,
-        or holds checkpoints while `resume` is False (they would be overwritten): nothing is touched.
+        or holds checkpoints while `resume` is False (they would be overwritten), and
+        `CheckpointDamagedError` when all of them are damaged: nothing is touched.
         """
         step = self.latest_step()
         if step is None:
@@ -67,6 +125,7 @@ class RunCheckpointer:
                 f"checkpoint.dir {self.directory} already holds checkpoints (latest step {step}) and "
                 "checkpoint.resume=false; set checkpoint.resume=true to continue that run, or choose a new "
                 "logging.output_dir / checkpoint.dir (the existing checkpoints are left untouched)")
+        step, damaged = self.newest_intact_step(warn)
         theirs = self.read_meta(step).get("fingerprint", {})
         check_form(self.directory, step, theirs, self.fingerprint)
         if theirs != self.fingerprint:
@@ -77,6 +136,7 @@ class RunCheckpointer:
                 f"checkpoint.dir {self.directory} holds checkpoints of another run (step {step}); they differ "
                 f"in {'; '.join(differences)}. Choose a new logging.output_dir or checkpoint.dir for this run "
                 "(the existing checkpoints are left untouched)")
+        self._set_aside(damaged, warn)
         return step
 
     def save(self, step: int, state: Any, meta: dict, start: Any = None, force: bool = False) -> bool:
@@ -86,7 +146,11 @@ class RunCheckpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if start:
             items[START] = ocp.args.StandardSave(start)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # Orbax's save waits for the previous one too
+        started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if started:
+            self._undigested.append(step)
+        return started
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """`(state, meta)` of checkpoint `step`, with `abstract_state`'s structure, dtypes and shardings."""
@@ -104,10 +168,16 @@ class RunCheckpointer:
         return restored[START]
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
+        """Blocks until every started save is on disk, then records the digests of the finished ones."""
         self.manager.wait_until_finished()
+        finished = set(self.manager.all_steps())  # less those the retention policy removed
+        for step in self._undigested:
+            if step in finished:
+                integrity.write_digest(self.directory / str(step), jax.process_index())
+        self._undigested.clear()
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
 
 
@@ -126,6 +196,14 @@ def check_form(directory: pathlib.Path, step: int, theirs: dict, ours: dict) -> 
         "Its parameters would mean another model or not fit this version's, so the run cannot be resumed or "
         "restored with this version: train it again in a new logging.output_dir, or use the hyjax version that "
         "saved it (the folder is left untouched)")
+
+
+def _listed(problems: list[str], most: int = 3) -> str:
+    """The first `most` problems, and how many more."""
+    if not problems:
+        return "found by another process"
+    more = f"; and {len(problems) - most} more" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
 
 
 def _jsonable(value: Any) -> Any:

@@ -74,3 +74,9 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def wait_for_every_process(name: str) -> None:
+    """Returns once every process has reached this point (`name` tells the barriers apart)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -87,11 +87,12 @@ def fit(step_fn, state: TrainState, frozen: dict, batches: Iterator[tuple[dict, 
     return state, None
 
 
-def open_checkpoints(config: RunConfig) -> tuple[RunCheckpointer, int | None]:
-    """The run's checkpointer and the step to resume from (None: fresh), refusing foreign folders."""
+def open_checkpoints(config: RunConfig, log: Callable[[str], None]) -> tuple[RunCheckpointer, int | None]:
+    """The run's checkpointer and the step to resume from (None: fresh; damaged checkpoints passed over
+    with a warning to `log`), refusing foreign folders."""
     checkpointer = RunCheckpointer(config.checkpoint_dir, keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save, fingerprint=fingerprint(config))
-    return checkpointer, checkpointer.check_compatible(config.checkpoint.resume)
+    return checkpointer, checkpointer.check_compatible(config.checkpoint.resume, lambda text: log(f"warning: {text}"))
 
 
 def _global_batches(setup: RunSetup) -> Iterator[tuple[dict, int]]:
@@ -112,7 +113,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     preflight(config)
     layout = run_layout(config.mesh)
     log(f"mesh: {describe(layout.mesh)}")
-    checkpointer, resume_step = open_checkpoints(config)
+    checkpointer, resume_step = open_checkpoints(config, log)
     meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
     setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta else None,
                         selection=saved_selection(config, meta) if meta else None,

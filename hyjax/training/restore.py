@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import warnings
 from typing import Any
 
 from hyjax.config import MeshSection, RunConfig
@@ -19,7 +20,7 @@ from hyjax.config.typed import build
 from hyjax.methods import method_of
 from hyjax.model.config import LlamaConfig
 from hyjax.tokenization import Tokenizer
-from hyjax.training.checkpointing import RunCheckpointer, check_form
+from hyjax.training.checkpointing import CheckpointDamagedError, RunCheckpointer, check_form
 from hyjax.training.run_plan import run_layout
 from hyjax.training.setup import RunSetup, fingerprint, prepare_run
 from hyjax.training.step import TrainState
@@ -59,7 +60,8 @@ def checkpoint_folder(path: str | os.PathLike) -> pathlib.Path:
 
 
 def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None = None) -> RestoredRun:
-    """The run checkpointed in `path` at `step` (default: the latest), laid out on this machine's devices.
+    """The run checkpointed in `path` at `step` (default: the newest intact one, passing over damaged
+    newer ones with a warning), laid out on this machine's devices.
 
     Rebuilds the run from the config stored in the checkpoint (so the model checkpoint and the data
     files it names must still be there), with the method's start-up choices as the checkpoint kept them
@@ -67,15 +69,20 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     optimizer state, step, rng and zeroth-order-trained base weights into it. Each
     array is read straight into its sharding on `mesh` (sizes like the config's mesh section, e.g.
     `{"fsdp": 4, "tensor": 2}`; default: data parallel over every device), whatever mesh saved it.
+    Raises `CheckpointDamagedError` when the checkpoint asked for (or every one) has damaged files.
     """
     folder = checkpoint_folder(path)
     checkpointer = RunCheckpointer(folder, keep=None, async_save=False, fingerprint={})  # reads, never saves
     available = checkpointer.manager.all_steps()
     if not available:
         raise FileNotFoundError(f"{folder} holds no checkpoints")
-    step = max(available) if step is None else step
-    if step not in available:
+    if step is None:
+        step, _ = checkpointer.newest_intact_step(lambda text: warnings.warn(text, stacklevel=2))
+    elif step not in available:
         raise FileNotFoundError(f"{folder} has no checkpoint of step {step}; it has steps {sorted(available)}")
+    elif problems := checkpointer.problems(step):
+        raise CheckpointDamagedError(f"checkpoint step {step} in {folder} is damaged: {'; '.join(problems)} "
+                                     f"(the folder has steps {sorted(available)})")
     meta = checkpointer.read_meta(step)
     config = build(RunConfig, meta["config"])
     check_form(folder, step, meta.get("fingerprint", {}), fingerprint(config))
