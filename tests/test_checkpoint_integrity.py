@@ -1,6 +1,8 @@
 """Damaged checkpoints (a cut file, flipped bytes, a missing array file) are found by their digests, named
 with their step and file, passed over for the newest intact one, and never deleted; a resumed run moves
-them aside and continues exactly as the uninterrupted run did."""
+them aside and continues exactly as the uninterrupted run did. A save that cannot be written (a full
+disk) stops the run with a clear message, the earlier checkpoints intact, and the run resumes once
+space is back."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -126,3 +130,36 @@ def test_a_folder_of_damaged_checkpoints_only_is_refused_untouched(run, tiny_che
                                                      r"step 6: state/.*bytes, written with"):
         train(load_config(None, _overrides(tiny_checkpoint, sentiment_data, copy)), log=lambda text: None)
     assert _contents(copy) == before
+
+
+def test_a_full_disk_stops_the_run_clearly_and_it_resumes_once_space_is_back(run, tiny_checkpoint, sentiment_data,
+                                                                              tmp_path):
+    """The run stopped after its checkpoint at step 4 (step 6's removed from a copy of the uninterrupted
+    run); started again under a 4 KiB file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so writes past
+    it fail as on a full disk), its save of step 6 fails; started again without it, it resumes exactly."""
+    output, uninterrupted = run
+    copy = tmp_path / "run"
+    shutil.copytree(output, copy)
+    shutil.rmtree(copy / "checkpoints" / "6")
+    kept = {step: _contents(copy / "checkpoints" / step) for step in ("2", "4")}
+    overrides = _overrides(tiny_checkpoint, sentiment_data, copy)
+    limited = ("import resource, runpy, sys; "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)); "
+               f"sys.argv = ['hyjax.train', 'base', *{overrides!r}]; "
+               "runpy.run_module('hyjax.train', run_name='__main__')")
+    full = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True, timeout=600)
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
+    assert [line for line in full.stderr.splitlines() if line.startswith("error:")] == [  # after Orbax's own log
+        f"error: checkpoint step 6 could not be written to {copy / 'checkpoints'}: File too large (errno 27). The "
+        "checkpoints already there (steps [2, 4]) are intact: free space (or lift the limit), then run the same "
+        "command again to resume from step 4"]
+    assert {step: _contents(copy / "checkpoints" / step) for step in ("2", "4")} == kept
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["2", "4", "6.orbax-checkpoint-tmp"]
+
+    lines = []
+    result = train(load_config(None, overrides), log=lines.append)
+    assert f"resumed from {copy / 'checkpoints'}/4" in "\n".join(lines)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["2", "4", "6"]
+    assert _losses(copy) == _losses(output)
+    for a, b in zip(jax.tree.leaves(uninterrupted.state.trainable), jax.tree.leaves(result.state.trainable)):
+        np.testing.assert_array_equal(a, b)

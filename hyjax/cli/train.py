@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from hyjax.data import MalformedDataError
     from hyjax.model.config import UnsupportedConfigError
     from hyjax.pretrained import PretrainedFetchError
-    from hyjax.training import CheckpointMismatchError, NonFiniteError, distributed, train
+    from hyjax.training import CheckpointMismatchError, CheckpointWriteError, NonFiniteError, distributed, train
     from hyjax.weights import CheckpointError
 
     try:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         train(config)  # prints its summary; an interrupted run has saved a checkpoint to resume from
     except (ConfigError, CheckpointMismatchError, MalformedDataError, FileNotFoundError, CheckpointError,
-            UnsupportedConfigError, PretrainedFetchError, NonFiniteError, ValueError) as err:
+            UnsupportedConfigError, PretrainedFetchError, NonFiniteError, CheckpointWriteError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

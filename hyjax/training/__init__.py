@@ -9,13 +9,15 @@ checkpoints and restore.
 """
 
 from hyjax.training.callbacks import NonFiniteError
-from hyjax.training.checkpointing import CheckpointDamagedError, CheckpointMismatchError, RunCheckpointer
+from hyjax.training.checkpointing import (CheckpointDamagedError, CheckpointMismatchError, CheckpointWriteError,
+                                         RunCheckpointer)
 from hyjax.training.loop import RunResult, fit, train
 from hyjax.training.restore import RestoredRun, restore
 from hyjax.training.run_plan import RunPlan, plan_run, run_layout
 from hyjax.training.setup import RunSetup, fingerprint, preflight, prepare_run
 from hyjax.training.step import AnswerLoss, TrainState, make_eval_step, make_train_step
 
-__all__ = ["AnswerLoss", "CheckpointDamagedError", "CheckpointMismatchError", "NonFiniteError", "RestoredRun",
+__all__ = ["AnswerLoss", "CheckpointDamagedError", "CheckpointMismatchError", "CheckpointWriteError", "NonFiniteError",
+           "RestoredRun",
            "RunCheckpointer", "RunPlan", "RunResult", "RunSetup", "TrainState", "fingerprint", "fit", "make_eval_step",
            "make_train_step", "plan_run", "preflight", "prepare_run", "restore", "run_layout", "train"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from typing import Any, Callable
 
 import jax
@@ -40,6 +41,11 @@ class CheckpointDamagedError(CheckpointMismatchError):
     """The checkpoint asked for, or every checkpoint of the folder, has cut, changed or missing files."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file-size or quota limit, lost storage); the
+    checkpoints already on disk are intact."""
+
+
 class RunCheckpointer:
     """Saves and restores one run's checkpoints in `directory`.
 
@@ -55,7 +61,11 @@ class RunCheckpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = _jsonable(fingerprint)
         self._undigested: list[int] = []  # steps this checkpointer saved whose digest is not yet written
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._write_error: CheckpointWriteError | None = None
+        # cleanup_tmp_directories: a save cut short (a full disk, a killed run) leaves a temporary folder,
+        # never a checkpoint; it is removed so that the resumed run can save that step again.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", START))
 
     def latest_step(self) -> int | None:
@@ -147,9 +157,13 @@ class RunCheckpointer:
         if start:
             items[START] = ocp.args.StandardSave(start)
         self.wait()  # Orbax's save waits for the previous one too
-        started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-        if started:
-            self._undigested.append(step)
+        self._undigested.append(step)
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as error:  # the storage's error, whatever layer raises it
+            raise self._failed(error) from error
+        if not started:
+            self._undigested.remove(step)
         return started
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -168,8 +182,15 @@ class RunCheckpointer:
         return restored[START]
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk, then records the digests of the finished ones."""
-        self.manager.wait_until_finished()
+        """Blocks until every started save is on disk, then records the digests of the finished ones.
+
+        Raises `CheckpointWriteError` when a save failed (again on every later call)."""
+        if self._write_error:
+            raise self._write_error
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # the storage's error, whatever layer raises it
+            raise self._failed(error) from error
         finished = set(self.manager.all_steps())  # less those the retention policy removed
         for step in self._undigested:
             if step in finished:
@@ -179,6 +200,19 @@ class RunCheckpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+    def _failed(self, error: Exception) -> CheckpointWriteError:
+        """The error that says which save failed, why, and what is still on disk."""
+        steps = sorted(self._undigested)
+        on_disk = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) not in steps)
+        code = re.search(r"os_error_code=\D?(\d+)", str(error))
+        reason = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" if code else str(error).splitlines()[0]
+        then = (f"run the same command again to resume from step {on_disk[-1]}" if on_disk else
+                "run the same command again to start over")
+        self._write_error = CheckpointWriteError(
+            f"checkpoint step {', '.join(map(str, steps))} could not be written to {self.directory}: {reason}. "
+            f"The checkpoints already there (steps {on_disk}) are intact: free space (or lift the limit), then {then}")
+        return self._write_error
 
 
 def check_form(directory: pathlib.Path, step: int, theirs: dict, ours: dict) -> None:
