@@ -2,7 +2,8 @@
 with their step and file, passed over for the newest intact one, and never deleted; a resumed run moves
 them aside and continues exactly as the uninterrupted run did. A save that cannot be written (a full
 disk) stops the run with a clear message, the earlier checkpoints intact, and the run resumes once
-space is back."""
+space is back. A run killed at any point of a save resumes from its newest complete checkpoint as if
+uninterrupted."""
 
 from __future__ import annotations
 
@@ -163,3 +164,32 @@ def test_a_full_disk_stops_the_run_clearly_and_it_resumes_once_space_is_back(run
     assert _losses(copy) == _losses(output)
     for a, b in zip(jax.tree.leaves(uninterrupted.state.trainable), jax.tree.leaves(result.state.trainable)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("point, resumes_at, digests_of_4", [
+    ("before-commit", 2, None), ("before-digest", 4, []), ("in-digest", 4, ["hyjax_digest.process_0.partial"])])
+def test_a_run_killed_during_a_save_resumes_from_the_newest_complete_checkpoint(run, tiny_checkpoint, sentiment_data,
+                                                                                tmp_path, point, resumes_at,
+                                                                                digests_of_4):
+    """SIGKILL during the save of step 4 (tests/kill_points.py): before Orbax commits it, the half-written
+    folder is invisible and the run resumes at 2; after the commit, with its digest missing or half
+    written, step 4 is complete (Orbax's commit says so) and the run resumes there, unchecked."""
+    output, uninterrupted = run
+    copy = tmp_path / "run"
+    overrides = _overrides(tiny_checkpoint, sentiment_data, copy)
+    killed = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "kill_points.py"), point, "4", "base",
+                             *overrides], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert max(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit()) == resumes_at
+    if digests_of_4 is not None:
+        assert sorted(p.name for p in (copy / "checkpoints" / "4").glob("hyjax_digest*")) == digests_of_4
+
+    lines = []
+    result = train(load_config(None, overrides), log=lines.append)
+    assert f"resumed from {copy / 'checkpoints'}/{resumes_at}" in "\n".join(lines)
+    assert _losses(copy) == _losses(output)
+    for a, b in zip(jax.tree.leaves(uninterrupted.state.trainable), jax.tree.leaves(result.state.trainable)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["2", "4", "6"]
+    for step in (2, 4, 6):  # every checkpoint left is readable
+        assert restore(copy, step=step).step == step
