@@ -10,6 +10,7 @@ the run's latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_CONFIG = "quickstart"
@@ -25,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
                                               "cluster manager (TPU VM pods and SLURM are detected)")
     parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
     parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    parser.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                        help="a multi-process run ends on every process when one has been silent this long "
+                             "(default 60; a killed process's run can then be started again to resume)")
     return parser
 
 
@@ -42,6 +46,8 @@ def split_arguments(items: list[str], config: str | None) -> tuple[str, list[str
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # deferred: --help and argument errors answer before JAX and the model code load
+    import jax
+
     from hyjax.config import ConfigError, load_config
     from hyjax.data import MalformedDataError
     from hyjax.model.config import UnsupportedConfigError
@@ -52,8 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_name, overrides = split_arguments(args.items, args.config)
         config = load_config(config_name, overrides)
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        train(config)  # prints its summary; an interrupted run has saved a checkpoint to resume from
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+        try:
+            train(config)  # prints its summary; an interrupted run has saved a checkpoint to resume from
+        except Exception as err:
+            if not distributed.lost_contact(err):
+                raise
+            print(f"error: process {jax.process_index()} of {jax.process_count()} lost "
+                  f"contact with the others ({str(err).splitlines()[0]}): another process most likely died. The "
+                  f"checkpoints in {config.checkpoint_dir} are intact: start every process again with the same "
+                  "command to resume", file=sys.stderr, flush=True)
+            os._exit(3)  # not JAX's shutdown, whose barrier would wait for the dead process
     except (ConfigError, CheckpointMismatchError, MalformedDataError, FileNotFoundError, CheckpointError,
             UnsupportedConfigError, PretrainedFetchError, NonFiniteError, CheckpointWriteError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Any
 
 import jax
@@ -13,25 +14,33 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 
+HEARTBEAT_TIMEOUT = 60  # seconds without a sign of life after which a process counts as dead
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, heartbeat_timeout: int | None = None) -> None:
     """Starts `jax.distributed` when this is one process of several.
 
     Explicit arguments (or `HYJAX_COORDINATOR`, `HYJAX_NUM_PROCESSES`, `HYJAX_PROCESS_ID`) start it with
     that layout; on CPU the processes talk through gloo. Without them, cluster environments JAX
     recognises (TPU VM pods, SLURM) start it by auto-detection, and a single process does nothing.
+    When a process dies, the others end (JAX's coordination service names the lost process) once it has
+    been silent for `heartbeat_timeout` seconds (or `HYJAX_HEARTBEAT_TIMEOUT`; default 60), instead of
+    waiting forever in the next collective.
     """
     coordinator = coordinator or os.environ.get("HYJAX_COORDINATOR")
     num_processes = num_processes or _int_env("HYJAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _int_env("HYJAX_PROCESS_ID")
+    heartbeat_timeout = heartbeat_timeout or _int_env("HYJAX_HEARTBEAT_TIMEOUT") or HEARTBEAT_TIMEOUT
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise ValueError("a coordinator address needs the process count and this process's id "
                              "(--num-processes and --process-id, or HYJAX_NUM_PROCESSES and HYJAX_PROCESS_ID)")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                                   heartbeat_timeout_seconds=heartbeat_timeout)
     elif _cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
 
 
 def _int_env(name: str) -> int | None:
@@ -80,3 +89,13 @@ def wait_for_every_process(name: str) -> None:
     """Returns once every process has reached this point (`name` tells the barriers apart)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+_LOST_CONTACT = re.compile(r"gloo|connection|unavailable|heartbeat|barrier|coordination|deadline", re.IGNORECASE)
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is a multi-process run losing contact with another process (a collective or
+    barrier that failed because a peer died), rather than an error of this process's own work."""
+    return (jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+            and bool(_LOST_CONTACT.search(str(error))))
