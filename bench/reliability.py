@@ -196,7 +196,7 @@ def markdown(report: dict) -> str:
         notes = ""
         if kind == "kill":
             notes = (f"{sum(t['killed_during_a_save'] for t in group)} killed during a save; resumed from "
-                     f"steps {sorted({t['resumed_from'] for t in group if t['resumed_from']})}")
+                     f"steps {sorted({int(t['resumed_from']) for t in group if t['resumed_from']})}")
         lines.append(f"| {kind} | {len(group)} | {sum(t['survived'] for t in group)} | {lost} | {notes} |")
     return "\n".join(lines) + "\n"
 
