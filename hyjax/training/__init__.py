@@ -18,6 +18,6 @@ from hyjax.training.setup import RunSetup, fingerprint, preflight, prepare_run
 from hyjax.training.step import AnswerLoss, TrainState, make_eval_step, make_train_step
 
 __all__ = ["AnswerLoss", "CheckpointDamagedError", "CheckpointMismatchError", "CheckpointWriteError", "NonFiniteError",
-           "RestoredRun",
-           "RunCheckpointer", "RunPlan", "RunResult", "RunSetup", "TrainState", "fingerprint", "fit", "make_eval_step",
-           "make_train_step", "plan_run", "preflight", "prepare_run", "restore", "run_layout", "train"]
+           "RestoredRun", "RunCheckpointer", "RunPlan", "RunResult", "RunSetup", "TrainState", "fingerprint", "fit",
+           "make_eval_step", "make_train_step", "plan_run", "preflight", "prepare_run", "restore", "run_layout",
+           "train"]

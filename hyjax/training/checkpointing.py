@@ -81,18 +81,19 @@ class RunCheckpointer:
 
         Raises `CheckpointDamagedError` when every checkpoint is damaged."""
         steps = sorted(self.manager.all_steps(), reverse=True)
-        damaged = []
+        damaged, newest_problems = [], []
         for step in steps:
             found = self.problems(step)
             if not distributed.any_process(bool(found)):
                 return step, damaged
             damaged.append(step)
+            newest_problems = newest_problems or found
             warn(f"checkpoint step {step} in {self.directory} is damaged ({_listed(found)}); the newest intact "
                  "checkpoint before it is used")
         if steps:
             raise CheckpointDamagedError(
                 f"every checkpoint in {self.directory} is damaged (steps {sorted(steps)}; step {steps[0]}: "
-                f"{_listed(self.problems(steps[0]))}). They are left untouched: move them away or choose a new "
+                f"{_listed(newest_problems)}). They are left untouched: move them away or choose a new "
                 "logging.output_dir / checkpoint.dir to train again")
         return None, damaged
 
