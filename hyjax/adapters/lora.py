@@ -18,6 +18,8 @@ from flax import struct
 
 from hyjax.adapters.node import AdaptedWeight, DropoutKeyed, peft_kernel, peft_per_layer
 from hyjax.adapters.stacking import StackedInit
+from hyjax.model.config import DTYPES
+from hyjax.validation import one_of
 
 
 class LoRAWeight(DropoutKeyed, AdaptedWeight):
@@ -101,6 +103,7 @@ class LoRAConfig(StackedInit):
             raise ValueError(f"LoRA rank={self.rank} must be at least 1")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        one_of("dtype", self.dtype, DTYPES)
 
     @property
     def scale(self) -> float:
@@ -109,6 +112,9 @@ class LoRAConfig(StackedInit):
     def init(self, base: jax.Array, key: jax.Array, gradient=None) -> LoRAWeight:
         """A ~ Kaiming-uniform(a=sqrt(5)) as in PEFT (bound 1/sqrt(d_in)), B = 0."""
         d_in, d_out = base.shape
+        if self.rank > min(d_in, d_out):
+            raise ValueError(f"LoRA rank={self.rank} is above min(d_in, d_out)={min(d_in, d_out)} of a "
+                             f"[{d_in}, {d_out}] weight, the largest rank its update can have; lower the rank")
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(key, (d_in, self.rank), jnp.float32, -bound, bound).astype(self.dtype)
         return LoRAWeight(base=base, a=a, b=jnp.zeros((self.rank, d_out), self.dtype), scale=self.scale,

@@ -53,6 +53,8 @@ from hyjax.adapters.lora import LoRAWeight
 from hyjax.adapters.stacking import StackedInit
 from hyjax.adapters.targets import default_pattern, iter_paths, map_paths, match_rule, nest
 from hyjax.model import apply as model_apply
+from hyjax.model.config import DTYPES
+from hyjax.validation import one_of
 
 # --------------------------------------------------------------------------------- the node
 
@@ -118,6 +120,7 @@ class LoRAGAConfig(StackedInit):
         if self.svd_iterations < 0 or (self.svd_oversample is not None and self.svd_oversample < 0):
             raise ValueError(f"svd_iterations={self.svd_iterations} and svd_oversample={self.svd_oversample} "
                              "must be non-negative")
+        one_of("dtype", self.dtype, DTYPES)
 
     @property
     def scale(self) -> float:

@@ -114,6 +114,13 @@ def find_config(name: str | os.PathLike, beside: pathlib.Path | None = None) -> 
     raise ConfigError(f"config file {str(name)!r} not found; tried {[str(c) for c in candidates]}{hint}")
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's complaint in one line, with the line and column it points at."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    return problem if mark is None else f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def read_yaml(path: pathlib.Path, _stack: tuple[pathlib.Path, ...] = ()) -> dict:
     """The config tree of one file: its includes merged in order, then its own keys (checked)."""
     path = path.resolve()
@@ -123,7 +130,7 @@ def read_yaml(path: pathlib.Path, _stack: tuple[pathlib.Path, ...] = ()) -> dict
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from err
     data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, train:, ...), got {type(data).__name__}")

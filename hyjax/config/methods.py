@@ -18,6 +18,7 @@ from hyjax.adapters.hybrid import MIXES
 from hyjax.methods import METHODS, method_of
 from hyjax.methods.hybrid_lora import SCORES
 from hyjax.methods.zo_fo import ZerothOrderFirstOrder
+from hyjax.model.config import DTYPES
 from hyjax.validation import at_least, in_range, one_of, valid_regex
 from pallas_kernels.dispatch import IMPLS
 
@@ -36,6 +37,8 @@ class UnitarySection:
         one_of("impl", self.impl, IMPLS)
         if self.max_full_capacity_dim < 1:
             raise ValueError(f"max_full_capacity_dim={self.max_full_capacity_dim} must be >= 1")
+        at_least("perm_seed", self.perm_seed, 0)
+        one_of("dtype", self.dtype, DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)

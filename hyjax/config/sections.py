@@ -141,6 +141,7 @@ class TrainSection:
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm={self.grad_clip_norm} must be > 0 (or null: no clipping)")
         at_least("max_skipped_steps", self.max_skipped_steps, 1)
+        at_least("seed", self.seed, 0)
         for i, (pattern, multiplier) in enumerate(self.lr_multipliers):
             valid_regex(f"lr_multipliers[{i}]", pattern)
             at_least(f"lr_multipliers[{i}]", multiplier, 0)

@@ -2,7 +2,7 @@
 
 `build(cls, tree)` checks every key against the dataclass fields (unknown keys name the closest valid
 ones), checks every value against the field's type, and constructs the (validating) dataclass. Types
-understood: bool, int, float (ints are accepted), str, None,
+understood: bool, int, float (ints are accepted; never nan or infinite), str, None,
 unions (`int | None`), `tuple[X, ...]`, fixed tuples `tuple[X, Y]` (from YAML lists), nested dataclasses.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import types
 import typing
@@ -137,6 +138,8 @@ def convert(tp, value, key: str):
         raise _type_error(key, tp, value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
             return float(value)
         raise _type_error(key, tp, value)
     if tp is str:

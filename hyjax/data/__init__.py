@@ -23,14 +23,14 @@ from hyjax.data.instructions import Instructions
 from hyjax.data.iterator import BatchIterator, epoch_order
 from hyjax.data.loss import masked_cross_entropy, masked_log_likelihood
 from hyjax.data.config import TASKS, DataConfig
-from hyjax.data.pipeline import PreparedData, evaluation_set, held_out_rows, make_task, prepare
+from hyjax.data.pipeline import PreparedData, check_held_out, evaluation_set, held_out_rows, make_task, prepare
 from hyjax.data.math_problems import MathWordProblems, extract_final_answer, gsm8k, normalize_number
 from hyjax.data.reading import FORMATS, Rows, infer_format, load_rows, pick_column
 from hyjax.data.report import BadRow, BadRowLimit, DataReport, MalformedDataError, MalformedRow
 from hyjax.data.split import train_eval_split
 
 __all__ = [
-    "BATCH_KEYS", "FORMATS", "TASKS", "TEXT_COLUMNS", "DataConfig", "PreparedData", "evaluation_set",
+    "BATCH_KEYS", "FORMATS", "TASKS", "TEXT_COLUMNS", "DataConfig", "PreparedData", "check_held_out", "evaluation_set",
     "held_out_rows", "make_task", "prepare", "BadRow", "BadRowLimit", "BatchIterator", "Classification",
     "DataReport", "EvalResult", "answer_log_likelihood", "Example", "Instructions", "MalformedDataError",
     "MalformedRow", "MathWordProblems", "PromptStyle", "Rows", "build_examples", "classification_accuracy",

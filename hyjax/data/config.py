@@ -83,6 +83,7 @@ class DataConfig:
                              "be null (nothing is held out of the training file)")
         in_range("max_bad_fraction", self.max_bad_fraction, 0, 1, allow_none=True)
         at_least("max_bad_rows", self.max_bad_rows, 0, allow_none=True)
+        at_least("shuffle_seed", self.shuffle_seed, 0)
 
     def task_options(self) -> dict:
         """Fields of the task class in `TASKS` (Classification, MathWordProblems, Instructions) this

@@ -91,6 +91,10 @@ def encode_prompt(tokenizer, style: PromptStyle, user_text: str, plain_prompt: s
     return Example(tuple(_encode_text(tokenizer, plain_prompt)), tuple(encode_answer(tokenizer, answer)))
 
 
+# Longest text a row may hold: about a million tokens, past every model's context (longer is not text).
+MAX_TEXT_CHARACTERS = 4_000_000
+
+
 def text_field(row: Mapping[str, Any], column: str) -> str:
     """The non-empty string in `row[column]`, or `MalformedRow` saying what is wrong."""
     value = row.get(column)
@@ -100,6 +104,9 @@ def text_field(row: Mapping[str, Any], column: str) -> str:
         raise MalformedRow(f"{column!r} is {type(value).__name__}, not text")
     if not value.strip():
         raise MalformedRow(f"empty {column!r}")
+    if len(value) > MAX_TEXT_CHARACTERS:
+        raise MalformedRow(f"{column!r} holds {len(value):,} characters, over the {MAX_TEXT_CHARACTERS:,} a "
+                           "text may have")
     return value
 
 

@@ -11,7 +11,7 @@ from hyjax.data.config import TASKS, DataConfig
 from hyjax.data.examples import PromptStyle, build_examples
 from hyjax.data.iterator import BatchIterator
 from hyjax.data.reading import Rows, load_rows
-from hyjax.data.report import BadRowLimit, DataReport
+from hyjax.data.report import BadRowLimit, DataReport, MalformedDataError
 from hyjax.data.split import train_eval_split
 
 
@@ -85,6 +85,16 @@ def evaluation_set(config: DataConfig, rows: Rows | None, num_examples: int | No
     if num_examples is not None and len(rows) > num_examples:
         rows = rows.select(range(num_examples))
     return rows, make_task(config).resolve(rows.column_names, rows.path)
+
+
+def check_held_out(rows: Rows, task, tokenizer, config: DataConfig) -> None:
+    """Refuses held-out rows a run could not evaluate: more of them malformed than `config` allows for
+    training rows (`MalformedDataError` naming their lines), or none usable. Tokenizes the rows (a run's
+    are at most `eval.num_examples`), before anything is compiled."""
+    limit = BadRowLimit(max_fraction=config.max_bad_fraction, max_rows=config.max_bad_rows)
+    examples, _ = build_examples(rows, task, tokenizer, limit=limit)
+    if not examples:
+        raise MalformedDataError(f"{rows.path}: none of its {len(rows)} held-out rows makes an example")
 
 
 def held_out_rows(config: DataConfig, num_examples: int | None) -> tuple[Rows, Any] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import pathlib
+import sys
 from collections.abc import Iterator, Sequence
 
 import datasets
@@ -81,15 +82,7 @@ class Rows:
 def _line_numbers(path: pathlib.Path, fmt: str, n: int) -> np.ndarray:
     """Line where each of the `n` rows starts (records spanning lines start at their first line)."""
     if fmt in _DELIMITERS:
-        starts = []
-        with open(path, newline="", encoding="utf-8") as f:
-            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-            reader = csv.reader(f, delimiter=_DELIMITERS[fmt], quoting=quoting)
-            start = 1
-            for _ in reader:
-                starts.append(start)
-                start = reader.line_num + 1
-        lines = np.asarray(starts[1:], dtype=np.int64)  # the header is line 1
+        lines = _scan_delimited(path, fmt)[1]
     elif fmt == "jsonl":
         with open(path, encoding="utf-8") as f:
             lines = np.asarray([k for k, text in enumerate(f, start=1) if text.strip()], dtype=np.int64)
@@ -98,6 +91,46 @@ def _line_numbers(path: pathlib.Path, fmt: str, n: int) -> np.ndarray:
     if len(lines) != n:  # should not happen; never report a wrong line
         return np.arange(1, n + 1, dtype=np.int64)
     return lines
+
+
+def _scan_delimited(path: pathlib.Path, fmt: str) -> tuple[list[str], np.ndarray]:
+    """The header of a tsv/csv file and the line where each record after it starts. Refuses a file that is
+    not UTF-8 or has no header, and records with more fields than the header (pandas would shift their
+    columns, or fail)."""
+    starts, too_many = [], []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)  # a long text is the task's to refuse, with its line
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            reader = csv.reader(f, delimiter=_DELIMITERS[fmt], quoting=quoting)
+            header = next(reader, None)
+            start = reader.line_num + 1
+            for record in reader:
+                if header and len(record) > len(header):
+                    too_many.append(f"line {start} has {len(record)}")
+                starts.append(start)
+                start = reader.line_num + 1
+    except UnicodeDecodeError as err:
+        raise ValueError(_not_utf8(path, err)) from err
+    except csv.Error as err:
+        raise ValueError(f"cannot read {path} as {fmt}: {err} (line {reader.line_num})") from err
+    finally:
+        csv.field_size_limit(limit)
+    if not header:
+        raise ValueError(f"{path} is empty; a {fmt} file needs a header line naming its columns.")
+    if too_many:
+        raise ValueError(f"{path}: {'; '.join(too_many[:5])}{' ...' if len(too_many) > 5 else ''} fields, more "
+                         f"than the {len(header)} columns of its header {header}"
+                         + ("; a tab inside a text must be removed" if fmt == "tsv" else ""))
+    if not starts:
+        raise ValueError(f"{path} has a header but no rows.")
+    return header, np.asarray(starts, dtype=np.int64)
+
+
+def _not_utf8(path: pathlib.Path, err: UnicodeDecodeError) -> str:
+    return (f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): save it as "
+            "UTF-8, or give a file of one of the formats read: " + _accepted())
 
 
 def infer_format(path: str | pathlib.Path) -> str:
@@ -144,46 +177,50 @@ def load_rows(
     fmt = format or infer_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {sorted(FORMATS)}.")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty.")
     datasets.disable_progress_bars()
     cache = None if cache_dir is None else str(cache_dir)
+    lines = None
     if fmt == "disk":
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data path {path} is a folder, but not one written by Dataset.save_to_disk "
+                                    f"({err}); accepted: {_accepted()}.") from err
         if isinstance(ds, datasets.DatasetDict):
             ds = _one_split(ds, split, str(path), "pass split= one of them.")
     elif fmt in _DELIMITERS:
-        with open(path, newline="", encoding="utf-8") as f:
-            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-            header = next(csv.reader(f, delimiter=_DELIMITERS[fmt], quoting=quoting), None)
-        if not header:
-            raise ValueError(f"{path} is empty; a {fmt} file needs a header line naming its columns.")
+        header, lines = _scan_delimited(path, fmt)
         features = datasets.Features({name: datasets.Value("string") for name in header})
-        ds = datasets.load_dataset(
-            "csv",
-            data_files=str(path),
-            split="train",
-            delimiter=_DELIMITERS[fmt],
-            quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
-            keep_default_na=False,
-            skip_blank_lines=False,
-            features=features,
-            cache_dir=cache,
-        )
+        ds = _read_with_datasets(path, fmt, ("csv",), dict(
+            data_files=str(path), split="train", delimiter=_DELIMITERS[fmt],
+            quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL, keep_default_na=False,
+            skip_blank_lines=False, features=features, cache_dir=cache))
     else:
-        builder = "json" if fmt == "jsonl" else "parquet"
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
-        except (datasets.exceptions.DatasetGenerationError, ValueError) as err:  # ArrowInvalid is a ValueError
-            cause = err.__cause__ or err
-            hint = (
-                " (datasets 5.2 reads a column whose type changes between rows only when the file has no "
-                "blank lines: remove them)"
-                if fmt == "jsonl"
-                else ""
-            )
-            raise ValueError(f"cannot read {path} as {fmt}: {type(cause).__name__}: {cause}{hint}") from err
+        ds = _read_with_datasets(path, fmt, ("json" if fmt == "jsonl" else "parquet",),
+                                 dict(data_files=str(path), split="train", cache_dir=cache))
     if split is not None and fmt != "disk" and split != "train":
         raise ValueError(f"{path} is a single {fmt} file; split={split!r} applies only to save_to_disk folders.")
-    return Rows(dataset=ds, path=path, format=fmt, index=np.arange(len(ds), dtype=np.int64))
+    if lines is not None and len(lines) != len(ds):  # should not happen; never report a wrong line
+        lines = None
+    return Rows(dataset=ds, path=path, format=fmt, index=np.arange(len(ds), dtype=np.int64), _lines=lines)
+
+
+def _read_with_datasets(path: pathlib.Path, fmt: str, args: tuple, kwargs: dict) -> datasets.Dataset:
+    """`datasets.load_dataset(*args, **kwargs)`, its failures on a bad file as one-line `ValueError`s."""
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    # ArrowInvalid and pandas' ParserError are ValueErrors; datasets' json reader meets an empty file with
+    # StopIteration
+    except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, UnicodeDecodeError):
+            raise ValueError(_not_utf8(path, cause)) from err
+        hint = (" (datasets reads a column whose type changes between rows only when the file has no blank "
+                "lines: remove them)" if fmt == "jsonl" else "")
+        reason = " ".join(str(cause).split())
+        raise ValueError(f"cannot read {path} as {fmt}: {type(cause).__name__}: {reason}{hint}") from err
 
 
 def _load_hub_rows(data: HubDataset, split: str | None, cache_dir) -> Rows:

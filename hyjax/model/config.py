@@ -16,6 +16,9 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")  # of parameters and computation
+# The architecture's sizes: whole numbers >= 1 (head_dim may be None: hidden_size / num_heads).
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+          "max_position_embeddings")
 
 
 class UnsupportedConfigError(ValueError):
@@ -65,6 +68,10 @@ class LlamaConfig:
     scan_unroll: int = 1
 
     def __post_init__(self):
+        for name in _SIZES:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UnsupportedConfigError(f"{name}={value!r} must be a whole number >= 1")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise UnsupportedConfigError(
@@ -194,6 +201,8 @@ class LlamaConfig:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path} must hold a JSON object of the model's settings, not a {type(hf).__name__}")
         return cls.from_hf_dict(hf, **overrides)
 
 

@@ -48,7 +48,10 @@ class HFTokenizer(Tokenizer):
         `add_bos_token` the default follows the tokenizer's own post-processor (LLaMA-3's adds BOS).
         """
         path = pathlib.Path(path)
-        backend = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises bare Exceptions for files it cannot parse
+            raise ValueError(f"cannot read the tokenizer {path}: {err}") from err
         config = read_tokenizer_config(path.parent)
 
         def token_id(key: str) -> int | None:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from hyjax.adapters.targets import iter_paths
-from hyjax.config import RunConfig
+from hyjax.config import ConfigError, RunConfig
 from hyjax.model import abstract_params, count_params
 from hyjax.optim import current_lambdas
 from hyjax.sharding import describe
@@ -89,10 +89,15 @@ def fit(step_fn, state: TrainState, frozen: dict, batches: Iterator[tuple[dict, 
 
 def open_checkpoints(config: RunConfig, log: Callable[[str], None]) -> tuple[RunCheckpointer, int | None]:
     """The run's checkpointer and the step to resume from (None: fresh; damaged checkpoints passed over
-    with a warning to `log`), refusing foreign folders."""
+    with a warning to `log`), refusing foreign folders and a checkpoint past `train.steps`."""
     checkpointer = RunCheckpointer(config.checkpoint_dir, keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save, fingerprint=fingerprint(config))
-    return checkpointer, checkpointer.check_compatible(config.checkpoint.resume, lambda text: log(f"warning: {text}"))
+    step = checkpointer.check_compatible(config.checkpoint.resume, lambda text: log(f"warning: {text}"))
+    if step is not None and config.train.steps is not None and step > config.train.steps:
+        raise ConfigError(f"checkpoint.dir {checkpointer.directory} holds step {step}, past train.steps="
+                          f"{config.train.steps}: that run is already further than asked. Raise train.steps to "
+                          "continue it, or choose a new logging.output_dir (the checkpoints are left untouched)")
+    return checkpointer, step
 
 
 def _global_batches(setup: RunSetup) -> Iterator[tuple[dict, int]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any
@@ -47,6 +48,8 @@ class Chip:
 
 CHIPS = {"v4": Chip(32, 275e12, 1200e9), "v5e": Chip(16, 197e12, 819e9), "v5litepod": Chip(16, 197e12, 819e9),
          "v5p": Chip(95, 459e12, 2765e9), "v6e": Chip(32, 918e12, 1638e9)}
+_ACCELERATOR_NAMES = {"v5e": "v5litepod"}  # generation -> its name in accelerator types (v5litepod-8)
+MAX_CHIPS = 16384  # above any TPU pod: libtpu is not asked to describe more
 _TOPOLOGY = re.compile(r"^(?P<generation>v4|v5e|v5litepod|v5p|v6e):(?P<shape>\d+(?:x\d+){1,2})$")
 
 
@@ -60,12 +63,21 @@ def parse_topology(name: str) -> tuple[str, int]:
     if match is None:
         raise PlanError(f"unknown TPU topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
                         f"{sorted(CHIPS)}, e.g. v5p:8x8x8 (512 chips) or v6e:16x16 (256 chips)")
-    return match["generation"], math.prod(int(n) for n in match["shape"].split("x"))
+    generation, shape = match["generation"], [int(n) for n in match["shape"].split("x")]
+    if min(shape) < 1 or math.prod(shape) > MAX_CHIPS:
+        raise PlanError(f"TPU topology {name!r} has {math.prod(shape)} chips: each dimension must be at least 1 "
+                        f"and a slice at most {MAX_CHIPS} chips (v5p's largest pod has 8,960)")
+    return generation, math.prod(shape)
 
 
 def topology_devices(name: str) -> list:
     """The chips of a TPU topology, described by libtpu on a machine without a TPU."""
-    parse_topology(name)
+    generation, _ = parse_topology(name)
+    if os.environ.get("TPU_SKIP_MDS_QUERY"):  # jax set it: no TPU chips here, no metadata server to ask
+        # Without these libtpu asks for the host's accelerator type and workers anyway, and writes its
+        # failure to stderr; a single host of the topology's generation is what it would find there.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{_ACCELERATOR_NAMES.get(generation, generation)}-8")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         return list(topologies.get_topology_desc(name, "tpu").devices)
     except (RuntimeError, ValueError) as err:

@@ -19,7 +19,7 @@ import jax
 
 from hyjax import adapters, bundled, pretrained
 from hyjax.config import ConfigError, RunConfig
-from hyjax.data import BatchIterator, PreparedData, Rows, evaluation_set, prepare
+from hyjax.data import BatchIterator, PreparedData, Rows, check_held_out, evaluation_set, prepare
 from hyjax.methods import method_of
 from hyjax.model import init_params
 from hyjax.model.config import LlamaConfig
@@ -230,6 +230,8 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
                           f"train.global_batch_size={config.train.global_batch_size}; lower it or add data")
     log(f"data: {data.report.summary()}")
     eval_rows, eval_task = evaluation_set(config.data, data.eval_rows, config.eval.num_examples) or (None, None)
+    if eval_rows is not None:
+        check_held_out(eval_rows, eval_task, tokenizer, config.data)
     method = method_of(config)
     if selection is not None:
         selection = method.selection_from_json(selection)

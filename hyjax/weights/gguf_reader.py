@@ -56,7 +56,7 @@ def _open_gguf(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
         raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
         return gguf.GGUFReader(path)
-    except ValueError as err:
+    except (ValueError, IndexError, OverflowError) as err:  # a cut file ends inside a field or tensor
         raise CheckpointError(
             f"cannot read GGUF file {path} ({err}); it may be truncated, or use a tensor type this "
             f"version of the gguf package does not know"

@@ -86,6 +86,17 @@ def check_shape(tensor_name: str, stored: tuple[int, ...], expected: tuple[int, 
         )
 
 
+# safetensors dtypes of weights we read (cast to param_dtype); integers and booleans are not weights.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def check_dtype(tensor_name: str, stored: str) -> None:
+    """Raises CheckpointError when checkpoint tensor `tensor_name` is not stored as floating point."""
+    if stored not in FLOAT_DTYPES:
+        raise CheckpointError(f"tensor {tensor_name} is stored as {stored}, not as floating point "
+                              f"({', '.join(FLOAT_DTYPES)}); the checkpoint is corrupt or holds no model weights")
+
+
 def assemble_params(config: LlamaConfig, read: Callable[[str], np.ndarray], fmt: str) -> Params:
     """Builds our parameter dict from a checkpoint, calling `read(name)` for each `fmt` ('hf' or 'gguf')
     tensor name; checks every shape against the config and casts to `config.param_dtype`."""
@@ -97,6 +108,8 @@ def assemble_params(config: LlamaConfig, read: Callable[[str], np.ndarray], fmt:
         for tensor_name in stored_names(config, name, fmt):
             array = read(tensor_name)
             check_shape(tensor_name, array.shape, want)
+            if not jnp.issubdtype(array.dtype, jnp.floating):
+                check_dtype(tensor_name, str(array.dtype))
             pieces.append(np.asarray(array.T if name.is_kernel else array, dtype=config.jnp_param_dtype))
         value = np.stack(pieces) if name.per_layer else pieces[0]
         _set(params, name.path, jnp.asarray(value))

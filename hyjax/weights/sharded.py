@@ -25,7 +25,14 @@ from safetensors import SafetensorError
 from hyjax.weights.errors import CheckpointError
 from hyjax.weights.gguf_reader import load_gguf
 from hyjax.weights.hf import TensorSlices, _atomic_write
-from hyjax.weights.names import TensorName, check_shape, stored_names, stored_shape, tensor_names
+from hyjax.weights.names import (
+    TensorName,
+    check_dtype,
+    check_shape,
+    stored_names,
+    stored_shape,
+    tensor_names,
+)
 from hyjax.model.config import LlamaConfig
 from hyjax.model.params import Params, abstract_params
 
@@ -89,6 +96,7 @@ def load_hf_sharded(folder: str | os.PathLike, shardings: Shardings,
             expected = stored_shape(name, want.shape)
             for tensor_name, source in sources:
                 check_shape(tensor_name, tuple(source.get_shape()), expected)
+                check_dtype(tensor_name, source.get_dtype())
             return _array_from_regions(name, want.shape, sharding, config.jnp_param_dtype,
                                        lambda i, region: _read_region(*sources[i], region))
 
