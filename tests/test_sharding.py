@@ -143,6 +143,11 @@ PROJECT = pathlib.Path(__file__).resolve().parents[1]
 STRUCTURED = ["boft@fsdp8+fsdp4_tensor2", "unitary@fsdp8+fsdp4_tensor2",
               "boft:pallas%method.boft.n_factors=2@fsdp4_tensor2",
               "hybrid:pallas%method.boft.n_factors=2@fsdp4_tensor2", "unitary:pallas@fsdp4_tensor2"]
+# Every method on the mesh that splits all three axes at once, and on one more mesh, so that each mesh of
+# one axis (and fsdp4 x tensor2) is checked by at least one method.
+MIXED_AND_ONE_AXIS = ["lora@data2_fsdp2_tensor2+data8", "full@data2_fsdp2_tensor2+fsdp8",
+                      "hybrid@data2_fsdp2_tensor2+tensor8", "hybrid_lora@data2_fsdp2_tensor2+fsdp4_tensor2",
+                      "zo_fo@data2_fsdp2_tensor2+fsdp8"]
 FSDP = {"data8": 1, "fsdp8": 8, "tensor8": 1, "data2_fsdp2_tensor2": 2, "fsdp4_tensor2": 4}
 
 
@@ -152,7 +157,7 @@ def test_one_step_on_8_devices_matches_one_device(tiny_checkpoint, sentiment_dat
     and each device holding at most 1.1x its fsdp share of the adapters; zo_fo's SPSA update of the base
     weights equals one device's up to the rounding of its loss difference."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    groups = [["lora", "full", "hybrid", "hybrid_lora", "zo_fo"], STRUCTURED]  # two processes, one per core
+    groups = [MIXED_AND_ONE_AXIS, STRUCTURED]  # two processes, one per core
     checks = [subprocess.Popen([sys.executable, str(PROJECT / "tests" / "sharded_step_check.py"), str(tiny_checkpoint),
                                 str(sentiment_data["train"]), str(tmp_path / str(index)), ",".join(group)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

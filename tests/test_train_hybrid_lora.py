@@ -120,7 +120,7 @@ def test_a_parameter_budget_replaces_the_share_of_modules(tiny_checkpoint, senti
 
 @pytest.mark.slow
 def test_smollm2_hybrid_lora_trains_and_its_peft_export_gives_our_logits(smollm2_gguf, shared_data, tmp_path):
-    """The real model: modules scored from SST-2 gradients, 8 steps, exported with modules_to_save and
+    """The real model: modules scored from SST-2 gradients, 4 steps, exported with modules_to_save and
     loaded by PeftModel.from_pretrained on the same base weights."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -133,8 +133,8 @@ def test_smollm2_hybrid_lora_trains_and_its_peft_export_gives_our_logits(smollm2
     del params
     config = load_config("methods/hybrid_lora", [
         f"model.path={base_folder}", f"data.path={shared_data / 'sst2' / 'train.tsv'}",
-        f"data.eval_path={shared_data / 'sst2' / 'dev.tsv'}", "data.max_length=64", "train.steps=8",
-        "train.global_batch_size=8", "train.learning_rate=5e-4", "method.hybrid_lora.n_batches=4",
+        f"data.eval_path={shared_data / 'sst2' / 'dev.tsv'}", "data.max_length=48", "train.steps=4",
+        "train.global_batch_size=8", "train.learning_rate=5e-4", "method.hybrid_lora.n_batches=2",
         "eval.num_examples=32", "eval.generation_samples=0", "checkpoint.every_steps=0",
         f"logging.output_dir={tmp_path / 'run'}", "logging.progress_bar=false"])
     result = train(config, log=lambda text: None)

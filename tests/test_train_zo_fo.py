@@ -74,12 +74,11 @@ def test_the_merged_export_holds_the_trained_base_weights(zo_fo_run):
 
 @pytest.mark.slow
 def test_zo_fo_lowers_the_loss_of_smollm2(shared_data, tmp_path):
-    """SmolLM2-135M-Instruct on SST-2: 12 steps of every base weight by SPSA plus LoRA by backprop.
-    Measured: dev loss 3.26 -> 0.18 (24 steps), 8.4 s per step on 2 cores."""
+    """SmolLM2-135M-Instruct on SST-2: 6 steps of every base weight by SPSA plus LoRA by backprop."""
     config = load_config("methods/zo_fo", [
         f"data.path={shared_data / 'sst2' / 'train.tsv'}", f"data.eval_path={shared_data / 'sst2' / 'dev.tsv'}",
-        "data.max_length=64", "train.steps=12", "train.global_batch_size=8", "train.learning_rate=5e-4",
-        "train.warmup_steps=2", "eval.num_examples=64", "eval.generation_samples=0", "checkpoint.every_steps=0",
+        "data.max_length=48", "train.steps=6", "train.global_batch_size=8", "train.learning_rate=1e-3",
+        "train.warmup_steps=1", "eval.num_examples=32", "eval.generation_samples=0", "checkpoint.every_steps=0",
         "export.merged_model=false", f"logging.output_dir={tmp_path}", "logging.every_steps=1",
         "logging.progress_bar=false"])
     result = train(config, log=lambda text: None)
@@ -88,6 +87,6 @@ def test_zo_fo_lowers_the_loss_of_smollm2(shared_data, tmp_path):
     print(f"SmolLM2 zo_fo: dev loss {before:.3f} -> {after:.3f}, accuracy {result.eval_before['eval/accuracy']:.3f} -> "
           f"{result.eval_after['eval/accuracy']:.3f}; train loss {[round(x, 3) for x in _losses(tmp_path).values()]}")
     assert after < before - 0.5, (before, after)
-    assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     differences = [r["zo_loss_difference"] for r in _records(tmp_path) if "loss" in r]
     assert all(np.isfinite(differences)) and max(map(abs, differences)) > 0  # the perturbations changed the loss
