@@ -92,14 +92,15 @@ def _wrong_type(tp) -> str:
     raise AssertionError(f"no wrong value for {tp}")
 
 
-# Keys whose values are free text or a folder to create: any word is a valid value.
+# Keys whose values are free text, a path, or a name looked up in the data (tried among the data cases):
+# a made-up word is not wrong as such.
 FREE_TEXT = {"data.template", "data.system", "logging.output_dir", "checkpoint.dir", "model.path",
              "model.tokenizer", "data.path", "data.eval_path", "data.split", "data.text_column",
              "data.label_column"}
 
 
-def _override_case(kind: str, key: str, value: str, name: str) -> BadInput:
-    return BadInput(kind, name, lambda ws: base_overrides(ws, f"{key}={value}"), mentions=(key.split(".")[-1],))
+def _override_case(key: str, value: str, name: str) -> BadInput:
+    return BadInput("config", name, lambda ws: base_overrides(ws, f"{key}={value}"), mentions=(key.split(".")[-1],))
 
 
 def _config_file_case(key: str, value: str, name: str) -> BadInput:
@@ -118,25 +119,25 @@ def config_cases() -> list[BadInput]:
     for key, tp in config_leaves():
         cases.append(_config_file_case(key, _wrong_type(tp), f"{key} of the wrong type"))
         if _accepts(tp, int) and not _accepts(tp, bool):
-            cases.append(_override_case("config", key, "-7", f"{key} negative"))
+            cases.append(_override_case(key, "-7", f"{key} negative"))
         if _accepts(tp, float):
-            cases.append(_override_case("config", key, ".nan", f"{key} not a number"))
-            cases.append(_override_case("config", key, ".inf", f"{key} infinite"))
+            cases.append(_override_case(key, ".nan", f"{key} not a number"))
+            cases.append(_override_case(key, ".inf", f"{key} infinite"))
         if tp in (str, str | None) and key not in FREE_TEXT:
-            cases.append(_override_case("config", key, "no_such_choice", f"{key} not one of its choices"))
+            cases.append(_override_case(key, "no_such_choice", f"{key} not one of its choices"))
     for section in sorted({key.split(".")[0] for key, _ in config_leaves()}):
-        cases.append(_override_case("config", f"{section}.no_such_key", "1", f"unknown key in {section}"))
+        cases.append(_override_case(f"{section}.no_such_key", "1", f"unknown key in {section}"))
     cases += [
-        _override_case("config", "train.micro_batch_size", "3", "micro batch that does not divide the batch"),
-        _override_case("config", "mesh.fsdp", "3", "mesh larger than the devices"),
-        _override_case("config", "mesh.tensor", "2", "tensor axis without the devices"),
-        _override_case("config", "method.name", "lora_gaa", "misspelled method"),
+        _override_case("train.micro_batch_size", "3", "micro batch that does not divide the batch"),
+        _override_case("mesh.fsdp", "3", "mesh larger than the devices"),
+        _override_case("mesh.tensor", "2", "tensor axis without the devices"),
+        _override_case("method.name", "lora_gaa", "misspelled method"),
         BadInput("config", "LoRA rank above the weights' size",
                  lambda ws: base_overrides(ws, "method.name=lora", "method.lora.rank=100000"), mentions=("rank",)),
         BadInput("config", "BOFT block that does not divide the features",
                  lambda ws: base_overrides(ws, "method.name=boft", "method.boft.block_size=7"),
                  mentions=("block_size",)),
-        _override_case("config", "method.lora.targets", "[no_such_proj]", "targets that match no weight"),
+        _override_case("method.lora.targets", "[no_such_proj]", "targets that match no weight"),
         BadInput("config", "steps and epochs both null", lambda ws: base_overrides(ws, "train.steps=null"),
                  mentions=("steps",)),
         BadInput("config", "two config files", lambda ws: ["base", "quickstart", *base_overrides(ws)[1:]],
@@ -166,13 +167,14 @@ def _list_yaml(ws: Workspace) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- data
 
-def _data_file(name: str, content: bytes | str | Callable[[Workspace], bytes], key: str = "data.path",
-               *extra: str) -> BadInput:
+def _data_file(name: str, content: bytes | str | Callable[[Workspace], bytes | str], key: str = "data.path"
+               ) -> BadInput:
+    """The file `name` holding `content` (or what it returns), given as `key`."""
     def build(ws: Workspace) -> list[str]:
         path = ws.folder / name
         data = content(ws) if callable(content) else content
         path.write_bytes(data.encode() if isinstance(data, str) else data)
-        return base_overrides(ws, f"{key}={path}", *extra)
+        return base_overrides(ws, f"{key}={path}")
     return BadInput("data", f"{key}: {name.split('.')[0].replace('_', ' ')} ({name.split('.')[-1]})", build,
                     mentions=(name,))
 
