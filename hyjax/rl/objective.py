@@ -1,0 +1,87 @@
+"""GRPO's objective: advantages normalised within each group of completions, the clipped
+importance-ratio loss over completion tokens, and the k3 estimate of the KL divergence to a reference
+policy.
+
+For one prompt with G sampled completions o_1..o_G and rewards r_1..r_G, every token of o_i gets
+
+    A_i = (r_i - mean(r)) / (std(r) + eps)          (population std over the group; 0 when all tie)
+
+With per-token log-probabilities l (current policy), l_old (the policy that sampled the batch, fixed over
+its `num_iterations` optimizer updates) and l_ref (the reference policy), at each completion token t:
+
+    rho_t       = exp(l_t - l_old_t)
+    surrogate_t = min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A)
+    kl_t        = exp(l_ref_t - l_t) - (l_ref_t - l_t) - 1        (k3: unbiased for KL(pi || pi_ref), >= 0)
+    loss_t      = -surrogate_t + beta kl_t
+
+On the first update of a batch l = l_old, so rho = 1 and the clip is idle: the gradient is the policy
+gradient -A grad l. Token losses are aggregated over the completion tokens (`mask`) either as the mean
+over completions of each completion's token mean ("sequence_mean", the GRPO paper's) or as the mean over
+every completion token of the batch ("token_mean", which weighs long completions by their length).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS = ("sequence_mean", "token_mean")
+
+
+def group_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Array:
+    """`rewards [prompts, group]` -> advantages of the same shape, normalised within each group."""
+    rewards = rewards.astype(jnp.float32)
+    mean = jnp.mean(rewards, axis=-1, keepdims=True)
+    std = jnp.std(rewards, axis=-1, keepdims=True)
+    return (rewards - mean) / (std + eps)
+
+
+def k3_kl(log_probs: jax.Array, ref_log_probs: jax.Array) -> jax.Array:
+    """Per-token k3 estimate exp(r - l) - (r - l) - 1 of KL(current || reference) at sampled tokens."""
+    delta = ref_log_probs - log_probs
+    return jnp.exp(delta) - delta - 1.0
+
+
+def aggregate(values: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+    """Mean of per-token `values [completions, tokens]` over the tokens `mask` marks (see module doc)."""
+    mask = mask.astype(values.dtype)
+    if how == "sequence_mean":
+        per_sequence = jnp.sum(values * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        return jnp.mean(per_sequence)
+    if how == "token_mean":
+        return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    raise ValueError(f"loss aggregation {how!r} must be one of {AGGREGATIONS}")
+
+
+def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, mask: jax.Array, *,
+              ref_log_probs: jax.Array | None = None, beta: float = 0.0, clip_low: float = 0.2,
+              clip_high: float = 0.2, aggregation: str = "sequence_mean") -> tuple[jax.Array, dict]:
+    """The GRPO loss of a batch of completions and its metrics.
+
+    Args:
+      log_probs: `[completions, tokens]` log-probabilities of the sampled tokens under the current policy
+        (differentiated).
+      old_log_probs: the same under the policy that sampled them (constants).
+      advantages: `[completions]`, `group_advantages` flattened.
+      mask: `[completions, tokens]`, 1 at completion tokens.
+      ref_log_probs: the reference policy's (None, or beta 0: no KL term).
+      beta, clip_low, clip_high, aggregation: see the module docstring.
+
+    Returns:
+      `(loss, metrics)`; metrics (aggregated the same way): `kl`, `clip_fraction` (tokens whose ratio the
+      clip bounds, on the side that binds), `ratio`.
+    """
+    old_log_probs = jax.lax.stop_gradient(old_log_probs)
+    ratio = jnp.exp(log_probs - old_log_probs)
+    advantage = advantages[:, None].astype(log_probs.dtype)
+    unclipped = ratio * advantage
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantage
+    surrogate = jnp.minimum(unclipped, clipped)
+    token_loss = -surrogate
+    metrics = {"clip_fraction": aggregate((clipped < unclipped).astype(log_probs.dtype), mask, aggregation),
+               "ratio": aggregate(ratio, mask, aggregation)}
+    if ref_log_probs is not None:
+        kl = k3_kl(log_probs, jax.lax.stop_gradient(ref_log_probs))
+        token_loss = token_loss + beta * kl
+        metrics["kl"] = aggregate(kl, mask, aggregation)
+    return aggregate(token_loss, mask, aggregation), metrics
