@@ -4,6 +4,12 @@ Prompts of different lengths are left-padded so that every row writes its next t
 cache slot; padding is masked out of attention and rotary positions count real tokens only. The
 prefill and the whole decoding loop (`lax.while_loop`, stopping when every row has hit a stop token)
 are one compiled program.
+
+Each row draws from its own key (folded with the token's index), so a row samples the same tokens
+whatever else is in its batch: RL draws each completion from a key of (step, prompt, sample), and any
+number of processes sample what one does. `generate_with_log_probs` also returns each generated token's
+log-probability under the sampling distribution, softmax(logits / temperature) (top-p's truncation not
+applied; temperature 0 counts as 1), as a training forward pass computes it.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
 
-def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+def sample_token(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """Next token for each row of `logits [batch, vocab]`: argmax when temperature is 0, else a
-    nucleus sample (tokens sorted by probability, kept while the probability before them is < top_p)."""
+    nucleus sample (tokens sorted by probability, kept while the probability before them is < top_p)
+    drawn with that row's key of `keys [batch]`."""
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled, axis=-1)
@@ -50,9 +57,18 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs
     sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def sampling_log_probs(logits: jax.Array, tokens: jax.Array, temperature) -> jax.Array:
+    """Log-probabilities of `tokens [...]` under softmax(`logits [..., vocab]` / temperature), the
+    distribution a token is sampled from (before top-p); temperature 0 counts as 1. Sampler and learner
+    both compute it here, in float32."""
+    scale = jnp.where(temperature > 0, temperature, 1.0)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / scale, axis=-1)
+    return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +85,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def _generate(config: LlamaConfig, params: Params, tokens, valid, stop_ids, key, temperature, top_p,
+def _generate(config: LlamaConfig, params: Params, tokens, valid, stop_ids, row_keys, temperature, top_p,
               max_new_tokens: int):
+    """`(new tokens, their sampling log-probabilities)`, each `[batch, max_new_tokens]` (after a row's
+    first stop token: stop tokens, log-probability 0)."""
     batch, prompt_len = tokens.shape
     cache = KVCache.empty(config, batch, prompt_len + max_new_tokens)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
@@ -82,36 +100,52 @@ def _generate(config: LlamaConfig, params: Params, tokens, valid, stop_ids, key,
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, last_logits, cache, done, out, key = state
-        key, sub = jax.random.split(key)
-        token = sample_token(last_logits, sub, temperature, top_p)
+        step, last_logits, cache, done, out, log_probs = state
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        token = sample_token(last_logits, keys, temperature, top_p)
         token = jnp.where(done, stop_ids[0], token)
-        out = out.at[:, step].set(token)
+        log_prob = jnp.where(done, 0.0, sampling_log_probs(last_logits, token, temperature))
+        out, log_probs = out.at[:, step].set(token), log_probs.at[:, step].set(log_prob)
         done = done | jnp.isin(token, stop_ids)
         logits, cache = decode(config, params, token[:, None], (next_position + step)[:, None],
                                jnp.ones((batch, 1), bool), cache)
-        return step + 1, logits[:, -1], cache, done, out, key
+        return step + 1, logits[:, -1], cache, done, out, log_probs
 
     out = jnp.full((batch, max_new_tokens), stop_ids[0], jnp.int32)
-    state = (jnp.int32(0), logits[:, -1], cache, jnp.zeros((batch,), bool), out, key)
-    return jax.lax.while_loop(cond, body, state)[4]
+    log_probs = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    state = (jnp.int32(0), logits[:, -1], cache, jnp.zeros((batch,), bool), out, log_probs)
+    return jax.lax.while_loop(cond, body, state)[4:]
 
 
 def generate(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int],
              sampling: SamplingConfig = SamplingConfig(), pad_id: int | None = None) -> list[list[int]]:
-    """Continues each prompt (token ids) until a stop token or `max_new_tokens`.
+    """Continues each prompt (token ids) until a stop token or `max_new_tokens`; row i draws from
+    `fold_in(key(sampling.seed), i)`.
 
     Returns the new tokens of each prompt, without the stop token.
     """
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed),
+                                                                jnp.arange(len(prompts)))
+    return generate_with_log_probs(config, params, prompts, stop_ids, row_keys, sampling, pad_id)[0]
+
+
+def generate_with_log_probs(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
+                            stop_ids: Sequence[int], row_keys: jax.Array, sampling: SamplingConfig = SamplingConfig(),
+                            pad_id: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """Continues each prompt as `generate` does, prompt i drawing from `row_keys[i]` (`sampling.seed`
+    unused). Returns the new tokens of each prompt (without the stop token) and each one's
+    log-probability under the sampling distribution (`sampling_log_probs`)."""
     stop_ids = [int(s) for s in stop_ids]
     if not stop_ids:
         raise ValueError("generation needs at least one stop token id (the tokenizer's eos)")
     tokens, valid = left_pad(prompts, stop_ids[0] if pad_id is None else pad_id)
-    out = _generate(config, params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(stop_ids, jnp.int32),
-                    jax.random.key(sampling.seed), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
-                    max_new_tokens=sampling.max_new_tokens)
-    results = []
-    for row in np.asarray(out).tolist():
+    out, log_probs = _generate(config, params, jnp.asarray(tokens), jnp.asarray(valid),
+                               jnp.asarray(stop_ids, jnp.int32), row_keys, jnp.float32(sampling.temperature),
+                               jnp.float32(sampling.top_p), max_new_tokens=sampling.max_new_tokens)
+    results, row_log_probs = [], []
+    for row, row_log_prob in zip(np.asarray(out).tolist(), np.asarray(log_probs).tolist()):
         ends = [i for i, t in enumerate(row) if t in stop_ids]
-        results.append(row[: ends[0]] if ends else row)
-    return results
+        end = ends[0] if ends else len(row)
+        results.append(row[:end])
+        row_log_probs.append(row_log_prob[:end])
+    return results, row_log_probs

@@ -15,7 +15,7 @@ import transformers
 
 from hyjax import model as M
 from hyjax.weights import load_gguf, load_hf_checkpoint
-from hyjax.sampling import SamplingConfig, generate, left_pad, sample_token
+from hyjax.sampling import SamplingConfig, generate, generate_with_log_probs, left_pad, sample_token, sampling_log_probs
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
@@ -75,10 +75,40 @@ def test_batched_prompts_generate_as_if_alone(tiny):
     assert together == alone
 
 
+def test_each_row_samples_from_its_own_key_whatever_its_batch(tiny):
+    """What makes RL's completions independent of how prompts are batched or split over processes."""
+    _, config, params = tiny
+    prompts = [[1, 3, 5, 7, 9, 11, 13, 15, 17, 19], [1, 4], [1, 50, 60]]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(7), jnp.asarray([11, 12, 13]))
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.5, top_p=0.95)
+    together = generate_with_log_probs(config, params, prompts, [2], keys, sampling)
+    alone = [generate_with_log_probs(config, params, [p], [2], keys[i:i + 1], sampling) for i, p in enumerate(prompts)]
+    assert together[0] == [tokens[0] for tokens, _ in alone]
+    np.testing.assert_allclose(np.concatenate(together[1]), np.concatenate([lp[0] for _, lp in alone]), atol=1e-5)
+    other_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(8), jnp.asarray([11, 12, 13]))
+    assert generate_with_log_probs(config, params, prompts, [2], other_keys, sampling)[0] != together[0]
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_the_samplers_log_probs_are_the_training_forwards(tiny, temperature):
+    """Each generated token's log-probability under softmax(logits / temperature), from the KV-cache
+    sampler, equals the full forward pass over prompt + completion (as a learner computes it), f32."""
+    _, config, params = tiny
+    prompts = [[1, 3, 5, 7, 9, 11], [1, 4], [1, 80, 81, 82, 83]]
+    keys = jax.random.split(jax.random.key(3), len(prompts))
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, top_p=0.9)
+    completions, log_probs = generate_with_log_probs(config, params, prompts, [2], keys, sampling)
+    assert sum(map(len, completions)) > 10
+    for prompt, completion, sampled in zip(prompts, completions, log_probs):
+        logits = M.apply(config, params, jnp.asarray([prompt + completion]))[0, len(prompt) - 1:-1]
+        learned = sampling_log_probs(logits, jnp.asarray(completion), temperature)
+        np.testing.assert_allclose(sampled, learned, atol=1e-5)
+
+
 def test_sampling_follows_the_softmax_and_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 20000)
-    draw = jax.jit(jax.vmap(lambda k, t, p: sample_token(logits, k, t, p)[0], in_axes=(0, None, None)))
+    draw = jax.jit(jax.vmap(lambda k, t, p: sample_token(logits, k[None], t, p)[0], in_axes=(0, None, None)))
     freq = np.bincount(np.asarray(draw(keys, 1.0, 1.0)), minlength=4) / len(keys)
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
     # top_p = 0.7 keeps the tokens whose preceding mass is below 0.7: the first two, renormalised.
