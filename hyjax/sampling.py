@@ -131,10 +131,12 @@ def generate(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int
 
 def generate_with_log_probs(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
                             stop_ids: Sequence[int], row_keys: jax.Array, sampling: SamplingConfig = SamplingConfig(),
-                            pad_id: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                            pad_id: int | None = None, keep_stop: bool = False
+                            ) -> tuple[list[list[int]], list[list[float]]]:
     """Continues each prompt as `generate` does, prompt i drawing from `row_keys[i]` (`sampling.seed`
-    unused). Returns the new tokens of each prompt (without the stop token) and each one's
-    log-probability under the sampling distribution (`sampling_log_probs`)."""
+    unused). Returns the new tokens of each prompt (without the stop token, or ending in it with
+    `keep_stop`: a sampled action like the others) and each one's log-probability under the sampling
+    distribution (`sampling_log_probs`)."""
     stop_ids = [int(s) for s in stop_ids]
     if not stop_ids:
         raise ValueError("generation needs at least one stop token id (the tokenizer's eos)")
@@ -145,7 +147,7 @@ def generate_with_log_probs(config: LlamaConfig, params: Params, prompts: Sequen
     results, row_log_probs = [], []
     for row, row_log_prob in zip(np.asarray(out).tolist(), np.asarray(log_probs).tolist()):
         ends = [i for i, t in enumerate(row) if t in stop_ids]
-        end = ends[0] if ends else len(row)
+        end = (ends[0] + keep_stop) if ends else len(row)
         results.append(row[:end])
         row_log_probs.append(row_log_prob[:end])
     return results, row_log_probs

@@ -42,15 +42,43 @@ def k3_kl(log_probs: jax.Array, ref_log_probs: jax.Array) -> jax.Array:
     return jnp.exp(delta) - delta - 1.0
 
 
-def aggregate(values: jax.Array, mask: jax.Array, how: str) -> jax.Array:
-    """Mean of per-token `values [completions, tokens]` over the tokens `mask` marks (see module doc)."""
+def aggregate_sums(values: jax.Array, mask: jax.Array, how: str) -> tuple[jax.Array, jax.Array]:
+    """`(numerator, denominator)` of the mean of per-token `values [completions, tokens]` over the tokens
+    `mask` marks (see the module docstring). Both add up over micro-batches: the mean of a whole batch
+    is the sum of its micro-batches' numerators over the sum of their denominators. A completion of no
+    tokens (padding) counts for nothing."""
     mask = mask.astype(values.dtype)
     if how == "sequence_mean":
-        per_sequence = jnp.sum(values * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-        return jnp.mean(per_sequence)
+        tokens = jnp.sum(mask, axis=-1)
+        per_sequence = jnp.sum(values * mask, axis=-1) / jnp.maximum(tokens, 1.0)
+        return jnp.sum(per_sequence), jnp.sum((tokens > 0).astype(values.dtype))
     if how == "token_mean":
-        return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return jnp.sum(values * mask), jnp.sum(mask)
     raise ValueError(f"loss aggregation {how!r} must be one of {AGGREGATIONS}")
+
+
+def aggregate(values: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+    """Mean of per-token `values [completions, tokens]` over the tokens `mask` marks (see module doc)."""
+    numerator, denominator = aggregate_sums(values, mask, how)
+    return numerator / jnp.maximum(denominator, 1.0)
+
+
+def grpo_token_terms(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, *,
+                     ref_log_probs: jax.Array | None = None, beta: float = 0.0, clip_low: float = 0.2,
+                     clip_high: float = 0.2) -> dict[str, jax.Array]:
+    """Per-token `loss`, `clipped` (1 where the clip bound binds), `ratio` and, with `ref_log_probs`, `kl`,
+    each `[completions, tokens]` (arguments as `grpo_loss`'s)."""
+    old_log_probs = jax.lax.stop_gradient(old_log_probs)
+    ratio = jnp.exp(log_probs - old_log_probs)
+    advantage = advantages[:, None].astype(log_probs.dtype)
+    unclipped = ratio * advantage
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantage
+    terms = {"loss": -jnp.minimum(unclipped, clipped), "clipped": (clipped < unclipped).astype(log_probs.dtype),
+             "ratio": ratio}
+    if ref_log_probs is not None:
+        terms["kl"] = k3_kl(log_probs, jax.lax.stop_gradient(ref_log_probs))
+        terms["loss"] = terms["loss"] + beta * terms["kl"]
+    return terms
 
 
 def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, mask: jax.Array, *,
@@ -71,17 +99,9 @@ def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Ar
       `(loss, metrics)`; metrics (aggregated the same way): `kl`, `clip_fraction` (tokens whose ratio the
       clip bounds, on the side that binds), `ratio`.
     """
-    old_log_probs = jax.lax.stop_gradient(old_log_probs)
-    ratio = jnp.exp(log_probs - old_log_probs)
-    advantage = advantages[:, None].astype(log_probs.dtype)
-    unclipped = ratio * advantage
-    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantage
-    surrogate = jnp.minimum(unclipped, clipped)
-    token_loss = -surrogate
-    metrics = {"clip_fraction": aggregate((clipped < unclipped).astype(log_probs.dtype), mask, aggregation),
-               "ratio": aggregate(ratio, mask, aggregation)}
-    if ref_log_probs is not None:
-        kl = k3_kl(log_probs, jax.lax.stop_gradient(ref_log_probs))
-        token_loss = token_loss + beta * kl
-        metrics["kl"] = aggregate(kl, mask, aggregation)
-    return aggregate(token_loss, mask, aggregation), metrics
+    terms = grpo_token_terms(log_probs, old_log_probs, advantages, ref_log_probs=ref_log_probs, beta=beta,
+                             clip_low=clip_low, clip_high=clip_high)
+    means = {name: aggregate(value, mask, aggregation) for name, value in terms.items()}
+    loss = means.pop("loss")
+    means["clip_fraction"] = means.pop("clipped")
+    return loss, means
