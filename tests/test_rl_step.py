@@ -63,7 +63,7 @@ def test_rollout_keys_and_rewards(lora_rollout):
 
 def test_the_samplers_log_probs_are_the_learners(lora_rollout):
     setup, _, params, _, batch = lora_rollout
-    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k != "advantages"}
+    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
     learned = token_log_probs(setup.plan.model_config, params, arrays, 1.0)
     np.testing.assert_allclose(learned, batch["old_log_probs"], atol=1e-5)
 
@@ -81,7 +81,7 @@ def test_two_updates_of_a_rollout_batch(lora_rollout, aggregation):
         p = forward_params(trainable, setup.frozen, state.opt_state, None, False)
         arrays = {k: jnp.asarray(v) for k, v in batch.items()}
         log_probs = token_log_probs(model_config, p, arrays, 1.0)
-        return grpo_loss(log_probs, arrays["old_log_probs"], arrays["advantages"], arrays["loss_mask"],
+        return grpo_loss(log_probs, arrays["old_log_probs"], jnp.asarray(rollout.advantages), arrays["loss_mask"],
                          ref_log_probs=arrays["ref_log_probs"], beta=0.1, aggregation=aggregation)[0]
 
     first, metrics = step(state, setup.frozen, stacked, jax.random.key(1))

@@ -15,6 +15,7 @@ from hyjax.config.sections import (
     CheckpointSection,
     EvalSection,
     ExportSection,
+    GRPOSection,
     LoggingSection,
     MeshSection,
     ModelSection,
@@ -34,6 +35,7 @@ class RunConfig:
     method: MethodSection = MethodSection()
     data: DataConfig = DataConfig()
     train: TrainSection = TrainSection()
+    grpo: GRPOSection = GRPOSection()
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     eval: EvalSection = EvalSection()
@@ -52,9 +54,22 @@ class RunConfig:
             raise ConfigError(
                 f"export.gguf_lora=true, but method.name={self.method.name!r} is not plain LoRA, the only method a "
                 "GGUF LoRA file holds; set export.gguf_lora=false (export.gguf=f16 writes the merged model as GGUF)")
+        if self.train.objective == "grpo":
+            self._check_grpo(method)
         if method.from_gradients and self.model.path is None:
             raise ConfigError(f"method.name={self.method.name!r} initialises from gradients of the pretrained "
                               "model, but model.path is null (random weights); give a checkpoint")
+
+    def _check_grpo(self, method) -> None:
+        if self.train.global_batch_size % self.grpo.group_size:
+            raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} counts the completions of a "
+                              f"GRPO step, so grpo.group_size={self.grpo.group_size} must divide it")
+        if self.data.task not in ("math", "gsm8k"):
+            raise ConfigError(f"train.objective=grpo rewards answers to questions: data.task must be math (a "
+                              f"question and an answer column), not {self.data.task!r}")
+        if self.method.name == "zo_fo":
+            raise ConfigError(f"train.objective=grpo does not train method.name={self.method.name!r} yet (its SPSA "
+                              "part estimates the supervised loss); choose another method")
 
     @property
     def checkpoint_dir(self) -> str:

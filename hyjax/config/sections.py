@@ -17,6 +17,8 @@ from hyjax.optim.hybrid_weights import DIRECTIONS
 from hyjax.optim.optimizers import OPTIMIZERS
 from hyjax.optim.schedule import SCHEDULES
 from hyjax.pretrained import SMOLLM2_135M_INSTRUCT, is_known
+from hyjax.rl.objective import AGGREGATIONS
+from hyjax.rl.rewards import resolve_reward
 from hyjax.sharding.mesh import check_sizes
 from hyjax.weights.gguf_writer import GGUF_FILE_TYPES
 from hyjax.sharding.rules import Rules
@@ -88,6 +90,9 @@ class HybridWeightsSection:
         at_least("warmup_steps", self.warmup_steps, 0)
 
 
+OBJECTIVES = ("sft", "grpo")  # what train.objective takes
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     """Steps, batches, optimizer and learning-rate schedule."""
@@ -112,6 +117,7 @@ class TrainSection:
     seed: int = 0  # parameter initialisation, dropout
     # A step whose gradient is not finite (NaN/inf) is skipped and reported; this many in a row stop the run.
     max_skipped_steps: int = 10
+    objective: str = "sft"  # sft: the answer tokens' cross-entropy | grpo: rewards of sampled completions (grpo:)
     hybrid_weights: HybridWeightsSection = HybridWeightsSection()
 
     def __post_init__(self):
@@ -142,6 +148,7 @@ class TrainSection:
             raise ValueError(f"grad_clip_norm={self.grad_clip_norm} must be > 0 (or null: no clipping)")
         at_least("max_skipped_steps", self.max_skipped_steps, 1)
         at_least("seed", self.seed, 0)
+        one_of("objective", self.objective, OBJECTIVES)
         for i, (pattern, multiplier) in enumerate(self.lr_multipliers):
             valid_regex(f"lr_multipliers[{i}]", pattern)
             at_least(f"lr_multipliers[{i}]", multiplier, 0)
@@ -154,6 +161,42 @@ class TrainSection:
     def grad_accum_steps(self) -> int:
         """Micro-batches per optimizer step."""
         return self.global_batch_size // self.micro_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSection:
+    """Reinforcement learning from verifiable rewards (`train.objective: grpo`, hyjax.rl): each step samples
+    `group_size` completions of `train.global_batch_size / group_size` prompts of the data file (a math
+    task: question and answer columns), rewards them, and takes `num_iterations` optimizer updates of the
+    clipped-ratio loss on them."""
+
+    group_size: int = 8  # completions sampled per prompt (G); must divide train.global_batch_size
+    num_iterations: int = 1  # optimizer updates per sampled batch (1: the ratio is 1 and the clip idle)
+    temperature: float = 1.0  # of the sampling distribution, whose log-probabilities the loss uses
+    top_p: float = 1.0  # nucleus sampling (not in the log-probabilities)
+    max_new_tokens: int = 128  # per completion; it also ends at the tokenizer's stop tokens
+    beta: float = 0.04  # weight of the k3 KL penalty to the reference policy (0: none)
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    aggregation: str = "sequence_mean"  # sequence_mean (mean of each completion's token mean) | token_mean
+    # [reward name, weight] pairs summed: final_number, answer_format, or package.module:function
+    rewards: tuple[tuple[str, float], ...] = (("final_number", 1.0), ("answer_format", 0.1))
+
+    def __post_init__(self):
+        at_least("group_size", self.group_size, 2)
+        at_least("num_iterations", self.num_iterations, 1)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0: GRPO samples its completions")
+        in_range("top_p", self.top_p, 0, 1, low_open=True)
+        at_least("max_new_tokens", self.max_new_tokens, 1)
+        at_least("beta", self.beta, 0)
+        in_range("clip_low", self.clip_low, 0, 1, high_open=True)
+        at_least("clip_high", self.clip_high, 0)
+        one_of("aggregation", self.aggregation, AGGREGATIONS)
+        if not self.rewards:
+            raise ValueError("rewards=[] names no reward: give [name, weight] pairs, e.g. [[final_number, 1.0]]")
+        for name, _ in self.rewards:
+            resolve_reward(name)  # an unknown name or a module that does not import fails here
 
 
 @dataclasses.dataclass(frozen=True)

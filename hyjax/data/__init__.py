@@ -23,7 +23,15 @@ from hyjax.data.instructions import Instructions
 from hyjax.data.iterator import BatchIterator, epoch_order
 from hyjax.data.loss import masked_cross_entropy, masked_log_likelihood
 from hyjax.data.config import TASKS, DataConfig
-from hyjax.data.pipeline import PreparedData, check_held_out, evaluation_set, held_out_rows, make_task, prepare
+from hyjax.data.pipeline import (
+    PreparedData,
+    check_held_out,
+    evaluation_set,
+    held_out_rows,
+    make_task,
+    prepare,
+    training_rows,
+)
 from hyjax.data.math_problems import MathWordProblems, extract_final_answer, gsm8k, normalize_number
 from hyjax.data.reading import FORMATS, Rows, infer_format, load_rows, pick_column
 from hyjax.data.report import BadRow, BadRowLimit, DataReport, MalformedDataError, MalformedRow
@@ -36,5 +44,5 @@ __all__ = [
     "MalformedRow", "MathWordProblems", "PromptStyle", "Rows", "build_examples", "classification_accuracy",
     "epoch_order", "extract_final_answer", "gsm8k", "infer_format", "load_rows", "loss_positions", "loss_slots",
     "masked_cross_entropy", "masked_log_likelihood", "math_exact_match", "normalize_number", "pack_rows",
-    "packed_batch", "pad_batch", "pick_column", "round_up", "sst2", "train_eval_split", "truncate",
+    "packed_batch", "pad_batch", "pick_column", "round_up", "sst2", "train_eval_split", "training_rows", "truncate",
 ]

@@ -65,6 +65,11 @@ def prepare(
     return PreparedData(train=train, eval_rows=eval_rows, task=task, report=report)
 
 
+def training_rows(config: DataConfig) -> Rows:
+    """The rows a run trains on: the training file's first `max_rows`, less those held out of it."""
+    return _split_training_file(config)[0]
+
+
 def _split_training_file(config: DataConfig, cache_dir: str | None = None) -> tuple[Rows, Rows | None]:
     """The training file's rows (its first `max_rows`), less the rows `eval_fraction`/`eval_count` hold
     out, and those held-out rows (None when nothing is held out)."""

@@ -67,10 +67,10 @@ def grpo_token_terms(log_probs: jax.Array, old_log_probs: jax.Array, advantages:
                      ref_log_probs: jax.Array | None = None, beta: float = 0.0, clip_low: float = 0.2,
                      clip_high: float = 0.2) -> dict[str, jax.Array]:
     """Per-token `loss`, `clipped` (1 where the clip bound binds), `ratio` and, with `ref_log_probs`, `kl`,
-    each `[completions, tokens]` (arguments as `grpo_loss`'s)."""
+    each `[completions, tokens]` (arguments as `grpo_loss`'s; `advantages` may also be given per token)."""
     old_log_probs = jax.lax.stop_gradient(old_log_probs)
     ratio = jnp.exp(log_probs - old_log_probs)
-    advantage = advantages[:, None].astype(log_probs.dtype)
+    advantage = (advantages if advantages.ndim == log_probs.ndim else advantages[:, None]).astype(log_probs.dtype)
     unclipped = ratio * advantage
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantage
     terms = {"loss": -jnp.minimum(unclipped, clipped), "clipped": (clipped < unclipped).astype(log_probs.dtype),

@@ -73,8 +73,8 @@ def sample_rollout(model_config, params, prompts: Sequence[Sequence[int]], rows:
 
 def rollout_batch(rollout: Rollout, length: int, pad_id: int) -> dict[str, np.ndarray]:
     """The rollout as `[completions, length]` arrays: `pad_batch`'s (the loss mask on completion tokens)
-    plus `old_log_probs` at the same positions and `advantages [completions]`. A completion with no
-    tokens (none sampled before the limit) is an all-padding row."""
+    plus `old_log_probs` and `advantages` (each completion's, repeated) at the same positions. A
+    completion with no tokens (none sampled before the limit) is an all-padding row."""
     examples = [Example(tuple(p), tuple(c)) if c else None for p, c in zip(rollout.prompts, rollout.completions)]
     too_long = [len(e) for e in examples if e is not None and len(e) > length]
     if too_long:
@@ -85,5 +85,5 @@ def rollout_batch(rollout: Rollout, length: int, pad_id: int) -> dict[str, np.nd
     for row, (prompt, log_probs) in enumerate(zip(rollout.prompts, rollout.log_probs)):
         old[row, len(prompt) - 1:len(prompt) - 1 + len(log_probs)] = log_probs
     batch["old_log_probs"] = old
-    batch["advantages"] = rollout.advantages.astype(np.float32)
+    batch["advantages"] = batch["loss_mask"] * rollout.advantages.astype(np.float32)[:, None]
     return batch

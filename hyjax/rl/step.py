@@ -58,7 +58,8 @@ def token_log_probs(model_config, params: dict, batch: dict, temperature: float)
 
 def grpo_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, lambdas: bool,
               objective: GRPOObjective):
-    """`step(state, frozen, batch, key) -> (state, metrics)`: one optimizer update on a rollout batch.
+    """`step(state, frozen, batch, key) -> (state, metrics)`: one optimizer update on a rollout batch
+    (`state.step`, counting sampled batches, is left to the caller: a batch may get several updates).
 
     Metrics: loss, kl (with `ref_log_probs` in the batch), clip_fraction, ratio (mean importance ratio:
     1 on a batch's first update), grad_norm, learning_rate, completion_tokens, skipped."""
@@ -99,6 +100,6 @@ def grpo_step(model_config, optimizer: optax.GradientTransformation, schedule: o
                    "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
                    "completion_tokens": tokens,
                    "skipped": jnp.logical_not(opt_state.last_finite).astype(jnp.int32)}
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+        return state.replace(trainable=trainable, opt_state=opt_state), metrics
 
     return step

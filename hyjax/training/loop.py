@@ -39,6 +39,7 @@ from hyjax.training.callbacks import (
     StepEnd,
     StopSignals,
 )
+from hyjax.data import make_task, training_rows
 from hyjax.training.checkpointing import RunCheckpointer
 from hyjax.training.evaluation import Evaluator
 from hyjax.training.export import export_run
@@ -110,6 +111,22 @@ def _global_batches(setup: RunSetup) -> Iterator[tuple[dict, int]]:
         yield batch, int(np.sum(local["segment_ids"] > 0)) * setup.rows[1]
 
 
+def grpo_parts(setup: RunSetup, position: dict | None):
+    """GRPO's step for `fit`, its batches (the prompts of each step) and their position (for checkpoints);
+    call before restoring: the fresh state is the reference policy."""
+    from hyjax.rl.training import GRPOStep, PromptBatches  # deferred: hyjax.rl builds on hyjax.training
+
+    config = setup.config
+    group = config.grpo.group_size
+    rows = training_rows(config.data)
+    task = make_task(config.data).resolve(rows.column_names, rows.path)
+    prompts = PromptBatches(rows, task, setup.tokenizer, count=config.train.global_batch_size // group,
+                            seed=config.data.shuffle_seed, position=position,
+                            max_prompt_tokens=config.data.max_length - config.grpo.max_new_tokens)
+    step = GRPOStep(setup, setup.initial_state() if config.grpo.beta > 0 else None)
+    return step, ((batch, config.train.global_batch_size) for batch in prompts), lambda: prompts.position
+
+
 def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunResult:
     """Runs (or resumes) the fine-tuning job of `config`; see the module docstring."""
     wall_start = time.perf_counter()
@@ -120,16 +137,23 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     log(f"mesh: {describe(layout.mesh)}")
     checkpointer, resume_step = open_checkpoints(config, log)
     meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
-    setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta else None,
+    grpo = config.train.objective == "grpo"
+    setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta and not grpo else None,
                         selection=saved_selection(config, meta) if meta else None,
                         read_start=partial(checkpointer.restore_start, resume_step) if meta else None, log=log)
     plan = setup.plan
     record = _record_run(setup, main_process)
     state, frozen = setup.initial_state(), setup.frozen
+    if grpo:  # before the restore: the reference policy is the model at step 0
+        step_fn, batches, data_position = grpo_parts(setup, meta["data_position"] if meta else None)
+    else:
+        step_fn, batches = plan.train_step(), _global_batches(setup)
+        data_position = lambda: setup.data.train.position  # noqa: E731
     if resume_step is not None:
         state, _ = checkpointer.restore(resume_step, state)
+        position = data_position()
         log(f"resumed from {checkpointer.directory}/{resume_step} (step {int(state.step)}, data epoch "
-            f"{setup.data.train.epoch} step {setup.data.train.step})")
+            f"{position['epoch']} step {position['step']})")
     start_step = int(state.step)
     trainable = setup.trainable_counts["total"]
     share = trainable / count_params(abstract_params(setup.model_config))
@@ -149,14 +173,13 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
         eval_before = evaluate(state, 0, "before training")
     skipped = SkippedSteps(config.train.max_skipped_steps, log)
     progress = ProgressBar(setup.total_steps, start_step, config.logging.progress_bar and main_process)
-    checkpoints = Checkpoints(checkpointer, config.checkpoint.every_steps, lambda: setup.data.train.position, record,
-                              setup.start)
+    checkpoints = Checkpoints(checkpointer, config.checkpoint.every_steps, data_position, record, setup.start)
     periodic = PeriodicEvaluation(config.eval.every_steps if evaluator.enabled else 0,
                                   lambda state, step: evaluate(state, step, f"step {step}"))
     metrics = MetricsLogging(metrics_log, config.logging.every_steps, plan.method.lambdas)
     try:  # whatever stops the loop, checkpoints already started are finished, never abandoned
         with StopSignals() as signals:
-            state, interrupted = fit(plan.train_step(), state, frozen, _global_batches(setup),
+            state, interrupted = fit(step_fn, state, frozen, batches,
                                      range(start_step, setup.total_steps), setup.total_steps,
                                      [signals, skipped, progress, metrics, checkpoints, periodic])
     finally:
@@ -221,7 +244,9 @@ def _finish(result: RunResult, adapted_on_host, steps_done: int, start_step: int
     output = config.logging.output_dir
     records = reporting.read_metrics(f"{output}/{reporting.METRICS_FILE}")
     files = {"metrics": f"{output}/{reporting.METRICS_FILE}", "checkpoints": str(config.checkpoint_dir)}
-    if any("loss" in r for r in records):
+    if any("reward" in r for r in records):
+        files["reward_curve"] = str(plots.reward_curve(records, f"{output}/reward_curve.png"))
+    elif any("loss" in r for r in records):
         files["loss_curve"] = str(plots.loss_curve(records, f"{output}/loss_curve.png"))
     if setup.plan.method.lambdas:
         lambdas = {path: np.asarray(value) for path, value in iter_paths(current_lambdas(result.state.opt_state))}

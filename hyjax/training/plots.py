@@ -1,4 +1,5 @@
-"""End-of-run figures: the loss curve, and for hybrid runs the per-layer lambda heatmap."""
+"""End-of-run figures: the loss curve (GRPO runs: the reward curve), and for hybrid runs the per-layer
+lambda heatmap."""
 
 from __future__ import annotations
 
@@ -54,6 +55,32 @@ def loss_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
         ax.plot(*zip(*held_out), "o:", color="tab:orange", label="held-out loss (at each evaluation)")
     ax.set_xlabel("step")
     ax.set_ylabel("answer-token cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return pathlib.Path(path)
+
+
+def reward_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
+    """GRPO: the mean reward of each step's completions (raw, and smoothed over `smoothing_window` steps)
+    and the held-out exact match at each evaluation (step 0: before training), as a PNG."""
+    plt = _pyplot()
+    by_step = {r["step"]: r["reward"] for r in records if "reward" in r}
+    held_out = sorted({r["step"]: r["eval/exact_match"] for r in records if "eval/exact_match" in r}.items())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if by_step:
+        steps, rewards = zip(*sorted(by_step.items()))
+        window = smoothing_window(len(steps))
+        ax.plot(steps, rewards, color="tab:green", alpha=0.3, linewidth=0.8, label="mean reward (each step)")
+        if window > 1:
+            ax.plot(steps, smoothed(np.asarray(rewards, float), window), color="tab:green", linewidth=1.6,
+                    label=f"mean reward (smoothed, {window} steps)")
+    if held_out:
+        ax.plot(*zip(*held_out), "o:", color="tab:orange", label="held-out exact match (greedy)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / exact match")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

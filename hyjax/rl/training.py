@@ -1,0 +1,141 @@
+"""GRPO inside `python -m hyjax.train` (`train.objective: grpo`): the prompts of each step and the step
+itself (sample, reward, `num_iterations` updates), as `hyjax.training.loop.fit` runs them.
+
+Every process samples every completion of a step (keys from (step, prompt, sample), the same values
+anywhere) and trains on its share of the rows, so a run of any number of processes, and a resumed run,
+equal one uninterrupted process. The reference policy is the model at step 0: the frozen weights with
+the trainable parameters' values at step 0 (kept on the devices beside the trained ones; for adapter
+methods a small copy, for full fine-tuning a copy of the model). With `grpo.beta: 0` it is not kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hyjax.data.iterator import epoch_order
+from hyjax.data.report import MalformedRow
+from hyjax.rl.rewards import resolve_reward
+from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
+from hyjax.rl.step import GRPOObjective, grpo_step, token_log_probs
+from hyjax.sampling import SamplingConfig
+from hyjax.sharding import activation_sharding
+from hyjax.training import distributed
+from hyjax.training.step import TrainState, forward_params
+
+
+class PromptBatches:
+    """The prompts of each step: `count` rows of the training file a step, in an order drawn per epoch
+    from `seed` (the same on every process), as `(row indices, prompt token ids, rows)`. `position`
+    (epoch, step) is what a checkpoint keeps to resume."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], task, tokenizer, *, count: int, seed: int,
+                 max_prompt_tokens: int, position: Mapping[str, int] | None = None):
+        self.rows, self.prompts = [], []
+        for row in rows:
+            try:
+                prompt = task.example(row, tokenizer).prompt_ids
+            except MalformedRow:
+                continue  # counted and limited when the data was prepared
+            if len(prompt) <= max_prompt_tokens:
+                self.rows.append(row)
+                self.prompts.append(list(prompt))
+        if len(self.rows) < count:
+            raise ValueError(f"{len(self.rows)} questions of the training file fit data.max_length with "
+                             f"grpo.max_new_tokens to spare, fewer than the {count} a step needs; raise "
+                             "data.max_length, lower grpo.max_new_tokens or add data")
+        self.count, self.seed = count, seed
+        self.epoch, self.step = (position["epoch"], position["step"]) if position else (0, 0)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.rows) // self.count
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "prompts": len(self.rows)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[list[int], list[list[int]], list[Mapping[str, Any]]]:
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        order = epoch_order(len(self.rows), self.seed, self.epoch)
+        chosen = [int(i) for i in order[self.step * self.count:(self.step + 1) * self.count]]
+        self.step += 1
+        return chosen, [self.prompts[i] for i in chosen], [self.rows[i] for i in chosen]
+
+
+class GRPOStep:
+    """`step(state, frozen, prompts) -> (state, metrics)` for `fit`: samples `grpo.group_size` completions
+    of each prompt from the current policy, rewards them, and takes `grpo.num_iterations` updates on
+    them (the state's step counts sampled batches, not updates)."""
+
+    def __init__(self, setup, reference: TrainState | None):
+        config, plan = setup.config, setup.plan
+        self.setup, self.grpo = setup, config.grpo
+        self.objective = GRPOObjective(temperature=self.grpo.temperature, beta=self.grpo.beta,
+                                       clip_low=self.grpo.clip_low, clip_high=self.grpo.clip_high,
+                                       aggregation=self.grpo.aggregation)
+        self.sampling = SamplingConfig(max_new_tokens=self.grpo.max_new_tokens, temperature=self.grpo.temperature,
+                                       top_p=self.grpo.top_p)
+        self.rewards = [(resolve_reward(name), weight) for name, weight in self.grpo.rewards]
+        self.sample_key = jax.random.fold_in(jax.random.key(config.train.seed), 0x5A3)
+        layout, lambdas = plan.layout, plan.method.lambdas
+        update = grpo_step(plan.model_config, plan.optimizer, plan.schedule, lambdas, self.objective)
+
+        def sharded_update(state, frozen, batch, key):
+            with activation_sharding(layout):
+                return update(state, frozen, batch, key)
+
+        state_sharding, frozen_sharding, batch_sharding = plan.shardings.arguments
+        self.update = jax.jit(sharded_update, in_shardings=(state_sharding, frozen_sharding, batch_sharding,
+                                                            layout.replicated),
+                              out_shardings=(state_sharding, layout.replicated), donate_argnums=0)
+        self.reference = None
+        if reference is not None and self.grpo.beta > 0:
+            self.reference = reference
+
+            def reference_log_probs(reference, frozen, batch):
+                params = forward_params(reference.trainable, frozen, reference.opt_state, None, lambdas)
+                with activation_sharding(layout):
+                    return jax.vmap(lambda micro: token_log_probs(plan.model_config, params, micro,
+                                                                  self.objective.temperature))(batch)
+
+            self.reference_log_probs = jax.jit(reference_log_probs, out_shardings=batch_sharding)
+
+    def __call__(self, state: TrainState, frozen: dict, prompts) -> tuple[TrainState, dict[str, Any]]:
+        indices, prompt_ids, rows = prompts
+        setup, train = self.setup, self.setup.config.train
+        step = int(state.step)
+        tick = time.perf_counter()
+        keys = completion_keys(self.sample_key, step, indices, self.grpo.group_size)
+        rollout = sample_rollout(setup.plan.model_config, setup.plan.params(state, frozen), prompt_ids, rows, keys,
+                                 tokenizer=setup.tokenizer, sampling=self.sampling, rewards=self.rewards,
+                                 group_size=self.grpo.group_size)
+        sampled = time.perf_counter()
+        whole = rollout_batch(rollout, setup.config.data.max_length, setup.tokenizer.pad_id)
+        index, count = setup.rows
+        local = {key: value[index::count] for key, value in whole.items()}
+        batch = distributed.global_batch(local, setup.plan.shardings.batch, train.grad_accum_steps,
+                                         train.global_batch_size)
+        if self.reference is not None:
+            batch["ref_log_probs"] = self.reference_log_probs(self.reference, frozen, batch)
+        step_key = jax.random.fold_in(state.rng, state.step)
+        for iteration in range(self.grpo.num_iterations):
+            state, metrics = self.update(state, frozen, batch, jax.random.fold_in(step_key, iteration))
+            if iteration == 0:
+                first = metrics
+        state = state.replace(step=state.step + 1)
+        trained = time.perf_counter()
+        tokens = float(whole["loss_mask"].sum())
+        return state, {**metrics, "ratio_first_update": first["ratio"],
+                       **{name: np.float32(value) for name, value in rollout.metrics().items()},
+                       "sampling_tokens_per_second": np.float32(tokens / (sampled - tick)),
+                       "training_tokens_per_second": np.float32(tokens * self.grpo.num_iterations
+                                                                / (trained - sampled))}
