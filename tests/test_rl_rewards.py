@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import types
@@ -69,3 +70,14 @@ def test_generated_problems_are_a_math_task_file(tmp_path):
     assert task.target(rows[0])[1] == extract_final_answer(rows[0]["answer"])
     with pytest.raises(ValueError, match="difficulty=9"):
         arithmetic_problems(5, difficulty=9)
+
+
+def test_the_bundled_problems_are_what_their_origin_says():
+    from hyjax import bundled
+    from hyjax.data.arithmetic import arithmetic_splits
+
+    train, test = arithmetic_splits(2000, 200, seed=0, difficulty=1)
+    for name, rows in (("train", train), ("test", test)):
+        lines = bundled.resolve(f"bundled:arithmetic/{name}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows
+    assert not {row["question"] for row in train} & {row["question"] for row in test}

@@ -58,10 +58,29 @@ def arithmetic_problems(count: int, *, seed: int = 0, difficulty: int = 1) -> li
     return [arithmetic_problem(rng, difficulty) for _ in range(count)]
 
 
+def arithmetic_splits(train: int, test: int, *, seed: int = 0, difficulty: int = 1
+                      ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """`train` and `test` problems of `difficulty`, no question in both (and none twice)."""
+    rng = random.Random(f"hyjax-arithmetic-splits-{seed}-{difficulty}")
+    problems, seen = [], set()
+    for _ in range(100 * (train + test)):
+        problem = arithmetic_problem(rng, difficulty)
+        if problem["question"] not in seen:
+            seen.add(problem["question"])
+            problems.append(problem)
+            if len(problems) == train + test:
+                return problems[:train], problems[train:]
+    raise ValueError(f"difficulty {difficulty} has too few distinct problems for {train} + {test}")
+
+
+def write_jsonl(path: str | pathlib.Path, rows: list[dict[str, str]]) -> pathlib.Path:
+    """`rows` as a JSON-lines file (`data.path` of a math task reads it)."""
+    path = pathlib.Path(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_arithmetic_jsonl(path: str | pathlib.Path, count: int, *, seed: int = 0, difficulty: int = 1
                            ) -> pathlib.Path:
-    """The problems as a JSON-lines file (`data.path` of a math task reads it)."""
-    path = pathlib.Path(path)
-    path.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_problems(count, seed=seed,
-                                                                                   difficulty=difficulty)))
-    return path
+    """`count` problems as a JSON-lines file."""
+    return write_jsonl(path, arithmetic_problems(count, seed=seed, difficulty=difficulty))
