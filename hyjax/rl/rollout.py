@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyjax.data.batching import pad_batch
+from hyjax.data.batching import loss_slots, pad_batch, round_up
 from hyjax.data.examples import Example
 from hyjax.rl.objective import group_advantages
 from hyjax.sampling import SamplingConfig, generate_with_log_probs
@@ -71,16 +71,21 @@ def sample_rollout(model_config, params, prompts: Sequence[Sequence[int]], rows:
     return Rollout(repeated, completions, log_probs, texts, scores, advantages)
 
 
-def rollout_batch(rollout: Rollout, length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """The rollout as `[completions, length]` arrays: `pad_batch`'s (the loss mask on completion tokens)
-    plus `old_log_probs` and `advantages` (each completion's, repeated) at the same positions. A
-    completion with no tokens (none sampled before the limit) is an all-padding row."""
+def rollout_batch(rollout: Rollout, max_length: int, pad_id: int, *, bucket: int = 1,
+                  max_new_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """The rollout as `[completions, T]` arrays, T the longest prompt + completion rounded up to `bucket`
+    (at most `max_length`): `pad_batch`'s (the loss mask on completion tokens; logits at as many
+    positions as `max_new_tokens` needs, so batches of one T compile once) plus `old_log_probs` and
+    `advantages` (each completion's, repeated) at the same positions. A completion with no tokens (none
+    sampled before the limit) is an all-padding row."""
     examples = [Example(tuple(p), tuple(c)) if c else None for p, c in zip(rollout.prompts, rollout.completions)]
-    too_long = [len(e) for e in examples if e is not None and len(e) > length]
-    if too_long:
-        raise ValueError(f"a prompt and its completion take {max(too_long)} positions, over {length}: raise "
+    longest = max((len(e) for e in examples if e is not None), default=1)
+    if longest > max_length:
+        raise ValueError(f"a prompt and its completion take {longest} positions, over {max_length}: raise "
                          "data.max_length or lower the prompt's length or max_new_tokens")
-    batch = pad_batch(examples, length, pad_id)
+    length = round_up(longest, bucket, max_length)
+    slots = None if max_new_tokens is None else loss_slots(max_new_tokens, length)
+    batch = pad_batch(examples, length, pad_id, slots)
     old = np.zeros_like(batch["loss_mask"])
     for row, (prompt, log_probs) in enumerate(zip(rollout.prompts, rollout.log_probs)):
         old[row, len(prompt) - 1:len(prompt) - 1 + len(log_probs)] = log_probs

@@ -119,7 +119,8 @@ class GRPOStep:
                                  tokenizer=setup.tokenizer, sampling=self.sampling, rewards=self.rewards,
                                  group_size=self.grpo.group_size)
         sampled = time.perf_counter()
-        whole = rollout_batch(rollout, setup.config.data.max_length, setup.tokenizer.pad_id)
+        whole = rollout_batch(rollout, setup.config.data.max_length, setup.tokenizer.pad_id,
+                              bucket=setup.config.data.bucket, max_new_tokens=self.grpo.max_new_tokens)
         index, count = setup.rows
         local = {key: value[index::count] for key, value in whole.items()}
         batch = distributed.global_batch(local, setup.plan.shardings.batch, train.grad_accum_steps,
