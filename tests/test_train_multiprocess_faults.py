@@ -54,3 +54,22 @@ def test_a_killed_process_ends_the_other_and_both_resume(tiny_checkpoint, sentim
     assert sorted(ours) == list(range(1, 9))
     # 2 processes sum gradients in another order than 1 (tests/test_train_multiprocess.py)
     np.testing.assert_allclose([ours[s] for s in sorted(ours)], [theirs[s] for s in sorted(theirs)], rtol=2e-6)
+
+
+def test_a_peer_lost_during_a_save_counts_as_lost_contact(monkeypatch):
+    """Orbax passes a failed Gloo all-gather on as a ValueError, which the checkpointer wraps: still the
+    one-line message and exit code 3, not the full-disk advice (a kill during a save)."""
+    import jax
+
+    from hyjax.training import CheckpointWriteError, distributed
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    try:
+        try:
+            raise ValueError("UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error: Connection reset by peer")
+        except ValueError as error:
+            raise CheckpointWriteError("checkpoint step 4 could not be written to run/checkpoints") from error
+    except CheckpointWriteError as error:
+        assert distributed.lost_contact(error)
+    assert not distributed.lost_contact(CheckpointWriteError("checkpoint step 4 could not be written: File too large"))
+    assert not distributed.lost_contact(ValueError("no connection column in data.tsv"))

@@ -92,10 +92,20 @@ def wait_for_every_process(name: str) -> None:
 
 
 _LOST_CONTACT = re.compile(r"gloo|connection|unavailable|heartbeat|barrier|coordination|deadline", re.IGNORECASE)
+# What the multi-process runtime's own failures say when another library passes them on in its own
+# exception type (Orbax raises a ValueError from a failed Gloo all-gather).
+_PEER_RUNTIME = re.compile(r"gloo .*failed|heartbeat timeout|coordination ?service", re.IGNORECASE)
 
 
 def lost_contact(error: BaseException) -> bool:
     """Whether `error` is a multi-process run losing contact with another process (a collective or
-    barrier that failed because a peer died), rather than an error of this process's own work."""
-    return (jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
-            and bool(_LOST_CONTACT.search(str(error))))
+    barrier that failed because a peer died), rather than an error of this process's own work; `error`
+    or what caused it (a checkpoint save whose barrier failed raises `CheckpointWriteError` from it)."""
+    if jax.process_count() == 1:
+        return False
+    while error is not None:
+        words = _LOST_CONTACT if isinstance(error, jax.errors.JaxRuntimeError) else _PEER_RUNTIME
+        if words.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
