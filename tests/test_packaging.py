@@ -30,7 +30,7 @@ def test_the_bundled_sample_is_what_its_origin_says(shared_data):
     dev = bundled.resolve("bundled:sst2/dev.tsv").read_text().splitlines()
     assert dev == (shared_data / "sst2" / "dev.tsv").read_text().splitlines()[:501]
     assert len(load_rows("bundled:sst2/dev.tsv")) == 500
-    with pytest.raises(FileNotFoundError, match=r"bundled: \['bundled:sst2/dev.tsv', 'bundled:sst2/train.tsv'\]"):
+    with pytest.raises(FileNotFoundError, match=r"bundled: \[.*'bundled:sst2/dev.tsv', 'bundled:sst2/train.tsv'\]"):
         bundled.resolve("bundled:sst2/test.tsv")
     with pytest.raises(FileNotFoundError, match="not a data file shipped"):
         bundled.resolve("bundled:../configs/base.yaml")

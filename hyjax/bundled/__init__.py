@@ -1,7 +1,8 @@
 """Data files shipped inside the package, named `bundled:<path>` in configs (`bundled:sst2/train.tsv`).
 
 They are found next to this module, so a run reads them from any working directory after a plain
-`pip install`. Today: a 2,000-row training and 500-row dev sample of SST-2 (sst2/ORIGIN.md).
+`pip install`. Today: a 2,000-row training and 500-row dev sample of SST-2 (sst2/ORIGIN.md), and 2,000 +
+200 generated arithmetic word problems for GRPO (arithmetic/ORIGIN.md).
 """
 
 from __future__ import annotations
