@@ -1,6 +1,6 @@
 """Benchmark: faults injected into real training runs, and whether each run survived them.
 
-    python bench/reliability.py [--kills 20] [--damages 3] [--full-disks 2] [--seed 0]
+    python bench/reliability.py [--kills 20] [--damages 3] [--full-disks 2] [--process-kills 5] [--seed 0]
                                 [--out bench/results] [--work runs/bench-reliability]
 
 Every trial trains LoRA on a tiny randomly initialised LLaMA (SmolLM2-135M-Instruct's tokenizer) on the
@@ -12,11 +12,16 @@ bundled SST-2 sample, 24 steps with a checkpoint every 2 saved in the background
 * **damage** (cut / flipped / missing): the run stopped after step 8, one random file of checkpoint 8
   damaged, then the same command again (it must pass over 8 and resume at 6);
 * **full disk**: the run stopped after step 8 is started again under a 4 KiB file-size limit (its next
-  save fails), then again without it.
+  save fails), then again without it;
+* **process killed**: the same run as 2 processes (`--num-processes 2`, one CPU device each); process 1
+  SIGKILLed at a random moment after the first checkpoint; process 0 must end with its one-line message
+  and exit code 3 within the heartbeat timeout (20 s here), and both started again must finish as an
+  uninterrupted 2-process run did.
 
 A trial survived when the finished run's losses (every step) and final adapters equal the uninterrupted
-run's bitwise, every checkpoint left restores, and no damaged checkpoint was deleted. Writes
-`reliability.{json,md}` under `--out`.
+run's bitwise, every checkpoint left restores, and no damaged checkpoint was deleted. Last, the generated
+bad inputs of tests/bad_inputs.py are tried (through tests/test_bad_inputs.py) and counted per kind.
+Writes `reliability.{json,md}` under `--out`.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import pathlib
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 
@@ -41,6 +48,7 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             tie_embeddings=True, max_position_embeddings=256)
 STEPS, EVERY, STOPPED_AT = 24, 2, 8
+HEARTBEAT_TIMEOUT = 20
 
 
 def lay_out_model(work: pathlib.Path) -> pathlib.Path:
@@ -59,7 +67,10 @@ def lay_out_model(work: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def command(model: pathlib.Path, output: pathlib.Path) -> list[str]:
+def command(model: pathlib.Path, output: pathlib.Path, process: int | None = None, port: int = 0) -> list[str]:
+    """The run's command line; with `process`, that process's of a 2-process run coordinated on `port`."""
+    processes = [] if process is None else [f"--coordinator=localhost:{port}", "--num-processes=2",
+                                            f"--process-id={process}", f"--heartbeat-timeout={HEARTBEAT_TIMEOUT}"]
     return [sys.executable, "-m", "hyjax.train", "base", "model.preset=null", f"model.path={model}",
             "data.path=bundled:sst2/train.tsv", "data.eval_path=bundled:sst2/dev.tsv", "data.chat=false",
             "data.max_length=48", "data.bucket=16", f"train.steps={STEPS}", "train.global_batch_size=4",
@@ -67,7 +78,18 @@ def command(model: pathlib.Path, output: pathlib.Path) -> list[str]:
             f"checkpoint.every_steps={EVERY}", "checkpoint.keep=null", "eval.num_examples=8",
             "eval.generation_samples=0", "eval.before_training=false",
             f"logging.output_dir={output}", "logging.every_steps=1", "logging.progress_bar=false",
-            "export.peft_adapter=false"]
+            "export.peft_adapter=false", *processes]
+
+
+def two_processes(model: pathlib.Path, output: pathlib.Path, logs: pathlib.Path) -> list[subprocess.Popen]:
+    """Starts both processes of the 2-process run (one CPU device each), their output in `logs`/process_<i>.log."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
+    logs.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(command(model, output, i, port), env=env, stdout=open(logs / f"process_{i}.log", "w"),
+                             stderr=subprocess.STDOUT) for i in range(2)]
 
 
 def losses(output: pathlib.Path) -> dict[int, float]:
@@ -178,6 +200,55 @@ def full_disk_trial(model, reference, folder) -> dict:
             "survived": result["survived"] and clear and intact_after_failure}
 
 
+def process_kill_trial(model, reference, folder, rng) -> dict:
+    logs = folder.with_name(folder.name + "-logs")
+    processes = two_processes(model, folder, logs)
+    while processes[0].poll() is None and not any(p.name.isdigit() for p in (folder / "checkpoints").glob("*")):
+        time.sleep(0.01)
+    delay = rng.uniform(0, reference["seconds_between_checkpoints"])
+    time.sleep(delay)
+    finished_first = processes[0].poll() is not None
+    processes[1].send_signal(signal.SIGKILL)
+    processes[1].wait()
+    killed_at = time.perf_counter()
+    try:
+        code = processes[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        processes[0].kill()
+        code = None
+    ended_after = time.perf_counter() - killed_at
+    last_line = ((logs / "process_0.log").read_text().strip().splitlines() or [""])[-1]
+    clear = finished_first or (code == 3 and last_line.startswith("error: process 0 of 2 lost contact"))
+    before = checkpoint_steps(folder)
+    processes = two_processes(model, folder, logs)
+    codes = [p.wait(timeout=900) for p in processes]
+    log = (logs / "process_0.log").read_text()
+    result = outcome(folder, reference, subprocess.CompletedProcess([], max(codes), log, log))
+    shutil.rmtree(logs, ignore_errors=True)
+    return {"kind": "process killed", "delay_seconds": round(delay, 2), "ended_before_the_kill": finished_first,
+            "survivor_exit_code": code, "survivor_ended_after_seconds": round(ended_after, 1),
+            "survivor_message": last_line, "checkpoints_at_kill": before, **result,
+            "survived": result["survived"] and clear}
+
+
+def bad_inputs(work: pathlib.Path) -> dict:
+    """tests/test_bad_inputs.py run once: per kind of input, how many were tried and answered clearly."""
+    report = work / "bad_inputs.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "tests/test_bad_inputs.py", "-q", "-n", "0", "-p",
+                    "no:cacheprovider", f"--junit-xml={report}"], cwd=PROJECT_ROOT, capture_output=True)
+    kinds: dict[str, dict[str, int]] = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        name = case.get("name")
+        kind = name.split("[")[1].split(":")[0] if "one_clear_line" in name else (
+            "through the command line" if "real_command_line" in name else None)
+        if kind is None:
+            continue
+        counts = kinds.setdefault(kind, {"tried": 0, "answered_clearly": 0})
+        counts["tried"] += 1
+        counts["answered_clearly"] += not any(child.tag in ("failure", "error") for child in case)
+    return kinds
+
+
 def markdown(report: dict) -> str:
     trials = report["trials"]
     kinds = list(dict.fromkeys(t["kind"] for t in trials))
@@ -194,11 +265,50 @@ def markdown(report: dict) -> str:
         lost = sum(len(t.get("unreadable_checkpoints", [])) + (t.get("damaged_checkpoint_kept") is False)
                    for t in group)
         notes = ""
+        resumed = sorted({int(t["resumed_from"]) for t in group if t.get("resumed_from")})
         if kind == "kill":
             notes = (f"{sum(t['killed_during_a_save'] for t in group)} killed during a save; resumed from "
-                     f"steps {sorted({int(t['resumed_from']) for t in group if t['resumed_from']})}")
+                     f"steps {resumed}")
+        elif kind == "process killed":
+            clear = [t for t in group if t["survivor_exit_code"] == 3]
+            other = [t for t in group if t["survivor_exit_code"] != 3]
+            notes = (f"{len(clear)} survivors printed the one-line message and exited 3 within "
+                     f"{max((t['survivor_ended_after_seconds'] for t in clear), default=0)} s")
+            if other:
+                notes += (f"; {len(other)} were ended by JAX's heartbeat timeout "
+                          f"({min(t['survivor_ended_after_seconds'] for t in other)}-"
+                          f"{max(t['survivor_ended_after_seconds'] for t in other)} s) with its own fatal error "
+                          f"(exit codes {sorted({t['survivor_exit_code'] for t in other})}), not ours")
+            relaunched = sum(t.get("same_losses", False) and t.get("same_adapters", False) for t in group)
+            notes += f"; {relaunched} relaunches finished bitwise equal; resumed from steps {resumed}"
         lines.append(f"| {kind} | {len(group)} | {sum(t['survived'] for t in group)} | {lost} | {notes} |")
+    if report.get("bad_inputs"):
+        lines += ["", "Generated bad inputs (tests/bad_inputs.py): answered clearly means exit code 2 and one line "
+                  "on stderr naming what is wrong, before any compile or download, no traceback, and checkpoints "
+                  "unchanged.", "", "| input | tried | answered clearly |", "| --- | ---: | ---: |"]
+        lines += [f"| {kind} | {c['tried']} | {c['answered_clearly']} |" for kind, c in report["bad_inputs"].items()]
     return "\n".join(lines) + "\n"
+
+
+def uninterrupted(processes: list[subprocess.Popen], output: pathlib.Path) -> dict:
+    """Waits for the uninterrupted run `processes` train into `output`; its losses, adapters, checkpoints and
+    the seconds from its first checkpoint to its last (the window the kills fall in)."""
+    start = time.perf_counter()
+    while processes[0].poll() is None and not any(p.name.isdigit() for p in (output / "checkpoints").glob("*")):
+        time.sleep(0.01)
+    first_checkpoint = time.perf_counter()
+    while processes[0].poll() is None and not (output / "checkpoints" / str(STEPS)).is_dir():
+        time.sleep(0.01)
+    last_checkpoint = time.perf_counter()
+    if any(process.wait() != 0 for process in processes):
+        sys.exit(f"the uninterrupted run in {output} failed")
+    reference = {"output": output, "losses": losses(output), "adapters": final_adapters(output),
+                 "checkpoints": checkpoint_steps(output),
+                 "seconds_between_checkpoints": last_checkpoint - first_checkpoint}
+    print(f"uninterrupted ({len(processes)} process{'es' if len(processes) > 1 else ''}): "
+          f"{time.perf_counter() - start:.0f} s, {reference['seconds_between_checkpoints']:.1f} s from the first "
+          f"checkpoint to the last, checkpoints {reference['checkpoints']}", flush=True)
+    return reference
 
 
 def main() -> None:
@@ -206,6 +316,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--damages", type=int, default=3, help="trials of each damage kind")
     parser.add_argument("--full-disks", type=int, default=2)
+    parser.add_argument("--process-kills", type=int, default=5, help="2-process runs with one process killed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--work", type=pathlib.Path, default=PROJECT_ROOT / "runs" / "bench-reliability")
@@ -216,25 +327,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = lay_out_model(args.work)
 
-    output = args.work / "trials" / "uninterrupted"
-    start = time.perf_counter()
-    process = subprocess.Popen(command(model, output), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while process.poll() is None and not any(p.name.isdigit() for p in (output / "checkpoints").glob("*")):
-        time.sleep(0.01)
-    first_checkpoint = time.perf_counter()
-    while process.poll() is None and not (output / "checkpoints" / str(STEPS)).is_dir():
-        time.sleep(0.01)
-    last_checkpoint = time.perf_counter()
-    if process.wait() != 0:
-        sys.exit(f"the uninterrupted run failed: {process.stderr.read()[-2000:]}")
-    reference = {"output": output, "losses": losses(output), "adapters": final_adapters(output),
-                 "checkpoints": checkpoint_steps(output),
-                 "seconds_between_checkpoints": last_checkpoint - first_checkpoint}
-    print(f"uninterrupted: {time.perf_counter() - start:.0f} s, {reference['seconds_between_checkpoints']:.1f} s "
-          f"from the first checkpoint to the last, checkpoints {reference['checkpoints']}", flush=True)
+    reference = uninterrupted([subprocess.Popen(command(model, args.work / "trials" / "uninterrupted"),
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)],
+                              args.work / "trials" / "uninterrupted")
+    if args.process_kills:
+        output = args.work / "trials" / "uninterrupted-2-processes"
+        reference_2 = uninterrupted(two_processes(model, output, output.with_name(output.name + "-logs")), output)
 
     plan = ([("kill", None)] * args.kills + [("damage", kind) for kind in ("cut", "flipped", "missing")
-                                             for _ in range(args.damages)] + [("full disk", None)] * args.full_disks)
+                                             for _ in range(args.damages)] + [("full disk", None)] * args.full_disks
+            + [("process killed", None)] * args.process_kills)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpu_model": cpu_model(), "cores": cores()},
               "command": "python bench/reliability.py " + " ".join(sys.argv[1:]), "trials": []}
@@ -244,8 +346,10 @@ def main() -> None:
             trial = kill_trial(model, reference, folder, rng)
         elif kind == "damage":
             trial = damage_trial(model, reference, folder, detail, rng)
-        else:
+        elif kind == "full disk":
             trial = full_disk_trial(model, reference, folder)
+        else:
+            trial = process_kill_trial(model, reference_2, folder, rng)
         report["trials"].append(trial)
         print(f"[{index + 1}/{len(plan)}] {trial['kind']}: {'survived' if trial['survived'] else 'LOST'} {trial}",
               flush=True)
@@ -253,6 +357,10 @@ def main() -> None:
         (args.out / "reliability.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         (args.out / "reliability.md").write_text(markdown(report))
         shutil.rmtree(folder, ignore_errors=True)
+    report["bad_inputs"] = bad_inputs(args.work)
+    print(f"bad inputs: {report['bad_inputs']}", flush=True)
+    (args.out / "reliability.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (args.out / "reliability.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":
