@@ -40,47 +40,35 @@ def smoothing_window(n_steps: int) -> int:
 def loss_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     """Training loss at every step (raw, and smoothed over `smoothing_window` steps) and the held-out
     loss at each evaluation (step 0: before training), as a PNG."""
-    plt = _pyplot()
-    by_step = {r["step"]: r["loss"] for r in records if "loss" in r}  # a resumed run's redone steps: the last
-    held_out = sorted({r["step"]: r["eval/loss"] for r in records if "eval/loss" in r}.items())
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if by_step:
-        steps, losses = zip(*sorted(by_step.items()))
-        window = smoothing_window(len(steps))
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (each step)")
-        if window > 1:
-            ax.plot(steps, smoothed(np.asarray(losses, float), window), color="tab:blue", linewidth=1.6,
-                    label=f"train loss (smoothed, {window} steps)")
-    if held_out:
-        ax.plot(*zip(*held_out), "o:", color="tab:orange", label="held-out loss (at each evaluation)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("answer-token cross-entropy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return _step_curve(records, path, "loss", "eval/loss", what="train loss", held_out="held-out loss",
+                       ylabel="answer-token cross-entropy", color="tab:blue")
 
 
 def reward_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     """GRPO: the mean reward of each step's completions (raw, and smoothed over `smoothing_window` steps)
     and the held-out exact match at each evaluation (step 0: before training), as a PNG."""
+    return _step_curve(records, path, "reward", "eval/exact_match", what="mean reward",
+                       held_out="held-out exact match (greedy)", ylabel="reward / exact match", color="tab:green")
+
+
+def _step_curve(records: list[dict], path, key: str, eval_key: str, *, what: str, held_out: str, ylabel: str,
+                color: str) -> pathlib.Path:
+    """`key` at every step, raw and smoothed, and `eval_key` at each evaluation as dotted points."""
     plt = _pyplot()
-    by_step = {r["step"]: r["reward"] for r in records if "reward" in r}
-    held_out = sorted({r["step"]: r["eval/exact_match"] for r in records if "eval/exact_match" in r}.items())
+    by_step = {r["step"]: r[key] for r in records if key in r}  # a resumed run's redone steps: the last
+    evaluations = sorted({r["step"]: r[eval_key] for r in records if eval_key in r}.items())
     fig, ax = plt.subplots(figsize=(7, 4))
     if by_step:
-        steps, rewards = zip(*sorted(by_step.items()))
+        steps, values = zip(*sorted(by_step.items()))
         window = smoothing_window(len(steps))
-        ax.plot(steps, rewards, color="tab:green", alpha=0.3, linewidth=0.8, label="mean reward (each step)")
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8, label=f"{what} (each step)")
         if window > 1:
-            ax.plot(steps, smoothed(np.asarray(rewards, float), window), color="tab:green", linewidth=1.6,
-                    label=f"mean reward (smoothed, {window} steps)")
-    if held_out:
-        ax.plot(*zip(*held_out), "o:", color="tab:orange", label="held-out exact match (greedy)")
+            ax.plot(steps, smoothed(np.asarray(values, float), window), color=color, linewidth=1.6,
+                    label=f"{what} (smoothed, {window} steps)")
+    if evaluations:
+        ax.plot(*zip(*evaluations), "o:", color="tab:orange", label=f"{held_out} (at each evaluation)")
     ax.set_xlabel("step")
-    ax.set_ylabel("reward / exact match")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
