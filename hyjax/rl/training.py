@@ -133,6 +133,7 @@ class GRPOStep:
             if iteration == 0:
                 first = metrics
         state = state.replace(step=state.step + 1)
+        jax.block_until_ready(metrics)  # the updates run asynchronously: time them finished
         trained = time.perf_counter()
         tokens = float(whole["loss_mask"].sum())
         return state, {**metrics, "ratio_first_update": first["ratio"],
