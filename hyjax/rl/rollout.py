@@ -9,7 +9,7 @@ processes sample what one uninterrupted process does.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,9 +19,8 @@ import numpy as np
 from hyjax.data.batching import loss_slots, pad_batch, round_up
 from hyjax.data.examples import Example
 from hyjax.rl.objective import group_advantages
+from hyjax.rl.rewards import Reward
 from hyjax.sampling import SamplingConfig, generate_with_log_probs
-
-Reward = Callable[[str, Mapping[str, Any]], float]
 
 
 def completion_keys(key: jax.Array, step: int, prompt_indices: Sequence[int], group_size: int) -> jax.Array:

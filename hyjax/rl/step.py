@@ -52,8 +52,8 @@ def token_log_probs(model_config, params: dict, batch: dict, temperature: float)
     logits = model_apply(model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"], index)
     targets = jnp.take_along_axis(batch["targets"], index, axis=-1)
     picked = sampling_log_probs(logits, targets, temperature) * valid
-    return jax.vmap(lambda row, i, v: jnp.zeros(batch["tokens"].shape[-1], jnp.float32).at[i].add(v))(
-        batch["tokens"], index, picked) * batch["loss_mask"]
+    rows = jnp.arange(index.shape[0])[:, None]
+    return jnp.zeros(batch["loss_mask"].shape, jnp.float32).at[rows, index].add(picked) * batch["loss_mask"]
 
 
 def grpo_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, lambdas: bool,
