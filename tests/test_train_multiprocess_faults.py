@@ -5,12 +5,14 @@ resume from the last checkpoint with the losses of an uninterrupted run."""
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 
 from hyjax.config import load_config
 from hyjax.training import train
@@ -22,19 +24,46 @@ STEPS = ["method.name=lora", "train.steps=8", "checkpoint.every_steps=2", "eval.
 HEARTBEAT_TIMEOUT = 20
 
 
-def test_a_killed_process_ends_the_other_and_both_resume(tiny_checkpoint, sentiment_data, tmp_path):
-    output = tmp_path / "run"
-    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, output, *STEPS)
+def _start_two_processes(overrides, tmp_path, heartbeat_timeout):
+    """Both processes of a run as `python -m hyjax.train` commands (each a supervising parent and its
+    training child); returns them and their log files once the checkpoint of step 2 is on disk."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "hyjax.train", "base", *overrides, f"--coordinator=localhost:{_free_port()}",
-               "--num-processes=2", f"--heartbeat-timeout={HEARTBEAT_TIMEOUT}"]
+               "--num-processes=2", f"--heartbeat-timeout={heartbeat_timeout}"]
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]
     processes = [subprocess.Popen([*command, f"--process-id={i}"], env=env, stdout=open(logs[i], "w"),
                                   stderr=subprocess.STDOUT) for i in range(2)]
+    output = next(pathlib.Path(o.split("=", 1)[1]) for o in overrides if o.startswith("logging.output_dir="))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (output / "checkpoints" / "2").is_dir():
         time.sleep(0.05)
-    processes[1].send_signal(signal.SIGKILL)
+    return processes, logs
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int, wait: float = 10.0) -> bool:
+    """Whether process `pid` still runs after up to `wait` seconds (a zombie no longer runs)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        if state in "ZX":
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_killed_process_ends_the_other_and_both_resume(tiny_checkpoint, sentiment_data, tmp_path):
+    output = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, output, *STEPS)
+    processes, logs = _start_two_processes(overrides, tmp_path, HEARTBEAT_TIMEOUT)
+    training = _children(processes[1].pid)
+    processes[1].send_signal(signal.SIGKILL)  # the parent: its training child dies with it
     killed_at = time.monotonic()
     code = processes[0].wait(timeout=120)
     assert time.monotonic() - killed_at < HEARTBEAT_TIMEOUT + 10
@@ -43,6 +72,7 @@ def test_a_killed_process_ends_the_other_and_both_resume(tiny_checkpoint, sentim
     assert log.splitlines()[-1].startswith("error: process 0 of 2 lost contact with the others (")
     assert log.splitlines()[-1].endswith(f"The checkpoints in {output / 'checkpoints'} are intact: start every "
                                          "process again with the same command to resume")
+    assert training and not any(_alive(pid) for pid in training), "a training child outlived its parent"
     reached = max(int(p.name) for p in (output / "checkpoints").iterdir() if p.name.isdigit())
     assert reached < 8, "the run finished before a process was killed; the test proves nothing"
 
@@ -54,6 +84,37 @@ def test_a_killed_process_ends_the_other_and_both_resume(tiny_checkpoint, sentim
     assert sorted(ours) == list(range(1, 9))
     # 2 processes sum gradients in another order than 1 (tests/test_train_multiprocess.py)
     np.testing.assert_allclose([ours[s] for s in sorted(ours)], [theirs[s] for s in sorted(theirs)], rtol=2e-6)
+
+
+@pytest.mark.parametrize("silent", [1, 0], ids=["worker silent", "coordinator silent"])
+def test_a_silent_process_ends_the_other_with_the_same_message(silent, tiny_checkpoint, sentiment_data, tmp_path):
+    """A process that stops (SIGSTOP: its sockets stay open, so no collective fails at once) is declared
+    dead after the heartbeat timeout (by the coordination service, or by the survivor's client when the
+    stopped process hosts the service), and JAX's client then aborts the survivor from C++ (SIGABRT): the
+    survivor's parent ends it with the one-line message and exit 3 all the same."""
+    output = tmp_path / "run"
+    heartbeat_timeout = 10
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, output, *STEPS)
+    processes, logs = _start_two_processes(overrides, tmp_path, heartbeat_timeout)
+    survivor = 1 - silent
+    (stopped,) = _children(processes[silent].pid)
+    os.kill(stopped, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        code = processes[survivor].wait(timeout=120)
+        ended_after = time.monotonic() - stopped_at
+    finally:
+        processes[silent].kill()
+    log = logs[survivor].read_text()
+    assert code == 3, log[-3000:]
+    assert heartbeat_timeout - 1 < ended_after < heartbeat_timeout + 15
+    assert "Terminating process because the JAX distributed service detected fatal errors" in log
+    assert log.splitlines()[-1] == (
+        f"error: process {survivor} of 2 lost contact with the others (JAX's distributed runtime ended its "
+        f"training with SIGABRT, see above): another process most likely died. The checkpoints in "
+        f"{output / 'checkpoints'} are intact: start every process again with the same command to resume")
+    processes[silent].wait(timeout=10)
+    assert not _alive(stopped), "the stopped child outlived its parent"
 
 
 def test_a_peer_lost_during_a_save_counts_as_lost_contact(monkeypatch):

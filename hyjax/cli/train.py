@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from hyjax.cli import supervisor
+
 DEFAULT_CONFIG = "quickstart"
 
 
@@ -43,8 +45,16 @@ def split_arguments(items: list[str], config: str | None) -> tuple[str, list[str
     return (files[0] if files else DEFAULT_CONFIG), overrides
 
 
+def lost_contact_message(where: str, detail: str, checkpoint_dir) -> str:
+    """The one line a surviving process of a multi-process run ends with."""
+    return (f"error: {where} lost contact with the others ({detail}): another process most likely died. The "
+            f"checkpoints in {checkpoint_dir} are intact: start every process again with the same command to resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if supervisor.is_child():
+        supervisor.die_with_parent()
     # deferred: --help and argument errors answer before JAX and the model code load
     import jax
 
@@ -58,22 +68,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_name, overrides = split_arguments(args.items, args.config)
         config = load_config(config_name, overrides)
+        if distributed.is_multi_process_launch(args.coordinator) and not supervisor.is_child():
+            return supervisor.run(sys.argv[1:] if argv is None else argv, lost_contact_message(
+                _this_process(args), "JAX's distributed runtime ended its training with SIGABRT, see above",
+                config.checkpoint_dir))
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
         try:
             train(config)  # prints its summary; an interrupted run has saved a checkpoint to resume from
         except Exception as err:
             if not distributed.lost_contact(err):
                 raise
-            print(f"error: process {jax.process_index()} of {jax.process_count()} lost "
-                  f"contact with the others ({str(err).splitlines()[0]}): another process most likely died. The "
-                  f"checkpoints in {config.checkpoint_dir} are intact: start every process again with the same "
-                  "command to resume", file=sys.stderr, flush=True)
+            print(lost_contact_message(f"process {jax.process_index()} of {jax.process_count()}",
+                                       str(err).splitlines()[0], config.checkpoint_dir), file=sys.stderr, flush=True)
             os._exit(3)  # not JAX's shutdown, whose barrier would wait for the dead process
     except (ConfigError, CheckpointMismatchError, MalformedDataError, FileNotFoundError, CheckpointError,
             UnsupportedConfigError, PretrainedFetchError, NonFiniteError, CheckpointWriteError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _this_process(args) -> str:
+    """"process i of n" from the command line or HYJAX_* variables; "this process" on a detected cluster."""
+    index = args.process_id if args.process_id is not None else os.environ.get("HYJAX_PROCESS_ID")
+    count = args.num_processes or os.environ.get("HYJAX_NUM_PROCESSES")
+    return "this process" if index is None or not count else f"process {index} of {count}"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     been silent for `heartbeat_timeout` seconds (or `HYJAX_HEARTBEAT_TIMEOUT`; default 60), instead of
     waiting forever in the next collective.
     """
-    coordinator = coordinator or os.environ.get("HYJAX_COORDINATOR")
+    coordinator = _coordinator(coordinator)
     num_processes = num_processes or _int_env("HYJAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _int_env("HYJAX_PROCESS_ID")
     heartbeat_timeout = heartbeat_timeout or _int_env("HYJAX_HEARTBEAT_TIMEOUT") or HEARTBEAT_TIMEOUT
@@ -41,6 +41,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
     elif _cluster_detected():
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def is_multi_process_launch(coordinator: str | None = None) -> bool:
+    """Whether `initialize` with this coordinator argument starts a multi-process run (a coordinator
+    given, or a cluster JAX detects), judged without starting anything."""
+    return _coordinator(coordinator) is not None or _cluster_detected()
+
+
+def _coordinator(coordinator: str | None) -> str | None:
+    return coordinator or os.environ.get("HYJAX_COORDINATOR")
 
 
 def _int_env(name: str) -> int | None:
