@@ -86,6 +86,23 @@ def test_a_killed_process_ends_the_other_and_both_resume(tiny_checkpoint, sentim
     np.testing.assert_allclose([ours[s] for s in sorted(ours)], [theirs[s] for s in sorted(theirs)], rtol=2e-6)
 
 
+def test_sigterm_reaches_the_training_children(tiny_checkpoint, sentiment_data, tmp_path):
+    """Preemption: SIGTERM to each command (the supervising parent) reaches its training child once, so
+    both save a checkpoint of the same finished step and exit 0."""
+    output = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, output, *STEPS)
+    processes, logs = _start_two_processes(overrides, tmp_path, HEARTBEAT_TIMEOUT)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    codes = [process.wait(timeout=120) for process in processes]
+    log = logs[0].read_text()
+    assert codes == [0, 0], log[-3000:]
+    stopped = [line for line in log.splitlines() if "stopped by SIGTERM after step" in line]
+    assert stopped, log[-3000:]
+    step = int(stopped[-1].split("after step ")[1].split()[0].rstrip(".:,;"))
+    assert step < 8 and (output / "checkpoints" / str(step)).is_dir()
+
+
 @pytest.mark.parametrize("silent", [1, 0], ids=["worker silent", "coordinator silent"])
 def test_a_silent_process_ends_the_other_with_the_same_message(silent, tiny_checkpoint, sentiment_data, tmp_path):
     """A process that stops (SIGSTOP: its sockets stay open, so no collective fails at once) is declared
