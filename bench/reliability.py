@@ -1,7 +1,7 @@
 """Benchmark: faults injected into real training runs, and whether each run survived them.
 
     python bench/reliability.py [--kills 20] [--damages 3] [--full-disks 2] [--process-kills 5] [--seed 0]
-                                [--out bench/results] [--work runs/bench-reliability]
+                                [--kinds kill,damage,...] [--out bench/results] [--work runs/bench-reliability]
 
 Every trial trains LoRA on a tiny randomly initialised LLaMA (SmolLM2-135M-Instruct's tokenizer) on the
 bundled SST-2 sample, 24 steps with a checkpoint every 2 saved in the background, through
@@ -13,15 +13,16 @@ bundled SST-2 sample, 24 steps with a checkpoint every 2 saved in the background
   damaged, then the same command again (it must pass over 8 and resume at 6);
 * **full disk**: the run stopped after step 8 is started again under a 4 KiB file-size limit (its next
   save fails), then again without it;
-* **process killed**: the same run as 2 processes (`--num-processes 2`, one CPU device each); process 1
-  SIGKILLed at a random moment after the first checkpoint; process 0 must end with its one-line message
-  and exit code 3 within the heartbeat timeout (20 s here), and both started again must finish as an
-  uninterrupted 2-process run did.
+* **process killed**: the same run as 2 processes (`--num-processes 2`, one CPU device each); the training
+  process under one command SIGKILLed at a random moment after the first checkpoint (process 1 and process
+  0, the coordinator, in turn); the other must end with its one-line message and exit code 3 within the
+  heartbeat timeout (20 s here), and both started again must finish as an uninterrupted 2-process run did.
 
 A trial survived when the finished run's losses (every step) and final adapters equal the uninterrupted
 run's bitwise, every checkpoint left restores, and no damaged checkpoint was deleted. Last, the generated
 bad inputs of tests/bad_inputs.py are tried (through tests/test_bad_inputs.py) and counted per kind.
-Writes `reliability.{json,md}` under `--out`.
+Writes `reliability.{json,md}` under `--out`; `--kinds` runs some kinds again and keeps the others'
+results from the JSON there (each sitting's command listed).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import os
 import pathlib
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -49,6 +51,7 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=
             tie_embeddings=True, max_position_embeddings=256)
 STEPS, EVERY, STOPPED_AT = 24, 2, 8
 HEARTBEAT_TIMEOUT = 20
+KINDS = ("kill", "damage", "full disk", "process killed", "bad inputs")
 
 
 def lay_out_model(work: pathlib.Path) -> pathlib.Path:
@@ -200,32 +203,38 @@ def full_disk_trial(model, reference, folder) -> dict:
             "survived": result["survived"] and clear and intact_after_failure}
 
 
-def process_kill_trial(model, reference, folder, rng) -> dict:
+def process_kill_trial(model, reference, folder, rng, victim: int) -> dict:
     logs = folder.with_name(folder.name + "-logs")
     processes = two_processes(model, folder, logs)
+    survivor = 1 - victim
     while processes[0].poll() is None and not any(p.name.isdigit() for p in (folder / "checkpoints").glob("*")):
         time.sleep(0.01)
     delay = rng.uniform(0, reference["seconds_between_checkpoints"])
     time.sleep(delay)
-    finished_first = processes[0].poll() is not None
-    processes[1].send_signal(signal.SIGKILL)
-    processes[1].wait()
+    finished_first = processes[survivor].poll() is not None
+    # the training process under the command (as the kernel's OOM killer would pick it), not the command
+    training = [int(pid) for pid in pathlib.Path(f"/proc/{processes[victim].pid}/task/{processes[victim].pid}"
+                                                 "/children").read_text().split()]
+    for pid in training:
+        os.kill(pid, signal.SIGKILL)
+    processes[victim].wait()
     killed_at = time.perf_counter()
     try:
-        code = processes[0].wait(timeout=120)
+        code = processes[survivor].wait(timeout=120)
     except subprocess.TimeoutExpired:
-        processes[0].kill()
+        processes[survivor].kill()
         code = None
     ended_after = time.perf_counter() - killed_at
-    last_line = ((logs / "process_0.log").read_text().strip().splitlines() or [""])[-1]
-    clear = finished_first or (code == 3 and last_line.startswith("error: process 0 of 2 lost contact"))
+    last_line = ((logs / f"process_{survivor}.log").read_text().strip().splitlines() or [""])[-1]
+    clear = finished_first or (code == 3 and last_line.startswith(f"error: process {survivor} of 2 lost contact"))
     before = checkpoint_steps(folder)
     processes = two_processes(model, folder, logs)
     codes = [p.wait(timeout=900) for p in processes]
     log = (logs / "process_0.log").read_text()
     result = outcome(folder, reference, subprocess.CompletedProcess([], max(codes), log, log))
     shutil.rmtree(logs, ignore_errors=True)
-    return {"kind": "process killed", "delay_seconds": round(delay, 2), "ended_before_the_kill": finished_first,
+    return {"kind": "process killed", "killed_process": victim, "delay_seconds": round(delay, 2),
+            "ended_before_the_kill": finished_first,
             "survivor_exit_code": code, "survivor_ended_after_seconds": round(ended_after, 1),
             "survivor_message": last_line, "checkpoints_at_kill": before, **result,
             "survived": result["survived"] and clear}
@@ -249,11 +258,26 @@ def bad_inputs(work: pathlib.Path) -> dict:
     return kinds
 
 
+def earlier_results(path: pathlib.Path, kinds: list[str]) -> dict:
+    """The report at `path` less the trials (and bad inputs) of `kinds`, which this sitting runs again; an
+    empty report when there is none."""
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    if "sittings" not in report:  # the first sittings wrote one date and command, and ran every kind
+        report = {"sittings": [{"date": report["date"], "command": report["command"], "kinds": list(KINDS)}],
+                  **{k: v for k, v in report.items() if k not in ("date", "command")}} if report else {}
+    report.setdefault("sittings", [])
+    report["trials"] = [t for t in report.get("trials", []) if t["kind"].split(" (")[0] not in kinds]
+    if "bad inputs" in kinds:
+        report.pop("bad_inputs", None)
+    return report
+
+
 def markdown(report: dict) -> str:
     trials = report["trials"]
     kinds = list(dict.fromkeys(t["kind"] for t in trials))
-    lines = [f"# Faults injected into training runs ({report['date']})", "",
-             f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores. Command: `{report['command']}`.",
+    sittings = "; ".join(f"`{s['command']}` ({s['date']}: {', '.join(s['kinds'])})" for s in report["sittings"])
+    lines = [f"# Faults injected into training runs ({report['sittings'][-1]['date']})", "",
+             f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores. Commands: {sittings}.",
              "", f"LoRA on a tiny LLaMA, {STEPS} steps, a checkpoint every {EVERY} saved in the background. "
              "Survived: the finished run's losses and final adapters equal the uninterrupted run's bitwise, "
              "every checkpoint left restores, and a damaged checkpoint is kept (moved to checkpoints/damaged/) "
@@ -270,15 +294,14 @@ def markdown(report: dict) -> str:
             notes = (f"{sum(t['killed_during_a_save'] for t in group)} killed during a save; resumed from "
                      f"steps {resumed}")
         elif kind == "process killed":
-            clear = [t for t in group if t["survivor_exit_code"] == 3]
-            other = [t for t in group if t["survivor_exit_code"] != 3]
-            notes = (f"{len(clear)} survivors printed the one-line message and exited 3 within "
-                     f"{max((t['survivor_ended_after_seconds'] for t in clear), default=0)} s")
-            if other:
-                notes += (f"; {len(other)} were ended by JAX's heartbeat timeout "
-                          f"({min(t['survivor_ended_after_seconds'] for t in other)}-"
-                          f"{max(t['survivor_ended_after_seconds'] for t in other)} s) with its own fatal error "
-                          f"(exit codes {sorted({t['survivor_exit_code'] for t in other})}), not ours")
+            clear = [t for t in group if t["survived"]]
+            seconds = [t["survivor_ended_after_seconds"] for t in clear]
+            notes = (f"killed: process 1 {sum(t['killed_process'] == 1 for t in group)} times, process 0 (the "
+                     f"coordinator) {sum(t['killed_process'] == 0 for t in group)}; {len(clear)} survivors printed the "
+                     f"one-line message and exited 3 after {min(seconds, default=0)}-{max(seconds, default=0)} s")
+            if len(clear) < len(group):
+                notes += (f"; {len(group) - len(clear)} did not (exit codes "
+                          f"{sorted({t['survivor_exit_code'] for t in group if not t['survived']})})")
             relaunched = sum(t.get("same_losses", False) and t.get("same_adapters", False) for t in group)
             notes += f"; {relaunched} relaunches finished bitwise equal; resumed from steps {resumed}"
         lines.append(f"| {kind} | {len(group)} | {sum(t['survived'] for t in group)} | {lost} | {notes} |")
@@ -317,29 +340,39 @@ def main() -> None:
     parser.add_argument("--damages", type=int, default=3, help="trials of each damage kind")
     parser.add_argument("--full-disks", type=int, default=2)
     parser.add_argument("--process-kills", type=int, default=5, help="2-process runs with one process killed")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated, of {', '.join(KINDS)}; the other kinds' results are kept from "
+                             "--out/reliability.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--work", type=pathlib.Path, default=PROJECT_ROOT / "runs" / "bench-reliability")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"unknown --kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     rng = random.Random(args.seed)
     shutil.rmtree(args.work / "trials", ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     model = lay_out_model(args.work)
 
-    reference = uninterrupted([subprocess.Popen(command(model, args.work / "trials" / "uninterrupted"),
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)],
-                              args.work / "trials" / "uninterrupted")
-    if args.process_kills:
+    if {"kill", "damage", "full disk"} & set(kinds):
+        reference = uninterrupted([subprocess.Popen(command(model, args.work / "trials" / "uninterrupted"),
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)],
+                                  args.work / "trials" / "uninterrupted")
+    if args.process_kills and "process killed" in kinds:
         output = args.work / "trials" / "uninterrupted-2-processes"
         reference_2 = uninterrupted(two_processes(model, output, output.with_name(output.name + "-logs")), output)
 
     plan = ([("kill", None)] * args.kills + [("damage", kind) for kind in ("cut", "flipped", "missing")
                                              for _ in range(args.damages)] + [("full disk", None)] * args.full_disks
-            + [("process killed", None)] * args.process_kills)
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpu_model": cpu_model(), "cores": cores()},
-              "command": "python bench/reliability.py " + " ".join(sys.argv[1:]), "trials": []}
+            + [("process killed", victim % 2) for victim in range(1, args.process_kills + 1)])
+    plan = [(kind, detail) for kind, detail in plan if kind in kinds]
+    report = earlier_results(args.out / "reliability.json", kinds)
+    report["machine"] = {"cpu_model": cpu_model(), "cores": cores()}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report["sittings"].append({"date": now, "command": shlex.join(["python", "bench/reliability.py", *sys.argv[1:]]),
+                               "kinds": kinds})
     for index, (kind, detail) in enumerate(plan):
         folder = args.work / "trials" / f"{index:03d}"
         if kind == "kill":
@@ -349,7 +382,7 @@ def main() -> None:
         elif kind == "full disk":
             trial = full_disk_trial(model, reference, folder)
         else:
-            trial = process_kill_trial(model, reference_2, folder, rng)
+            trial = process_kill_trial(model, reference_2, folder, rng, victim=detail)
         report["trials"].append(trial)
         print(f"[{index + 1}/{len(plan)}] {trial['kind']}: {'survived' if trial['survived'] else 'LOST'} {trial}",
               flush=True)
@@ -357,8 +390,9 @@ def main() -> None:
         (args.out / "reliability.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         (args.out / "reliability.md").write_text(markdown(report))
         shutil.rmtree(folder, ignore_errors=True)
-    report["bad_inputs"] = bad_inputs(args.work)
-    print(f"bad inputs: {report['bad_inputs']}", flush=True)
+    if "bad inputs" in kinds:
+        report["bad_inputs"] = bad_inputs(args.work)
+        print(f"bad inputs: {report['bad_inputs']}", flush=True)
     (args.out / "reliability.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (args.out / "reliability.md").write_text(markdown(report))
 

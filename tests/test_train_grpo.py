@@ -5,6 +5,7 @@ after step 2 and resumed equals an uninterrupted one bitwise (the sampler's keys
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from hyjax.config import load_config
 from hyjax.data.arithmetic import write_arithmetic_jsonl
 from hyjax.training import restore, train
+from test_train_multiprocess import _two_processes
 
 
 def grpo_overrides(tiny_checkpoint, data, output, *extra) -> list[str]:
@@ -61,6 +63,31 @@ def test_a_grpo_run_resumes_as_if_uninterrupted(tiny_checkpoint, arithmetic, tmp
             assert resumed[record["step"]][key] == record[key], (record["step"], key)
     ours, theirs = (jax.tree.leaves(jax.device_get(restore(run).state.trainable)) for run in (part, whole))
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_two_processes_train_as_one(tiny_checkpoint, arithmetic, tmp_path, monkeypatch):
+    """Each process samples every completion from keys of (step, prompt, sample) and trains on its share
+    of the rows: 2 processes draw the completions of 1 process at every step (the same rewards and
+    lengths) and reach its losses and adapters up to the order of the gradient's sum. SGD keeps that
+    difference at rounding size; Adam divides near-zero gradients by their own size, and a token
+    sampled later could flip."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(arithmetic.parent), os.environ.get("PYTHONPATH", "")]))
+    single, double = tmp_path / "single", tmp_path / "double"
+    settings = ["train.steps=3", "train.optimizer=sgd", "train.b1=0.0", "train.weight_decay=0.0"]
+    train(load_config(None, grpo_overrides(tiny_checkpoint, arithmetic, single, *settings)), log=lambda text: None)
+    _two_processes(grpo_overrides(tiny_checkpoint, arithmetic, double, *settings))
+    ours, theirs = ({r["step"]: r for r in _records(run) if "reward" in r} for run in (double, single))
+    assert sorted(ours) == sorted(theirs) == [1, 2, 3]
+    for step in ours:
+        for key in ("reward", "reward_std", "completion_tokens"):
+            assert ours[step][key] == theirs[step][key], (step, key)
+        # the loss is a difference of terms near 1 (advantages sum to 0 in each group): an absolute bound
+        np.testing.assert_allclose([ours[step]["loss"], ours[step]["kl"]], [theirs[step]["loss"], theirs[step]["kl"]],
+                                   rtol=1e-5, atol=1e-6)
+    assert len({r["reward"] for r in ours.values()}) > 1, "the rewards never changed: the test proves little"
+    adapters = [jax.tree.leaves(jax.device_get(restore(run).state.trainable)) for run in (double, single)]
+    for a, b in zip(*adapters):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_grpo_settings_are_checked_before_anything_loads():
