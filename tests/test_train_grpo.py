@@ -90,6 +90,31 @@ def test_two_processes_train_as_one(tiny_checkpoint, arithmetic, tmp_path, monke
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_hybrid_lora_scores_its_modules_from_the_policy_gradient(tiny_checkpoint, arithmetic, tmp_path):
+    """Under GRPO, Hybrid-LoRA scores every module from the policy gradient of completions the pretrained
+    model samples (its paper's setting for RL post-training), not from the answer loss of the same rows;
+    when no group's rewards differ that gradient is zero, and the run says so before training."""
+    method = ["method.name=hybrid_lora", "method.hybrid_lora.n_batches=3", "train.steps=1",
+              "eval.before_training=false"]
+    rl, supervised = tmp_path / "rl", tmp_path / "supervised"
+    lines = []
+    train(load_config(None, grpo_overrides(tiny_checkpoint, arithmetic, rl, *method)), log=lines.append)
+    assert "hybrid_lora: sampling 3 groups of 4 completions for the start-up gradient of GRPO's objective" in lines
+    assert "hybrid_lora: averaging the full policy gradient over the 3 groups whose rewards differ" in lines
+    train(load_config(None, grpo_overrides(tiny_checkpoint, arithmetic, supervised, *method, "train.objective=sft")),
+          log=lambda text: None)
+    scores = [{(m["path"], m["layer"]): m["score"] for m in json.loads((run / "module_selection.json").read_text())
+               ["modules"]} for run in (rl, supervised)]
+    assert scores[0].keys() == scores[1].keys()
+    assert all(np.isfinite(value) and value > 0 for value in scores[0].values())
+    assert not np.allclose([scores[0][k] for k in scores[0]], [scores[1][k] for k in scores[0]], rtol=1e-2)
+
+    with pytest.raises(ValueError, match="the rewards of all 3 groups of 4 completions the pretrained model sampled "
+                                         "at start-up agree"):
+        train(load_config(None, grpo_overrides(tiny_checkpoint, arithmetic, tmp_path / "flat", *method,
+                                               "grpo.rewards=[[final_number, 1.0]]")), log=lambda text: None)
+
+
 def test_grpo_settings_are_checked_before_anything_loads():
     with pytest.raises(ValueError, match="group_size=3 must divide"):
         load_config(None, ["train.objective=grpo", "data.task=math", "grpo.group_size=3"])

@@ -200,14 +200,27 @@ def _gradient_batches(config: RunConfig, data: PreparedData, layout: Layout, n_b
 
 
 def _startup_gradients(config: RunConfig, model_config: LlamaConfig, params: dict, data: PreparedData, layout: Layout,
-                       log: Callable[[str], None]) -> dict:
-    """The method's start-up estimate of each target's full gradient (`adapters.estimate_gradients`)."""
+                       tokenizer: Tokenizer, log: Callable[[str], None]) -> dict:
+    """The method's start-up estimate of each target's full gradient (`adapters.estimate_gradients`) of the
+    run's objective: the answer loss over `n_batches` batches of `batch_size` training examples, or for
+    GRPO the policy gradient of `n_batches` groups of completions the pretrained model samples
+    (`hyjax.rl.startup`)."""
     method = method_of(config)
     n_batches, batch_size = method.gradient_batches(config.method)
+    targets = method.adapter_spec(config, model_config)
+    if config.train.objective == "grpo":
+        from hyjax.rl.startup import policy_gradient_sources  # deferred: hyjax.rl builds on hyjax.training
+
+        log(f"{method.name}: sampling {n_batches} groups of {config.grpo.group_size} completions for the start-up "
+            "gradient of GRPO's objective")
+        batches, loss_fn, taught = policy_gradient_sources(config, model_config, params, tokenizer, n_batches)
+        log(f"{method.name}: averaging the full policy gradient over the {taught} groups whose rewards differ")
+        return adapters.estimate_gradients(model_config, params, batches, targets=targets, loss_fn=loss_fn,
+                                           n_batches=taught)
     log(f"{method.name}: averaging the full gradient over {n_batches} batches of {batch_size}")
     return adapters.estimate_gradients(
         model_config, params, _gradient_batches(config, data, layout, n_batches, batch_size),
-        targets=method.adapter_spec(config, model_config), loss_fn=AnswerLoss(model_config), n_batches=n_batches)
+        targets=targets, loss_fn=AnswerLoss(model_config), n_batches=n_batches)
 
 
 def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None = None,
@@ -237,7 +250,7 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
         selection = method.selection_from_json(selection)
     gradients = None
     if method.from_gradients and selection is None and read_start is None:
-        gradients = _startup_gradients(config, model_config, params, data, layout, log)
+        gradients = _startup_gradients(config, model_config, params, data, layout, tokenizer, log)
         selection = method.select(config, gradients)
     if selection is not None:
         log(selection.table())
@@ -247,7 +260,7 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
         if gradients is None:
             log(f"{method.name}: the checkpoint keeps no starting values (saved by an earlier version): drawn "
                 "again from the start-up gradient, which gives the saved model only on the mesh that saved it")
-            gradients = _startup_gradients(config, model_config, params, data, layout, log)
+            gradients = _startup_gradients(config, model_config, params, data, layout, tokenizer, log)
     # Op by op rather than one jitted program: XLA:CPU can deadlock on a program with many independent
     # collectives over fake devices (the randomized SVDs of LoRA-GA on FSDP-split gradients did).
     adapted = adapters.apply(plan.spec, params, jax.random.key(config.train.seed), gradients=gradients)
