@@ -1,5 +1,6 @@
 """Benchmark: GRPO on the generated arithmetic problems (configs/grpo_arith.yaml) with SmolLM2-135M-Instruct,
-one fixed budget for each method: held-out exact match (greedy) before and after, wall time, memory.
+one fixed budget for each method: held-out exact match (greedy) and the share of answers in the `#### <number>`
+format before and after, wall time, memory.
 
     python bench/rl.py [--methods lora,hybrid_lora,full] [key=value ...] [--out bench/results]
                        [--work runs/bench-rl]
@@ -45,6 +46,8 @@ def run_method(method: str, overrides: list[str], work: pathlib.Path) -> dict:
     signal = [r["groups_with_signal"] for r in steps if "groups_with_signal" in r]
     return {"method": method, "before": summary["eval_before"].get("exact_match"),
             "after": summary["eval_after"].get("exact_match"), "examples": summary["eval_after"].get("examples"),
+            "format_before": summary["eval_before"].get("answer_format"),
+            "format_after": summary["eval_after"].get("answer_format"),
             "reward_first_5": sum(rewards[:5]) / max(len(rewards[:5]), 1),
             "reward_last_5": sum(rewards[-5:]) / max(len(rewards[-5:]), 1),
             "groups_with_signal": sum(signal) / max(len(signal), 1),
@@ -58,16 +61,17 @@ def markdown(report: dict) -> str:
              "SmolLM2-135M-Instruct, configs/grpo_arith.yaml; exact match by greedy decoding on the held-out "
              "bundled test problems before and after training; the mean reward of the first and last five "
              "steps; wall time of the whole command.", "",
-             "| method | exact match before | after | change (points) | reward, first 5 steps | last 5 | "
-             "groups with signal | trainable params | wall minutes | peak host MiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | exact match before | after | change (points) | answer format before | after | "
+             "reward, first 5 steps | last 5 | groups with signal | trainable params | wall minutes | peak host MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | | | | |")
             continue
         change = 100 * (r["after"] - r["before"])
         lines.append(f"| {r['method']} | {r['before']:.3f} | {r['after']:.3f} | {change:+.1f} "
-                     f"| {r['reward_first_5']:.3f} | {r['reward_last_5']:.3f} | {r['groups_with_signal']:.2f} | "
+                     f"| {r['format_before']:.3f} | {r['format_after']:.3f} | {r['reward_first_5']:.3f} "
+                     f"| {r['reward_last_5']:.3f} | {r['groups_with_signal']:.2f} | "
                      f"{r['trainable_parameters']:,} | {r['process_seconds'] / 60:.1f} | "
                      f"{r['peak_host_memory_mib']:,.0f} |")
     return "\n".join(lines) + "\n"

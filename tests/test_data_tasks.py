@@ -289,6 +289,7 @@ def test_math_exact_match_uses_the_extractor():
     assert result.predictions == ("1000", "6", None)
     assert result.golds == ("1000", "5", "-2") and result.correct_rows == "100"
     assert (result.correct, result.total, result.skipped) == (1, 3, 1)
+    assert result.answered == 2 / 3  # "I think -2" is right but gives no "#### <number>"
 
 
 def test_scoring_with_masked_log_likelihood_matches_numpy():

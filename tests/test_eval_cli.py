@@ -61,8 +61,9 @@ def test_math_is_scored_by_exact_match_and_answer_loss(tiny_checkpoint, tmp_path
                                 for a in range(1, 6)))
     result, printed = _evaluate(capsys, tiny_checkpoint, "data.task=math", "data.chat=false", "eval.max_new_tokens=3",
                                 "eval.generation_samples=1", "--data", problems, "--json", "-")
-    assert result["examples"] == 5 and set(result["metrics"]) == {"exact_match", "loss", "perplexity"}
+    assert result["examples"] == 5 and set(result["metrics"]) == {"exact_match", "answer_format", "loss", "perplexity"}
     assert result["metrics"]["exact_match"] == 0.0 and result["metrics"]["loss"] > 0
+    assert 0.0 <= result["metrics"]["answer_format"] <= 1.0 and "answer_format" in printed
     assert len(result["samples"]) == 1 and "exact_match" in printed
 
 

@@ -36,6 +36,11 @@ class EvalResult:
         return self.correct / self.total if self.total else 0.0
 
     @property
+    def answered(self) -> float:
+        """The share of scored rows with a prediction (math: a final number after `####`, right or wrong)."""
+        return sum(p is not None for p in self.predictions) / self.total if self.total else 0.0
+
+    @property
     def gold_loss(self) -> float:
         """Mean negative log-likelihood per token of the right answers (classification)."""
         return -self.gold_log_likelihood / max(self.gold_tokens, 1)

@@ -54,7 +54,8 @@ class HeldOutEvaluation:
         return bool(self.examples)
 
     def metrics(self, params, batch_loss: Callable[[dict], tuple[Any, Any]]) -> dict[str, Any]:
-        """Metrics (`eval/loss`, `eval/perplexity`, `eval/accuracy` or `eval/exact_match`, `eval/examples`),
+        """Metrics (`eval/loss`, `eval/perplexity`, `eval/accuracy` or `eval/exact_match` and
+        `eval/answer_format` (the share of generated answers that end in `#### <number>`), `eval/examples`),
         `correct_rows` (classification and math: `EvalResult.correct_rows`, one `0`/`1` per scored row) and
         `samples`: generated answers of the first `eval.generation_samples` rows.
 
@@ -76,6 +77,7 @@ class HeldOutEvaluation:
                     result = math_exact_match(self.rows, self.task, self.tokenizer, self._generator(params, bar),
                                               batch_size=self.eval_config.batch_size)
                 metrics["eval/exact_match"] = result.accuracy
+                metrics["eval/answer_format"] = result.answered
                 metrics["correct_rows"] = result.correct_rows
         metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))})
         metrics["samples"] = self.samples(params)

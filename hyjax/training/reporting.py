@@ -93,7 +93,7 @@ def peak_device_memory_mib() -> float | None:
 def format_eval(metrics: dict[str, Any]) -> str:
     """`accuracy 0.812, loss 0.431, perplexity 1.54 (200 examples)`."""
     parts = []
-    for key in ("eval/accuracy", "eval/exact_match", "eval/loss", "eval/perplexity"):
+    for key in ("eval/accuracy", "eval/exact_match", "eval/answer_format", "eval/loss", "eval/perplexity"):
         if key in metrics:
             parts.append(f"{key.split('/')[1].replace('_', ' ')} {metrics[key]:.4g}")
     text = ", ".join(parts)
