@@ -94,3 +94,24 @@ def test_multi_slice_mesh_spans_slices_with_the_data_axis(libtpu):
         assert {d.slice_index for d in mesh.devices[index].flat} == {index}
     with pytest.raises(ShardingError, match="mesh.slices=4, but the devices come from 2 slice"):
         build_mesh(data=-1, fsdp=2, slices=4, devices=devices)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_grpo_reference_policy_is_counted_per_chip(method):
+    """GRPO keeps the trainable values of step 0 as its reference policy: the plan adds one copy of them
+    per chip (the whole model for full fine-tuning, the adapters for LoRA), and nothing with beta 0 or
+    the supervised objective."""
+    import jax.numpy as jnp
+
+    from hyjax.training.planner import reference_policy_bytes
+    from hyjax.training.run_plan import plan_run, run_layout
+
+    grpo = ["train.objective=grpo", "data.task=math", "grpo.beta=0.04", "model.path=/checkpoint"]
+    for overrides, copies in ((grpo, 1), ([*grpo, "grpo.beta=0"], 0), (["model.path=/checkpoint"], 0)):
+        config = row_config("models/smollm2-135m.yaml", method, overrides)
+        run = plan_run(config, config.model.preset_config(), run_layout(config.mesh), total_steps=10)
+        state, _, _ = run.abstract_arguments()
+        itemsize = jnp.dtype(config.model.param_dtype).itemsize
+        assert reference_policy_bytes(config, state.trainable, run.shardings.state.trainable) == (
+            copies * run.trainable_counts["total"] * itemsize), overrides
+

@@ -4,28 +4,35 @@ itself (sample, reward, `num_iterations` updates), as `hyjax.training.loop.fit` 
 Every process samples every completion of a step (keys from (step, prompt, sample), the same values
 anywhere) and trains on its share of the rows, so a run of any number of processes, and a resumed run,
 equal one uninterrupted process. The reference policy is the model at step 0: the frozen weights with
-the trainable parameters' values at step 0 (kept on the devices beside the trained ones; for adapter
-methods a small copy, for full fine-tuning a copy of the model). With `grpo.beta: 0` it is not kept.
+the trainable parameters' values at step 0 (`ReferencePolicy`, a copy kept on the devices beside the
+trained ones, split as they are: for adapter methods a small copy, for full fine-tuning and
+Hybrid-LoRA's fully trained modules a copy of what they train; the planner counts it). With
+`grpo.beta: 0` it is not kept.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from hyjax import adapters
+from hyjax.adapters.hybrid import set_lambdas
 
 from hyjax.data.iterator import epoch_order
 from hyjax.data.report import MalformedRow
+from hyjax.optim import current_lambdas
 from hyjax.rl.rewards import resolve_reward
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
 from hyjax.rl.step import GRPOObjective, grpo_step, token_log_probs
 from hyjax.sampling import SamplingConfig
 from hyjax.sharding import activation_sharding
 from hyjax.training import distributed
-from hyjax.training.step import TrainState, forward_params
+from hyjax.training.step import TrainState
 
 
 class PromptBatches:
@@ -71,12 +78,27 @@ class PromptBatches:
         return chosen, [self.prompts[i] for i in chosen], [self.rows[i] for i in chosen]
 
 
+class ReferencePolicy(NamedTuple):
+    """The policy at step 0 beside the frozen weights: the trainable values then and, for the hybrid,
+    its lambdas then (None otherwise)."""
+
+    trainable: Any
+    lambdas: Any
+
+    @classmethod
+    def at_start(cls, setup, state: TrainState) -> "ReferencePolicy":
+        """The step-0 trainable values the run's setup holds (`state` was built from them; its own buffers
+        are donated to each step) and a copy of the fresh `state`'s lambdas (the hybrid)."""
+        lambdas = jax.tree.map(jnp.copy, current_lambdas(state.opt_state)) if setup.plan.method.lambdas else None
+        return cls(setup.trainable, lambdas)
+
+
 class GRPOStep:
     """`step(state, frozen, prompts) -> (state, metrics)` for `fit`: samples `grpo.group_size` completions
     of each prompt from the current policy, rewards them, and takes `grpo.num_iterations` updates on
     them (the state's step counts sampled batches, not updates)."""
 
-    def __init__(self, setup, reference: TrainState | None):
+    def __init__(self, setup, reference: ReferencePolicy | None):
         config, plan = setup.config, setup.plan
         self.setup, self.grpo = setup, config.grpo
         self.objective = GRPOObjective(temperature=self.grpo.temperature, beta=self.grpo.beta,
@@ -102,7 +124,9 @@ class GRPOStep:
             self.reference = reference
 
             def reference_log_probs(reference, frozen, batch):
-                params = forward_params(reference.trainable, frozen, reference.opt_state, None, lambdas)
+                params = adapters.combine(reference.trainable, frozen)
+                if reference.lambdas is not None:
+                    params = set_lambdas(params, reference.lambdas)
                 with activation_sharding(layout):
                     return jax.vmap(lambda micro: token_log_probs(plan.model_config, params, micro,
                                                                   self.objective.temperature))(batch)

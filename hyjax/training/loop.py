@@ -111,10 +111,10 @@ def _global_batches(setup: RunSetup) -> Iterator[tuple[dict, int]]:
         yield batch, int(np.sum(local["segment_ids"] > 0)) * setup.rows[1]
 
 
-def grpo_parts(setup: RunSetup, position: dict | None):
+def grpo_parts(setup: RunSetup, state: TrainState, position: dict | None):
     """GRPO's step for `fit`, its batches (the prompts of each step) and their position (for checkpoints);
-    call before restoring: the fresh state is the reference policy."""
-    from hyjax.rl.training import GRPOStep, PromptBatches  # deferred: hyjax.rl builds on hyjax.training
+    call with the fresh `state`, before restoring: the model at step 0 is the reference policy."""
+    from hyjax.rl.training import GRPOStep, PromptBatches, ReferencePolicy  # deferred: hyjax.rl builds on this
 
     config = setup.config
     group = config.grpo.group_size
@@ -123,7 +123,7 @@ def grpo_parts(setup: RunSetup, position: dict | None):
     prompts = PromptBatches(rows, task, setup.tokenizer, count=config.train.global_batch_size // group,
                             seed=config.data.shuffle_seed, position=position,
                             max_prompt_tokens=config.data.max_length - config.grpo.max_new_tokens)
-    step = GRPOStep(setup, setup.initial_state() if config.grpo.beta > 0 else None)
+    step = GRPOStep(setup, ReferencePolicy.at_start(setup, state) if config.grpo.beta > 0 else None)
     return step, ((batch, config.train.global_batch_size) for batch in prompts), lambda: prompts.position
 
 
@@ -145,10 +145,13 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     record = _record_run(setup, main_process)
     state, frozen = setup.initial_state(), setup.frozen
     if grpo:  # before the restore: the reference policy is the model at step 0
-        step_fn, batches, data_position = grpo_parts(setup, meta["data_position"] if meta else None)
+        step_fn, batches, data_position = grpo_parts(setup, state, meta["data_position"] if meta else None)
     else:
         step_fn, batches = plan.train_step(), _global_batches(setup)
         data_position = lambda: setup.data.train.position  # noqa: E731
+    # The step-0 values live on in `state` (and GRPO's reference): kept here too, they would hold one more
+    # copy of whatever is trained (the whole model in full fine-tuning) for the whole run.
+    setup.trainable = None
     if resume_step is not None:
         state, _ = checkpointer.restore(resume_step, state)
         position = data_position()

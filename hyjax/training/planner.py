@@ -3,14 +3,17 @@
 Compiles the real training step (the run's `RunPlan`, the same jitted step `python -m hyjax.train`
 runs) ahead of time for a named TPU topology on this machine, without a TPU: libtpu describes the pod's chips
 (`jax.experimental.topologies`), every input is abstract (`jax.ShapeDtypeStruct` with its sharding),
-and no weight is read. Reports per-chip memory (arguments, temporaries, total against HBM), FLOPs per
+and no weight is read. Reports per-chip memory (arguments, temporaries, GRPO's reference policy, total
+against HBM), FLOPs per
 step (the model FLOPs of the MFU convention), whether it fits, how the largest arguments are split, the
 largest arrays the compiled step computes, with their TPU tile padding and the operation behind each
 (`hyjax.training.buffers`), and a roofline time bound from the compiled step's own FLOPs and HBM
 traffic with every loop iteration counted (`hyjax.training.hlo_cost`; XLA's `cost_analysis()` counts a
 scanned layer once) against the chip's peak and bandwidth.
 
-The architecture comes from `model.preset`; `model.path` is never read.
+The architecture comes from `model.preset`; `model.path` is never read. A GRPO run's update is planned
+as the supervised step over the same batch shape (the same forward and backward; its few extra [batch,
+seq] arrays are not counted, nor the sampler's KV cache).
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ class Plan:
     batch: dict[str, int]  # global_batch, micro_batch, accumulation, seq
     parameters: int
     trainable_parameters: int
-    memory_gib: dict[str, float]  # per chip: arguments, outputs, temporaries, aliased, total
+    memory_gib: dict[str, float]  # per chip: arguments, outputs, temporaries, aliased, reference (GRPO), total
     hbm_gib: float
     fits: bool
     model_flops_per_chip: float  # 6 x parameters x tokens / chips: the MFU convention
@@ -120,8 +123,9 @@ class Plan:
             f"micro-batches of {self.batch['micro_batch']}); {self.parameters / 1e9:.2f}B parameters, "
             f"{self.trainable_parameters:,} trainable",
             f"  per chip: arguments {m['arguments']:.2f} GiB + temporaries {m['temporaries']:.2f} GiB + outputs "
-            f"{m['outputs']:.2f} GiB - donated {m['aliased']:.2f} GiB = {m['total']:.2f} GiB of {self.hbm_gib:.0f} "
-            f"GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"{m['outputs']:.2f} GiB - donated {m['aliased']:.2f} GiB"
+            + (f" + GRPO's reference policy {m['reference']:.2f} GiB" if m.get("reference") else "")
+            + f" = {m['total']:.2f} GiB of {self.hbm_gib:.0f} GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
             f"  {self.model_flops_per_chip / 1e12:.2f} model TFLOP per chip per step (6 x parameters x tokens); "
             f"compiled in {self.compile_seconds:.0f} s; {self.pallas_calls} Pallas kernel calls",
             f"  roofline: {r['flops'] / 1e12:.2f} TFLOP and {r['hbm_bytes'] / 1e9:.1f} GB of HBM traffic per chip per "
@@ -162,7 +166,9 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
     gib = 1024.0 ** 3
     sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
              "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
-    sizes["total"] = sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
+    sizes["reference"] = reference_policy_bytes(config, state.trainable, run.shardings.state.trainable)
+    sizes["total"] = (sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
+                      + sizes["reference"])
     hbm = CHIPS[generation].hbm_gib
     parameters = count_params(abstract_params(model_config))
     train, seq = config.train, config.data.max_length
@@ -179,6 +185,17 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
                                 {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest),
         pallas_calls=hlo.count("custom_call_target=\"tpu_custom_call\""),
         largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)])
+
+
+def reference_policy_bytes(config: RunConfig, trainable, shardings) -> int:
+    """Per-chip bytes of GRPO's reference policy: a copy of the trainable values at step 0, split as they
+    are (`hyjax.rl.training.ReferencePolicy`), which the compiled step does not see; 0 for other
+    objectives and with `grpo.beta: 0`. (The hybrid's step-0 lambdas, a few numbers per layer, are not
+    counted.)"""
+    if config.train.objective != "grpo" or config.grpo.beta == 0:
+        return 0
+    return sum(math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf, sharding in zip(jax.tree.leaves(trainable), jax.tree.leaves(shardings)))
 
 
 def roofline(cost: Cost, chip: Chip) -> dict[str, float]:

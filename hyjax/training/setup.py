@@ -90,7 +90,7 @@ class RunSetup:
     plan: RunPlan
     model_path: pathlib.Path | None  # the checkpoint read (None: random weights)
     tokenizer: Tokenizer
-    trainable: Any  # initial trainable adapter parameters
+    trainable: Any  # initial trainable parameters (None once `train` has built its state from them)
     frozen: dict  # everything else of the adapted tree (less `base`)
     base: dict | None  # the base weights trained zeroth-order (method zo_fo; None otherwise)
     data: PreparedData
