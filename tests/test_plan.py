@@ -96,11 +96,12 @@ def test_multi_slice_mesh_spans_slices_with_the_data_axis(libtpu):
         build_mesh(data=-1, fsdp=2, slices=4, devices=devices)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "zo_fo"])
 def test_grpo_reference_policy_is_counted_per_chip(method):
-    """GRPO keeps the trainable values of step 0 as its reference policy: the plan adds one copy of them
-    per chip (the whole model for full fine-tuning, the adapters for LoRA), and nothing with beta 0 or
-    the supervised objective."""
+    """GRPO keeps what a run trains, at step 0, as its reference policy: the plan adds one copy of it per
+    chip (the whole model for full fine-tuning, the adapters for LoRA, the adapters and the base weights
+    SPSA trains for zo_fo), and nothing with beta 0 or the supervised objective."""
+    import jax
     import jax.numpy as jnp
 
     from hyjax.training.planner import reference_policy_bytes
@@ -112,6 +113,8 @@ def test_grpo_reference_policy_is_counted_per_chip(method):
         run = plan_run(config, config.model.preset_config(), run_layout(config.mesh), total_steps=10)
         state, _, _ = run.abstract_arguments()
         itemsize = jnp.dtype(config.model.param_dtype).itemsize
-        assert reference_policy_bytes(config, state.trainable, run.shardings.state.trainable) == (
-            copies * run.trainable_counts["total"] * itemsize), overrides
+        trained = run.trainable_counts["total"] + sum(leaf.size for leaf in jax.tree.leaves(state.base))
+        assert reference_policy_bytes(config, (state.trainable, state.base),
+                                      (run.shardings.state.trainable, run.shardings.state.base)) == (
+            copies * trained * itemsize), overrides
 

@@ -115,10 +115,11 @@ def test_hybrid_lora_scores_its_modules_from_the_policy_gradient(tiny_checkpoint
                                                "grpo.rewards=[[final_number, 1.0]]")), log=lambda text: None)
 
 
-@pytest.mark.parametrize("method", ["full", "hybrid"])
+@pytest.mark.parametrize("method", ["full", "hybrid", "zo_fo"])
 def test_the_reference_policy_is_the_model_at_step_0(method, tiny_checkpoint, arithmetic, tmp_path):
-    """Full fine-tuning's reference is a copy of the whole model and the hybrid's includes its step-0
-    lambdas: the KL to it is 0 at step 1 (the policy has not moved) and positive once it has."""
+    """Full fine-tuning's reference is a copy of the whole model, the hybrid's includes its step-0
+    lambdas and zo_fo's the base weights SPSA moves: the KL to it is 0 at step 1 (the policy has not
+    moved) and positive once it has."""
     output = tmp_path / method
     train(load_config(None, grpo_overrides(tiny_checkpoint, arithmetic, output, f"method.name={method}",
                                            "train.steps=2", "grpo.num_iterations=1", "method.lora_ga.n_batches=2",
@@ -126,6 +127,8 @@ def test_the_reference_policy_is_the_model_at_step_0(method, tiny_checkpoint, ar
           log=lambda text: None)
     records = [r for r in _records(output) if "reward" in r]
     assert abs(records[0]["kl"]) < 1e-6 and records[1]["kl"] > 1e-4, [r["kl"] for r in records]
+    if method == "zo_fo":  # SPSA's estimates are of GRPO's loss, and they move the base weights
+        assert all(r["zo_loss_difference"] != 0 and r["zo_learning_rate"] > 0 for r in records), records
 
 
 def test_grpo_settings_are_checked_before_anything_loads():

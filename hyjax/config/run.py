@@ -67,9 +67,6 @@ class RunConfig:
         if self.data.task not in ("math", "gsm8k"):
             raise ConfigError(f"train.objective=grpo rewards answers to questions: data.task must be math (a "
                               f"question and an answer column), not {self.data.task!r}")
-        if self.method.name == "zo_fo":
-            raise ConfigError(f"train.objective=grpo does not train method.name={self.method.name!r} yet (its SPSA "
-                              "part estimates the supervised loss); choose another method")
 
     @property
     def checkpoint_dir(self) -> str:

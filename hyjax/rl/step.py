@@ -56,6 +56,44 @@ def token_log_probs(model_config, params: dict, batch: dict, temperature: float)
     return jnp.zeros(batch["loss_mask"].shape, jnp.float32).at[rows, index].add(picked) * batch["loss_mask"]
 
 
+def _micro_sums(model_config, lambdas: bool, objective: GRPOObjective):
+    """`sums(trainable, frozen, opt_state, micro, key) -> {term: (numerator, denominator)}` of one
+    micro-batch's GRPO terms (`aggregate_sums`), and its completion tokens."""
+
+    def sums(trainable, frozen, opt_state, micro, key):
+        params = forward_params(trainable, frozen, opt_state, key, lambdas)
+        log_probs = token_log_probs(model_config, params, micro, objective.temperature)
+        terms = grpo_token_terms(log_probs, micro["old_log_probs"], micro["advantages"],
+                                 ref_log_probs=micro.get("ref_log_probs"), beta=objective.beta,
+                                 clip_low=objective.clip_low, clip_high=objective.clip_high)
+        mask = micro["loss_mask"]
+        return ({name: aggregate_sums(value, mask, objective.aggregation) for name, value in terms.items()},
+                jnp.sum(mask))
+
+    return sums
+
+
+def grpo_batch_loss(model_config, lambdas: bool, objective: GRPOObjective):
+    """`loss(trainable, frozen, opt_state, batch, key)`: the GRPO loss of a rollout batch by forward passes
+    alone (micro-batch i with key `fold_in(key, i)`, as the update's), for the ZO + FO hybrid's SPSA
+    estimates (`hyjax.optim.zeroth_order.zeroth_order_step`)."""
+    sums = _micro_sums(model_config, lambdas, objective)
+
+    def batch_loss(trainable, frozen, opt_state, batch, key):
+        def add(carry, inputs):
+            index, micro = inputs
+            terms, _ = sums(trainable, frozen, opt_state, micro, jax.random.fold_in(key, index))
+            numerator, denominator = terms["loss"]
+            return (carry[0] + numerator, carry[1] + denominator), None
+
+        accumulation = batch["tokens"].shape[0]
+        (numerator, denominator), _ = jax.lax.scan(add, (jnp.float32(0), jnp.float32(0)),
+                                                   (jnp.arange(accumulation), batch))
+        return numerator / jnp.maximum(denominator, 1.0)
+
+    return batch_loss
+
+
 def grpo_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, lambdas: bool,
               objective: GRPOObjective):
     """`step(state, frozen, batch, key) -> (state, metrics)`: one optimizer update on a rollout batch
@@ -64,15 +102,11 @@ def grpo_step(model_config, optimizer: optax.GradientTransformation, schedule: o
     Metrics: loss, kl (with `ref_log_probs` in the batch), clip_fraction, ratio (mean importance ratio:
     1 on a batch's first update), grad_norm, learning_rate, completion_tokens, skipped."""
 
+    sums_of = _micro_sums(model_config, lambdas, objective)
+
     def micro_sums(trainable, frozen, opt_state, micro, key):
-        params = forward_params(trainable, frozen, opt_state, key, lambdas)
-        log_probs = token_log_probs(model_config, params, micro, objective.temperature)
-        terms = grpo_token_terms(log_probs, micro["old_log_probs"], micro["advantages"],
-                                 ref_log_probs=micro.get("ref_log_probs"), beta=objective.beta,
-                                 clip_low=objective.clip_low, clip_high=objective.clip_high)
-        sums = {name: aggregate_sums(value, micro["loss_mask"], objective.aggregation) for name, value in terms.items()}
-        return sums["loss"][0], ({name: numerator for name, (numerator, _) in sums.items()}, sums["loss"][1],
-                                 jnp.sum(micro["loss_mask"]))
+        sums, tokens = sums_of(trainable, frozen, opt_state, micro, key)
+        return sums["loss"][0], ({name: numerator for name, (numerator, _) in sums.items()}, sums["loss"][1], tokens)
 
     grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
 

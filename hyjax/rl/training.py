@@ -26,9 +26,10 @@ from hyjax.adapters.hybrid import set_lambdas
 from hyjax.data.iterator import epoch_order
 from hyjax.data.report import MalformedRow
 from hyjax.optim import current_lambdas
+from hyjax.optim.zeroth_order import join_base, zeroth_order_step
 from hyjax.rl.rewards import resolve_reward
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
-from hyjax.rl.step import GRPOObjective, grpo_step, token_log_probs
+from hyjax.rl.step import GRPOObjective, grpo_batch_loss, grpo_step, token_log_probs
 from hyjax.sampling import SamplingConfig
 from hyjax.sharding import activation_sharding
 from hyjax.training import distributed
@@ -79,18 +80,24 @@ class PromptBatches:
 
 
 class ReferencePolicy(NamedTuple):
-    """The policy at step 0 beside the frozen weights: the trainable values then and, for the hybrid,
-    its lambdas then (None otherwise)."""
+    """The policy at step 0 beside the frozen weights: the trainable values then, for zo_fo the base
+    weights it trains by SPSA then, and for the hybrid its lambdas then (None where a method has none)."""
 
     trainable: Any
+    base: Any
     lambdas: Any
 
     @classmethod
     def at_start(cls, setup, state: TrainState) -> "ReferencePolicy":
-        """The step-0 trainable values the run's setup holds (`state` was built from them; its own buffers
-        are donated to each step) and a copy of the fresh `state`'s lambdas (the hybrid)."""
+        """The step-0 values the run's setup holds (`state` was built from them; its own buffers are
+        donated to each step) and a copy of the fresh `state`'s lambdas (the hybrid)."""
         lambdas = jax.tree.map(jnp.copy, current_lambdas(state.opt_state)) if setup.plan.method.lambdas else None
-        return cls(setup.trainable, lambdas)
+        return cls(setup.trainable, setup.base, lambdas)
+
+    def params(self, frozen: dict) -> dict:
+        """The reference model's parameter tree (dropout off)."""
+        params = adapters.combine(self.trainable, join_base(self.base, frozen))
+        return params if self.lambdas is None else set_lambdas(params, self.lambdas)
 
 
 class GRPOStep:
@@ -110,6 +117,9 @@ class GRPOStep:
         self.sample_key = jax.random.fold_in(jax.random.key(config.train.seed), 0x5A3)
         layout, lambdas = plan.layout, plan.method.lambdas
         update = grpo_step(plan.model_config, plan.optimizer, plan.schedule, lambdas, self.objective)
+        if plan.zeroth_order is not None:  # zo_fo: SPSA estimates of the same GRPO loss move the base weights
+            update = zeroth_order_step(update, grpo_batch_loss(plan.model_config, lambdas, self.objective),
+                                       plan.zeroth_order)
 
         def sharded_update(state, frozen, batch, key):
             with activation_sharding(layout):
@@ -124,9 +134,7 @@ class GRPOStep:
             self.reference = reference
 
             def reference_log_probs(reference, frozen, batch):
-                params = adapters.combine(reference.trainable, frozen)
-                if reference.lambdas is not None:
-                    params = set_lambdas(params, reference.lambdas)
+                params = reference.params(frozen)
                 with activation_sharding(layout):
                     return jax.vmap(lambda micro: token_log_probs(plan.model_config, params, micro,
                                                                   self.objective.temperature))(batch)

@@ -150,8 +150,8 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
         step_fn, batches = plan.train_step(), _global_batches(setup)
         data_position = lambda: setup.data.train.position  # noqa: E731
     # The step-0 values live on in `state` (and GRPO's reference): kept here too, they would hold one more
-    # copy of whatever is trained (the whole model in full fine-tuning) for the whole run.
-    setup.trainable = None
+    # copy of whatever is trained (the whole model in full fine-tuning, the base weights in zo_fo) all run.
+    setup.trainable = setup.base = None
     if resume_step is not None:
         state, _ = checkpointer.restore(resume_step, state)
         position = data_position()
@@ -160,7 +160,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     start_step = int(state.step)
     trainable = setup.trainable_counts["total"]
     share = trainable / count_params(abstract_params(setup.model_config))
-    zeroth_order = f", and {count_params(setup.base):,} base weights by SPSA" if setup.base is not None else ""
+    zeroth_order = f", and {count_params(state.base):,} base weights by SPSA" if state.base is not None else ""
     log(f"{config.method.name}: {trainable:,} trainable parameters ({share:.3%} of the model){zeroth_order}; "
         f"{setup.total_steps} steps of {config.train.global_batch_size} sequences")
 
@@ -264,7 +264,7 @@ def _finish(result: RunResult, adapted_on_host, steps_done: int, start_step: int
         "steps": f"{steps_done} of {setup.total_steps}" + (f" (resumed at {start_step})" if start_step else ""),
         "skipped_steps": skipped,
         "trainable_parameters": setup.trainable_counts["total"],
-        **({"zeroth_order_parameters": count_params(setup.base)} if setup.base is not None else {}),
+        **({"zeroth_order_parameters": count_params(result.state.base)} if result.state.base is not None else {}),
         "wall_time_seconds": time.perf_counter() - wall_start,
         "peak_host_memory_mib": reporting.peak_host_memory_mib(),
     }

@@ -166,7 +166,8 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
     gib = 1024.0 ** 3
     sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
              "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
-    sizes["reference"] = reference_policy_bytes(config, state.trainable, run.shardings.state.trainable)
+    sizes["reference"] = reference_policy_bytes(config, (state.trainable, state.base),
+                                                (run.shardings.state.trainable, run.shardings.state.base))
     sizes["total"] = (sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
                       + sizes["reference"])
     hbm = CHIPS[generation].hbm_gib
@@ -187,15 +188,16 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
         largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)])
 
 
-def reference_policy_bytes(config: RunConfig, trainable, shardings) -> int:
-    """Per-chip bytes of GRPO's reference policy: a copy of the trainable values at step 0, split as they
-    are (`hyjax.rl.training.ReferencePolicy`), which the compiled step does not see; 0 for other
+def reference_policy_bytes(config: RunConfig, trained, shardings) -> int:
+    """Per-chip bytes of GRPO's reference policy: a copy of what a run trains (`trained`: the trainable
+    values and zo_fo's base weights) at step 0, split as they are (`hyjax.rl.training.ReferencePolicy`),
+    which the compiled step does not see; 0 for other
     objectives and with `grpo.beta: 0`. (The hybrid's step-0 lambdas, a few numbers per layer, are not
     counted.)"""
     if config.train.objective != "grpo" or config.grpo.beta == 0:
         return 0
     return sum(math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-               for leaf, sharding in zip(jax.tree.leaves(trainable), jax.tree.leaves(shardings)))
+               for leaf, sharding in zip(jax.tree.leaves(trained), jax.tree.leaves(shardings)))
 
 
 def roofline(cost: Cost, chip: Chip) -> dict[str, float]:

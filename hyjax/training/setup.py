@@ -92,7 +92,7 @@ class RunSetup:
     tokenizer: Tokenizer
     trainable: Any  # initial trainable parameters (None once `train` has built its state from them)
     frozen: dict  # everything else of the adapted tree (less `base`)
-    base: dict | None  # the base weights trained zeroth-order (method zo_fo; None otherwise)
+    base: dict | None  # the base weights trained zeroth-order (zo_fo; None otherwise, and once in a state)
     data: PreparedData
     eval_rows: Rows | None  # held-out rows, at most eval.num_examples (None: no evaluation)
     eval_task: Any  # the task format resolved against the held-out rows' columns
