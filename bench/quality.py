@@ -29,7 +29,8 @@ mean final accuracy; wall time, peak host memory. Curves (training loss, dev acc
 `quality_curves.png`.
 
 `--resume` keeps every run recorded in `--out`/quality.json whose settings (the resolved config less
-paths and logging, or PEFT's budget) equal this invocation's, so the benchmark continues across
+paths and logging, or PEFT's budget) equal this invocation's (options added to the config since, at their
+defaults, aside), so the benchmark continues across
 sittings and machines from its committed JSON; the JSON and table are rewritten after every run. Run it
 when nothing else uses the CPU: one run takes 20-50 minutes on the 2-core machine (the sweep's LoRA 41, beside
 other work, and hybrid 38 minutes on a slow day; step times there vary up to 4x from day to day), so the whole
@@ -105,18 +106,56 @@ def run_config(name: str, task: str, seed: int, args, output: pathlib.Path, eval
     return load_config(f"methods/{method}", [*overrides(task, seed, args, output, eval_before), *extra])
 
 
+def settings(name: str, task: str, seed: int, args) -> dict:
+    """What decides a run's result, as flat `{dotted key: value}`: its resolved config less paths, logging,
+    checkpointing and export, and the runner."""
+    return _flat({"runner": VARIANTS[name][0],
+                  "config": _deciding(run_config(name, task, seed, args, pathlib.Path("run"), eval_before=False))})
+
+
 def fingerprint(name: str, task: str, seed: int, args) -> str:
-    """What decides a run's result: its resolved config less paths, logging and checkpointing (a changed
-    method YAML or budget makes an old record stale), and the runner."""
-    config = run_config(name, task, seed, args, pathlib.Path("run"), eval_before=False).to_dict()
+    """The hash of the settings as the first sittings recorded them (records without `settings`)."""
+    config = _deciding(run_config(name, task, seed, args, pathlib.Path("run"), eval_before=False))
+    text = json.dumps({"runner": VARIANTS[name][0], "config": config}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def still_valid(record: dict, args) -> bool:
+    """Whether an earlier sitting's run stands for this invocation: its settings equal today's, keys the
+    config gained since (new options) aside when they hold their defaults, so a new feature does not
+    send the benchmark's hours back to the start. A changed value anywhere, or a key no longer there,
+    makes the record stale. Records of the first sittings, which kept only a hash, must match it."""
+    name, task, seed = record["name"], record["task"], record["seed"]
+    if "settings" not in record:
+        return record.get("fingerprint") == fingerprint(name, task, seed, args)
+    from hyjax.config import RunConfig
+
+    now, then = settings(name, task, seed, args), record["settings"]
+    defaults = _flat({"config": RunConfig().to_dict()})
+    return all(key in now and now[key] == value for key, value in then.items()) and all(
+        key in then or (key in defaults and defaults[key] == value) for key, value in now.items())
+
+
+def _deciding(config) -> dict:
+    config = config.to_dict()
     for section in ("logging", "checkpoint", "export"):
         config.pop(section, None)
     config["eval"].pop("before_training", None)
     for key in ("path", "eval_path"):
         if config["data"].get(key):
             config["data"][key] = pathlib.Path(config["data"][key]).name
-    text = json.dumps({"runner": VARIANTS[name][0], "config": config}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    return config
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts as `{dotted key: leaf}`, leaves as JSON keeps them (tuples as lists)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return out
 
 
 # -------------------------------------------------------------------------------------------- runs
@@ -431,8 +470,9 @@ def main() -> None:
         else {"runs": []}
     todo = plan(args)
     kept = {(r["task"], r["name"], r["seed"]): r for r in previous.get("runs", []) if "error" not in r
-            and r["task"] in TASKS and r["name"] in VARIANTS
-            and r.get("fingerprint") == fingerprint(r["name"], r["task"], r["seed"], args)}
+            and r["task"] in TASKS and r["name"] in VARIANTS and still_valid(r, args)}
+    for (task, name, seed), record in kept.items():  # a hash-only record that matched: today's settings are its
+        record.setdefault("settings", settings(name, task, seed, args))
     tasks = [t for t in TASKS if t in args.tasks or any(k[0] == t for k in kept)]
     names = {t: [n for n in VARIANTS if (t, n) in {(k[0], k[1]) for k in [*todo, *kept]}] for t in TASKS}
     report = {"benchmark": "quality at a real budget: every method and HF PEFT LoRA",
@@ -458,7 +498,7 @@ def main() -> None:
             continue
         print(f"[{i}/{len(todo)}] {task} {name} seed {seed} ...", flush=True)
         result = launch(name, task, seed, args, eval_before=first_of_task[task] == (task, name, seed))
-        record = {"task": task, "name": name, "seed": seed, "fingerprint": fingerprint(name, task, seed, args),
+        record = {"task": task, "name": name, "seed": seed, "settings": settings(name, task, seed, args),
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "loadavg_end": os.getloadavg(), **result}
         report["runs"].append(record)
