@@ -1,6 +1,6 @@
 """Benchmark: GRPO on the generated arithmetic problems (configs/grpo_arith.yaml) with SmolLM2-135M-Instruct,
 one fixed budget for each method: held-out exact match (greedy) and the share of answers in the `#### <number>`
-format before and after, wall time, memory.
+format before and after, the same on GSM8K problems (`--gsm8k-rows`), wall time, memory.
 
     python bench/rl.py [--methods lora,hybrid_lora,full] [key=value ...] [--out bench/results]
                        [--work runs/bench-rl]
@@ -29,9 +29,28 @@ import time
 from machine import cores, cpu_model
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+GSM8K_TRAIN = PROJECT_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+PRETRAINED = "smollm2-135m-instruct"
 
 
-def run_method(method: str, overrides: list[str], work: pathlib.Path) -> dict:
+def gsm8k_scores(model: str | pathlib.Path, rows: int, work: pathlib.Path) -> dict:
+    """Greedy exact match and answer-format rate of `model` (a run folder, or the pretrained model's name)
+    on the first `rows` GSM8K problems held out of its training file, asked as configs/grpo_gsm8k.yaml
+    asks them (`python -m hyjax.eval`)."""
+    if rows == 0:
+        return {}
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"gsm8k_{pathlib.Path(str(model)).name}.json"
+    command = [sys.executable, "-m", "hyjax.eval", str(model), "grpo_gsm8k", f"data.path={GSM8K_TRAIN}",
+               f"eval.num_examples={rows}", "--json", str(out)]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"gsm8k_error": done.stderr.strip().splitlines()[-1:]}
+    metrics = json.loads(out.read_text())["metrics"]
+    return {"gsm8k_exact_match": metrics["exact_match"], "gsm8k_answer_format": metrics["answer_format"]}
+
+
+def run_method(method: str, overrides: list[str], work: pathlib.Path, gsm8k_rows: int) -> dict:
     folder = work / method
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run each time
     command = [sys.executable, "-m", "hyjax.train", "grpo_arith", f"method.name={method}",
@@ -54,7 +73,7 @@ def run_method(method: str, overrides: list[str], work: pathlib.Path) -> dict:
             "reward_last_5": sum(rewards[-5:]) / max(len(rewards[-5:]), 1),
             "groups_with_signal": sum(signal) / max(len(signal), 1),
             "trainable_parameters": summary["trainable_parameters"], "process_seconds": wall,
-            "peak_host_memory_mib": summary["peak_host_memory_mib"]}
+            "peak_host_memory_mib": summary["peak_host_memory_mib"], **gsm8k_scores(folder, gsm8k_rows, work)}
 
 
 def markdown(report: dict) -> str:
@@ -77,12 +96,22 @@ def markdown(report: dict) -> str:
                      f"| {r['reward_last_5']:.3f} | {r['groups_with_signal']:.2f} | "
                      f"{r['trainable_parameters']:,} | {r['process_seconds'] / 60:.1f} | "
                      f"{r['peak_host_memory_mib']:,.0f} |")
+    pretrained = report.get("pretrained_gsm8k", {})
+    if "gsm8k_exact_match" in pretrained:
+        lines += ["", f"GSM8K (the first {pretrained['rows']} problems held out of its training file, asked as "
+                  "configs/grpo_gsm8k.yaml asks them, greedy): how the arithmetic training carries over.", "",
+                  "| model | exact match | answer format |", "| --- | ---: | ---: |",
+                  f"| pretrained | {pretrained['gsm8k_exact_match']:.3f} | {pretrained['gsm8k_answer_format']:.3f} |"]
+        lines += [f"| {r['method']} after GRPO | {r['gsm8k_exact_match']:.3f} | {r['gsm8k_answer_format']:.3f} |"
+                  for r in report["runs"] if "gsm8k_exact_match" in r]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="lora,hybrid_lora,full")
+    parser.add_argument("--gsm8k-rows", type=int, default=50,
+                        help="GSM8K problems scored before and after (0: none; about 8 s each)")
     parser.add_argument("--out", type=pathlib.Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--work", type=pathlib.Path, default=PROJECT_ROOT / "runs" / "bench-rl")
     args, overrides = parser.parse_known_args()
@@ -93,8 +122,11 @@ def main() -> None:
     report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   machine={"cpu_model": cpu_model(), "cores": cores()})
     command = "python bench/rl.py " + shlex.join(sys.argv[1:])
+    if args.gsm8k_rows and report.get("pretrained_gsm8k", {}).get("rows") != args.gsm8k_rows:
+        report["pretrained_gsm8k"] = {"rows": args.gsm8k_rows, **gsm8k_scores(PRETRAINED, args.gsm8k_rows, args.work)}
     for method in methods:
-        run = {**run_method(method, overrides, args.work), "command": command, "date": report["date"]}
+        run = {**run_method(method, overrides, args.work, args.gsm8k_rows), "command": command,
+               "date": report["date"]}
         report["runs"].append(run)
         print(json.dumps(run), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
