@@ -90,7 +90,7 @@ def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Ar
       log_probs: `[completions, tokens]` log-probabilities of the sampled tokens under the current policy
         (differentiated).
       old_log_probs: the same under the policy that sampled them (constants).
-      advantages: `[completions]`, `group_advantages` flattened.
+      advantages: `[completions]`, `group_advantages` flattened (or `[completions, tokens]`, per token).
       mask: `[completions, tokens]`, 1 at completion tokens.
       ref_log_probs: the reference policy's (None, or beta 0: no KL term).
       beta, clip_low, clip_high, aggregation: see the module docstring.

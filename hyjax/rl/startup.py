@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from hyjax.data import make_task, training_rows
-from hyjax.rl.objective import aggregate, grpo_token_terms
+from hyjax.rl.objective import grpo_loss
 from hyjax.rl.rewards import resolve_reward
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
 from hyjax.rl.step import token_log_probs
@@ -44,8 +44,9 @@ class PolicyGradientLoss:
 
     def __call__(self, params: dict, batch: dict) -> jax.Array:
         log_probs = token_log_probs(self.model_config, params, batch, self.temperature)
-        terms = grpo_token_terms(log_probs, batch["old_log_probs"], batch["advantages"])
-        return aggregate(terms["loss"], batch["loss_mask"], self.aggregation)
+        loss, _ = grpo_loss(log_probs, batch["old_log_probs"], batch["advantages"], batch["loss_mask"],
+                            aggregation=self.aggregation)
+        return loss
 
 
 def policy_gradient_batches(config, model_config, params: dict, tokenizer, n_groups: int) -> list[dict]:
