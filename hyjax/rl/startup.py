@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from hyjax.data import make_task, training_rows
 from hyjax.rl.objective import grpo_loss
 from hyjax.rl.rewards import resolve_reward
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
@@ -56,11 +55,8 @@ def policy_gradient_batches(config, model_config, params: dict, tokenizer, n_gro
     from hyjax.rl.training import PromptBatches  # deferred: hyjax.rl.training builds on hyjax.training
 
     grpo, data = config.grpo, config.data
-    rows = training_rows(data)
-    task = make_task(data).resolve(rows.column_names, rows.path)
-    prompts = PromptBatches(rows, task, tokenizer, count=n_groups, seed=data.shuffle_seed + 1,
-                            max_prompt_tokens=data.max_length - grpo.max_new_tokens)
-    indices, prompt_ids, chosen = next(prompts)
+    indices, prompt_ids, chosen = next(PromptBatches.of_run(config, tokenizer, count=n_groups,
+                                                            seed=data.shuffle_seed + 1))
     keys = completion_keys(jax.random.fold_in(jax.random.key(config.train.seed), STARTUP_SAMPLES), 0, indices,
                            grpo.group_size)
     rollout = sample_rollout(model_config, params, prompt_ids, chosen, keys, tokenizer=tokenizer,

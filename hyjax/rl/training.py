@@ -22,7 +22,7 @@ import numpy as np
 
 from hyjax import adapters
 from hyjax.adapters.hybrid import set_lambdas
-
+from hyjax.data import make_task, training_rows
 from hyjax.data.iterator import epoch_order
 from hyjax.data.report import MalformedRow
 from hyjax.optim import current_lambdas
@@ -58,6 +58,16 @@ class PromptBatches:
                              "data.max_length, lower grpo.max_new_tokens or add data")
         self.count, self.seed = count, seed
         self.epoch, self.step = (position["epoch"], position["step"]) if position else (0, 0)
+
+    @classmethod
+    def of_run(cls, config, tokenizer, *, count: int, seed: int,
+               position: Mapping[str, int] | None = None) -> "PromptBatches":
+        """The prompts of `config`'s training file, those that fit `data.max_length` with
+        `grpo.max_new_tokens` to spare."""
+        rows = training_rows(config.data)
+        task = make_task(config.data).resolve(rows.column_names, rows.path)
+        return cls(rows, task, tokenizer, count=count, seed=seed, position=position,
+                   max_prompt_tokens=config.data.max_length - config.grpo.max_new_tokens)
 
     @property
     def steps_per_epoch(self) -> int:

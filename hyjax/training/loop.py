@@ -39,7 +39,6 @@ from hyjax.training.callbacks import (
     StepEnd,
     StopSignals,
 )
-from hyjax.data import make_task, training_rows
 from hyjax.training.checkpointing import RunCheckpointer
 from hyjax.training.evaluation import Evaluator
 from hyjax.training.export import export_run
@@ -117,12 +116,8 @@ def grpo_parts(setup: RunSetup, state: TrainState, position: dict | None):
     from hyjax.rl.training import GRPOStep, PromptBatches, ReferencePolicy  # deferred: hyjax.rl builds on this
 
     config = setup.config
-    group = config.grpo.group_size
-    rows = training_rows(config.data)
-    task = make_task(config.data).resolve(rows.column_names, rows.path)
-    prompts = PromptBatches(rows, task, setup.tokenizer, count=config.train.global_batch_size // group,
-                            seed=config.data.shuffle_seed, position=position,
-                            max_prompt_tokens=config.data.max_length - config.grpo.max_new_tokens)
+    prompts = PromptBatches.of_run(config, setup.tokenizer, seed=config.data.shuffle_seed, position=position,
+                                   count=config.train.global_batch_size // config.grpo.group_size)
     step = GRPOStep(setup, ReferencePolicy.at_start(setup, state) if config.grpo.beta > 0 else None)
     return step, ((batch, config.train.global_batch_size) for batch in prompts), lambda: prompts.position
 
