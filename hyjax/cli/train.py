@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(config_name, overrides)
         if distributed.is_multi_process_launch(args.coordinator) and not supervisor.is_child():
             return supervisor.run(sys.argv[1:] if argv is None else argv, lost_contact_message(
-                _this_process(args), "JAX's distributed runtime ended its training with SIGABRT, see above",
+                _this_process(distributed.process_layout(args.num_processes, args.process_id)),
+                "JAX's distributed runtime ended its training with SIGABRT, see above",
                 config.checkpoint_dir))
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
         try:
@@ -88,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _this_process(args) -> str:
-    """"process i of n" from the command line or HYJAX_* variables; "this process" on a detected cluster."""
-    index = args.process_id if args.process_id is not None else os.environ.get("HYJAX_PROCESS_ID")
-    count = args.num_processes or os.environ.get("HYJAX_NUM_PROCESSES")
+def _this_process(layout: tuple[int | None, int | None]) -> str:
+    """"process i of n" of a `distributed.process_layout`; "this process" where it is not known (a
+    detected cluster)."""
+    count, index = layout
     return "this process" if index is None or not count else f"process {index} of {count}"
 
 

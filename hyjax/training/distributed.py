@@ -29,8 +29,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     waiting forever in the next collective.
     """
     coordinator = _coordinator(coordinator)
-    num_processes = num_processes or _int_env("HYJAX_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _int_env("HYJAX_PROCESS_ID")
+    num_processes, process_id = process_layout(num_processes, process_id)
     heartbeat_timeout = heartbeat_timeout or _int_env("HYJAX_HEARTBEAT_TIMEOUT") or HEARTBEAT_TIMEOUT
     if coordinator is not None:
         if num_processes is None or process_id is None:
@@ -47,6 +46,13 @@ def is_multi_process_launch(coordinator: str | None = None) -> bool:
     """Whether `initialize` with this coordinator argument starts a multi-process run (a coordinator
     given, or a cluster JAX detects), judged without starting anything."""
     return _coordinator(coordinator) is not None or _cluster_detected()
+
+
+def process_layout(num_processes: int | None = None, process_id: int | None = None) -> tuple[int | None, int | None]:
+    """`(process count, this process's id)` as given, else from HYJAX_NUM_PROCESSES and HYJAX_PROCESS_ID
+    (None where neither says: a single process, or a cluster JAX detects)."""
+    return (num_processes or _int_env("HYJAX_NUM_PROCESSES"),
+            process_id if process_id is not None else _int_env("HYJAX_PROCESS_ID"))
 
 
 def _coordinator(coordinator: str | None) -> str | None:
