@@ -4,10 +4,9 @@ Compiles the real training step (the run's `RunPlan`, the same jitted step `pyth
 runs) ahead of time for a named TPU topology on this machine, without a TPU: libtpu describes the pod's chips
 (`jax.experimental.topologies`), every input is abstract (`jax.ShapeDtypeStruct` with its sharding),
 and no weight is read. Reports per-chip memory (arguments, temporaries, GRPO's reference policy, total
-against HBM), FLOPs per
-step (the model FLOPs of the MFU convention), whether it fits, how the largest arguments are split, the
-largest arrays the compiled step computes, with their TPU tile padding and the operation behind each
-(`hyjax.training.buffers`), and a roofline time bound from the compiled step's own FLOPs and HBM
+against HBM), FLOPs per step (the model FLOPs of the MFU convention), whether it fits, how the largest
+arguments are split, the largest arrays the compiled step computes, with their TPU tile padding and the
+operation behind each (`hyjax.training.buffers`), and a roofline time bound from the compiled step's own FLOPs and HBM
 traffic with every loop iteration counted (`hyjax.training.hlo_cost`; XLA's `cost_analysis()` counts a
 scanned layer once) against the chip's peak and bandwidth.
 
@@ -191,9 +190,8 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
 def reference_policy_bytes(config: RunConfig, trained, shardings) -> int:
     """Per-chip bytes of GRPO's reference policy: a copy of what a run trains (`trained`: the trainable
     values and zo_fo's base weights) at step 0, split as they are (`hyjax.rl.training.ReferencePolicy`),
-    which the compiled step does not see; 0 for other
-    objectives and with `grpo.beta: 0`. (The hybrid's step-0 lambdas, a few numbers per layer, are not
-    counted.)"""
+    which the compiled step does not see; 0 for other objectives and with `grpo.beta: 0`. (The hybrid's
+    step-0 lambdas, a few numbers per layer, are not counted.)"""
     if config.train.objective != "grpo" or config.grpo.beta == 0:
         return 0
     return sum(math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
