@@ -47,19 +47,32 @@ class SamplingConfig:
 
 
 def sample_token(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Next token for each row of `logits [batch, vocab]`: argmax when temperature is 0, else a
-    nucleus sample (tokens sorted by probability, kept while the probability before them is < top_p)
-    drawn with that row's key of `keys [batch]`."""
-    greedy = jnp.argmax(logits, axis=-1)
+    """Next token for each row of `logits [batch, vocab]`: argmax when temperature is 0, else a sample
+    of softmax(logits / temperature) drawn with that row's key of `keys [batch]`, restricted when
+    top_p < 1 to the nucleus (tokens sorted by probability, kept while the probability before them is
+    < top_p).
+
+    Only the branch the scalars pick runs: sorting the vocabulary costs more than the model's own decode
+    step on a CPU (about 0.5 s for 32 rows of 49,152), so greedy decoding and top_p = 1 skip it; top_p = 1
+    also keeps the tail tokens that a float32 cumulative sum would round past 1."""
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def greedy():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def whole_softmax():
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    def nucleus():
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(before < top_p, sorted_logits, -jnp.inf))
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    branch = jnp.where(temperature > 0, jnp.where(top_p < 1, 2, 1), 0)
+    return jax.lax.switch(branch, [greedy, whole_softmax, nucleus])
 
 
 def sampling_log_probs(logits: jax.Array, tokens: jax.Array, temperature) -> jax.Array:
@@ -84,16 +97,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) 
     return tokens, valid
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "copies"))
 def _generate(config: LlamaConfig, params: Params, tokens, valid, stop_ids, row_keys, temperature, top_p,
-              max_new_tokens: int):
-    """`(new tokens, their sampling log-probabilities)`, each `[batch, max_new_tokens]` (after a row's
-    first stop token: stop tokens, log-probability 0)."""
-    batch, prompt_len = tokens.shape
-    cache = KVCache.empty(config, batch, prompt_len + max_new_tokens)
+              max_new_tokens: int, copies: int = 1):
+    """`(new tokens, their sampling log-probabilities)`, each `[prompts * copies, max_new_tokens]` (after a
+    row's first stop token: stop tokens, log-probability 0). Each prompt is prefilled once and its cache
+    repeated for its `copies` rows (prompt-major)."""
+    prompts, prompt_len = tokens.shape
+    batch = prompts * copies
+    cache = KVCache.empty(config, prompts, prompt_len + max_new_tokens)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     logits, cache = decode(config, params, tokens, positions, valid, cache, last_only=True)
-    next_position = positions[:, -1] + 1
+    cache = KVCache(k=jnp.repeat(cache.k, copies, axis=1), v=jnp.repeat(cache.v, copies, axis=1),
+                    valid=jnp.repeat(cache.valid, copies, axis=0), index=cache.index)
+    logits = jnp.repeat(logits, copies, axis=0)
+    next_position = jnp.repeat(positions[:, -1] + 1, copies)
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -131,19 +149,22 @@ def generate(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int
 
 def generate_with_log_probs(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
                             stop_ids: Sequence[int], row_keys: jax.Array, sampling: SamplingConfig = SamplingConfig(),
-                            pad_id: int | None = None, keep_stop: bool = False
+                            pad_id: int | None = None, keep_stop: bool = False, copies: int = 1
                             ) -> tuple[list[list[int]], list[list[float]]]:
-    """Continues each prompt as `generate` does, prompt i drawing from `row_keys[i]` (`sampling.seed`
-    unused). Returns the new tokens of each prompt (without the stop token, or ending in it with
-    `keep_stop`: a sampled action like the others) and each one's log-probability under the sampling
-    distribution (`sampling_log_probs`)."""
+    """Continues each prompt `copies` times as `generate` does (row r, copy r % copies of prompt
+    r // copies, drawing from `row_keys[r]`; `sampling.seed` unused). Returns the new tokens of each row
+    (without the stop token, or ending in it with `keep_stop`: a sampled action like the others) and
+    each one's log-probability under the sampling distribution (`sampling_log_probs`). The copies share
+    one prefill of their prompt, which for RL's groups is most of the sampling's compute."""
     stop_ids = [int(s) for s in stop_ids]
     if not stop_ids:
         raise ValueError("generation needs at least one stop token id (the tokenizer's eos)")
+    if len(row_keys) != len(prompts) * copies:
+        raise ValueError(f"{len(row_keys)} keys for {len(prompts)} prompts x {copies} copies: give one key per row")
     tokens, valid = left_pad(prompts, stop_ids[0] if pad_id is None else pad_id)
     out, log_probs = _generate(config, params, jnp.asarray(tokens), jnp.asarray(valid),
                                jnp.asarray(stop_ids, jnp.int32), row_keys, jnp.float32(sampling.temperature),
-                               jnp.float32(sampling.top_p), max_new_tokens=sampling.max_new_tokens)
+                               jnp.float32(sampling.top_p), max_new_tokens=sampling.max_new_tokens, copies=copies)
     results, row_log_probs = [], []
     for row, row_log_prob in zip(np.asarray(out).tolist(), np.asarray(log_probs).tolist()):
         ends = [i for i, t in enumerate(row) if t in stop_ids]

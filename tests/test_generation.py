@@ -89,6 +89,20 @@ def test_each_row_samples_from_its_own_key_whatever_its_batch(tiny):
     assert generate_with_log_probs(config, params, prompts, [2], other_keys, sampling)[0] != together[0]
 
 
+def test_copies_of_a_prompt_share_its_prefill_and_sample_as_repeated_rows(tiny):
+    """RL's groups: each prompt prefilled once for its copies samples what the prompt repeated does."""
+    _, config, params = tiny
+    prompts = [[1, 3, 5, 7, 9, 11, 13], [1, 4]]
+    keys = jax.random.split(jax.random.key(5), 6)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0)
+    shared = generate_with_log_probs(config, params, prompts, [2], keys, sampling, copies=3)
+    repeated = generate_with_log_probs(config, params, [p for p in prompts for _ in range(3)], [2], keys, sampling)
+    assert shared[0] == repeated[0] and len(set(map(tuple, shared[0]))) > 2
+    np.testing.assert_allclose(np.concatenate(shared[1]), np.concatenate(repeated[1]), atol=1e-5)
+    with pytest.raises(ValueError, match="6 keys for 2 prompts x 2 copies"):
+        generate_with_log_probs(config, params, prompts, [2], keys, sampling, copies=2)
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 def test_the_samplers_log_probs_are_the_training_forwards(tiny, temperature):
     """Each generated token's log-probability under softmax(logits / temperature), from the KV-cache

@@ -61,8 +61,8 @@ def sample_rollout(model_config, params, prompts: Sequence[Sequence[int]], rows:
     the weighted sum of `rewards` against its data row, and normalises the advantages within each group."""
     repeated = [list(prompt) for prompt in prompts for _ in range(group_size)]
     stop_ids = sorted(tokenizer.stop_ids)
-    completions, log_probs = generate_with_log_probs(model_config, params, repeated, stop_ids, keys, sampling,
-                                                     pad_id=tokenizer.pad_id, keep_stop=True)
+    completions, log_probs = generate_with_log_probs(model_config, params, prompts, stop_ids, keys, sampling,
+                                                     pad_id=tokenizer.pad_id, keep_stop=True, copies=group_size)
     texts = [tokenizer.decode([t for t in completion if t not in stop_ids]) for completion in completions]
     scores = np.asarray([[sum(weight * float(reward(texts[i * group_size + j], row)) for reward, weight in rewards)
                           for j in range(group_size)] for i, row in enumerate(rows)], np.float32)
