@@ -5,13 +5,12 @@ format before and after, the same on GSM8K problems (`--gsm8k-rows`), wall time,
     python bench/rl.py [--methods lora,hybrid_lora,full] [key=value ...] [--out bench/results]
                        [--work runs/bench-rl]
 
-Each method is `python -m hyjax.train grpo_arith method.name=M` (plus the overrides) in its own process;
-its summary.json and metrics.jsonl give the exact match before and after on the 200 bundled test
-problems, the mean reward of the first and last five steps, the share of groups
-with any reward signal, wall time and peak host memory (evaluated before and after only: 200 greedy answers
-take about 6 minutes on the 2-core machine). Writes rl.{json,md} under `--out` after every method, keeping
-the other methods' earlier results there, so `--methods` can spread the benchmark over sittings (a
-method takes about an hour on the 2-core machine: 40 steps of about a minute).
+Each method is `python -m hyjax.train grpo_arith method.name=M` with its `METHOD_SETTINGS` (plus the
+overrides) in its own process; its summary.json and metrics.jsonl give the exact match before and after on
+the 200 bundled test problems, the mean reward of the first and last five steps, the share of groups with
+any reward signal, wall time and peak host memory (evaluated before and after only). Writes rl.{json,md}
+under `--out` after every method, keeping the other methods' earlier results there, so `--methods` can
+spread the benchmark over sittings.
 """
 
 from __future__ import annotations
@@ -31,6 +30,12 @@ from machine import cores, cpu_model
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = PROJECT_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 PRETRAINED = "smollm2-135m-instruct"
+# One rule for every method: LoRA factors at grpo_arith's 5e-4, fully trained weights at a tenth of it.
+METHOD_SETTINGS = {
+    "lora": [],
+    "hybrid_lora": ['train.lr_multipliers=[[".*/(full|base)$", 0.1]]'],
+    "full": ["train.learning_rate=5e-5"],
+}
 
 
 def gsm8k_scores(model: str | pathlib.Path, rows: int, work: pathlib.Path) -> dict:
@@ -55,7 +60,7 @@ def run_method(method: str, overrides: list[str], work: pathlib.Path, gsm8k_rows
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run each time
     command = [sys.executable, "-m", "hyjax.train", "grpo_arith", f"method.name={method}",
                "eval.num_examples=200", "eval.every_steps=0", f"logging.output_dir={folder}",
-               "logging.progress_bar=false", *overrides]
+               "logging.progress_bar=false", *METHOD_SETTINGS.get(method, []), *overrides]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -65,7 +70,8 @@ def run_method(method: str, overrides: list[str], work: pathlib.Path, gsm8k_rows
     steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in steps if "reward" in r]
     signal = [r["groups_with_signal"] for r in steps if "groups_with_signal" in r]
-    return {"method": method, "before": summary["eval_before"].get("exact_match"),
+    return {"method": method, "settings": METHOD_SETTINGS.get(method, []),
+            "before": summary["eval_before"].get("exact_match"),
             "after": summary["eval_after"].get("exact_match"), "examples": summary["eval_after"].get("examples"),
             "format_before": summary["eval_before"].get("answer_format"),
             "format_after": summary["eval_after"].get("answer_format"),
@@ -82,7 +88,9 @@ def markdown(report: dict) -> str:
              f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores. Commands: {commands}. "
              "SmolLM2-135M-Instruct, configs/grpo_arith.yaml; exact match by greedy decoding on the held-out "
              "bundled test problems before and after training; the mean reward of the first and last five "
-             "steps; wall time of the whole command.", "",
+             "steps; wall time of the whole command. Settings beyond the config: "
+             + "; ".join(f"{r['method']} `{' '.join(r['settings'])}`" for r in report["runs"] if r.get("settings"))
+             + ".", "",
              "| method | exact match before | after | change (points) | answer format before | after | "
              "reward, first 5 steps | last 5 | groups with signal | trainable params | wall minutes | peak host MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
