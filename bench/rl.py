@@ -38,6 +38,17 @@ METHOD_SETTINGS = {
 }
 
 
+def gsm8k_settings() -> list[str]:
+    """configs/grpo_gsm8k.yaml's data section and answer length as overrides, the local GSM8K file its
+    training file: how a run folder, which evaluates with its own config, is asked GSM8K's problems."""
+    from hyjax.config import load_config
+
+    config = load_config("grpo_gsm8k", [f"data.path={GSM8K_TRAIN}"])
+    data = config.to_dict()["data"]
+    return [f"data.{key}={json.dumps(value)}" for key, value in data.items()] + [
+        f"eval.max_new_tokens={config.eval.max_new_tokens}"]
+
+
 def gsm8k_scores(model: str | pathlib.Path, rows: int, work: pathlib.Path) -> dict:
     """Greedy exact match and answer-format rate of `model` (a run folder, or the pretrained model's name)
     on the first `rows` GSM8K problems held out of its training file, asked as configs/grpo_gsm8k.yaml
@@ -46,8 +57,9 @@ def gsm8k_scores(model: str | pathlib.Path, rows: int, work: pathlib.Path) -> di
         return {}
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"gsm8k_{pathlib.Path(str(model)).name}.json"
-    command = [sys.executable, "-m", "hyjax.eval", str(model), "grpo_gsm8k", f"data.path={GSM8K_TRAIN}",
-               f"eval.num_examples={rows}", "--json", str(out)]
+    asked = gsm8k_settings() if pathlib.Path(str(model)).is_dir() else ["grpo_gsm8k", f"data.path={GSM8K_TRAIN}"]
+    command = [sys.executable, "-m", "hyjax.eval", str(model), *asked, f"eval.num_examples={rows}",
+               "--json", str(out)]
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         return {"gsm8k_error": done.stderr.strip().splitlines()[-1:]}
@@ -119,13 +131,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="lora,hybrid_lora,full")
     parser.add_argument("--gsm8k-rows", type=int, default=50,
-                        help="GSM8K problems scored before and after (0: none; about 8 s each)")
+                        help="GSM8K problems scored before and after (0: none; about 4 s each)")
     parser.add_argument("--out", type=pathlib.Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--work", type=pathlib.Path, default=PROJECT_ROOT / "runs" / "bench-rl")
+    parser.add_argument("--gsm8k-only", action="store_true",
+                        help="score GSM8K again for the methods' finished runs under --work, keeping the rest "
+                             "of their results")
     args, overrides = parser.parse_known_args()
     methods = args.methods.split(",")
     earlier = args.out / "rl.json"
     report = json.loads(earlier.read_text()) if earlier.is_file() else {"runs": []}
+    if args.gsm8k_only:
+        for run in report["runs"]:
+            if run["method"] in methods and "error" not in run:
+                run.pop("gsm8k_error", None)
+                run.update(gsm8k_scores(args.work / run["method"], args.gsm8k_rows, args.work))
+        (args.out / "rl.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "rl.md").write_text(markdown(report))
+        return
     report["runs"] = [r for r in report["runs"] if r["method"] not in methods]  # run again below
     report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   machine={"cpu_model": cpu_model(), "cores": cores()})
