@@ -127,6 +127,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(report: dict, out: pathlib.Path) -> None:
+    """rl.json and rl.md under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rl.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "rl.md").write_text(markdown(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="lora,hybrid_lora,full")
@@ -146,8 +153,7 @@ def main() -> None:
             if run["method"] in methods and "error" not in run:
                 run.pop("gsm8k_error", None)
                 run.update(gsm8k_scores(args.work / run["method"], args.gsm8k_rows, args.work))
-        (args.out / "rl.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / "rl.md").write_text(markdown(report))
+        write(report, args.out)
         return
     report["runs"] = [r for r in report["runs"] if r["method"] not in methods]  # run again below
     report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -160,9 +166,7 @@ def main() -> None:
                "date": report["date"]}
         report["runs"].append(run)
         print(json.dumps(run), flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "rl.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / "rl.md").write_text(markdown(report))
+        write(report, args.out)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def sample_token(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top
     < top_p).
 
     Only the branch the scalars pick runs: sorting the vocabulary costs more than the model's own decode
-    step on a CPU (about 0.5 s for 32 rows of 49,152), so greedy decoding and top_p = 1 skip it; top_p = 1
+    step on a CPU (about 1 s for 32 rows of 49,152), so greedy decoding and top_p = 1 skip it; top_p = 1
     also keeps the tail tokens that a float32 cumulative sum would round past 1."""
     scaled = logits / jnp.maximum(temperature, 1e-6)
 
@@ -155,7 +155,7 @@ def generate_with_log_probs(config: LlamaConfig, params: Params, prompts: Sequen
     r // copies, drawing from `row_keys[r]`; `sampling.seed` unused). Returns the new tokens of each row
     (without the stop token, or ending in it with `keep_stop`: a sampled action like the others) and
     each one's log-probability under the sampling distribution (`sampling_log_probs`). The copies share
-    one prefill of their prompt, which for RL's groups is most of the sampling's compute."""
+    one prefill of their prompt (RL's groups prefill each prompt once, not `group_size` times)."""
     stop_ids = [int(s) for s in stop_ids]
     if not stop_ids:
         raise ValueError("generation needs at least one stop token id (the tokenizer's eos)")
