@@ -30,11 +30,13 @@ from machine import cores, cpu_model
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = PROJECT_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 PRETRAINED = "smollm2-135m-instruct"
-# One rule for every method: LoRA factors at grpo_arith's 5e-4, fully trained weights at a tenth of it.
+# LoRA's factors at grpo_arith's 5e-4; Hybrid-LoRA's fully trained modules at a tenth of it; full fine-tuning
+# at a fiftieth (1e-5): at 5e-5 its KL to the reference reached 0.5-1.2 by step 4 and held-out exact match
+# fell from 0.335 to 0.115 (seed 0); at 1e-5 the KL stays below 0.25 and exact match rises to 0.540.
 METHOD_SETTINGS = {
     "lora": [],
     "hybrid_lora": ['train.lr_multipliers=[[".*/(full|base)$", 0.1]]'],
-    "full": ["train.learning_rate=5e-5"],
+    "full": ["train.learning_rate=1e-5"],
 }
 
 
