@@ -16,7 +16,8 @@ is recorded in `--out`/hybrid_sweep.json with this budget, so the sweep continue
 
 The settings: the shipped hybrid; its learning rate; the two parameterisations (mix "weight": lambda
 weights the branches' outputs; "update": it scales their optimizer updates); the BOFT branch at BOFT's own
-learning rate (a 5x `lr_multipliers` group over LoRA-GA's); the lambda rule's direction; fixed lambda 0.5;
+learning rate (a 5x `lr_multipliers` group over LoRA-GA's); the lambda rule's direction and temperature (at 4
+the rule keeps its per-layer ranking but moves lambda a quarter as far from 0.5 in log-odds); fixed lambda 0.5;
 and each branch alone. LoRA runs at the same learning rates as the hybrid.
 """
 
@@ -59,6 +60,9 @@ SETTINGS = {
     "hybrid update lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", ["method.hybrid.mix=update",
                                                                "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
                                                                FIXED_HALF]),
+    "hybrid update lr 2e-4, BOFT 1e-3, temperature 4": ("hybrid", ["method.hybrid.mix=update",
+                                                                    "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
+                                                                    "train.hybrid_weights.temperature=4"]),
     "hybrid weight lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", ["train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
                                                                FIXED_HALF]),
     "boft alone (lr 1e-3)": ("boft", []),
