@@ -9,7 +9,7 @@ reports the median time, a model of the bytes moved and the useful FLOPs, and th
 fraction: the time the better of the two limits allows (FLOPs at the measured matmul peak, bytes at
 the measured copy bandwidth) over the measured time.
 
-    python bench/kernels.py --tokens 2048 --out bench/results/kernels_cpu      # writes .json and .md
+    python bench/kernel_speed.py --tokens 2048 --out bench/results/kernels_cpu      # writes .json and .md
 """
 
 from __future__ import annotations
