@@ -28,14 +28,14 @@ the train seconds (sum of step times) and steps until the periodic evaluation fi
 mean final accuracy; wall time, peak host memory. Curves (training loss, dev accuracy per evaluation):
 `quality_curves.png`.
 
-`--resume` keeps every run recorded in `--out`/quality.json whose settings (the resolved config less
-paths and logging, or PEFT's budget) equal this invocation's (options added to the config since, at their
-defaults, aside), so the benchmark continues across
-sittings and machines from its committed JSON; the JSON and table are rewritten after every run. Run it
-when nothing else uses the CPU: one run takes 20-50 minutes on the 2-core machine (the sweep's LoRA 41, beside
-other work, and hybrid 38 minutes on a slow day; step times there vary up to 4x from day to day), so the whole
-default set (30 SST-2 runs, 3 GSM8K runs) takes 15-25 hours, over several sittings;
-`--methods` and `--seeds` choose a part.
+`--resume` keeps every run recorded in `--out`/quality.json whose settings (the resolved config less paths and
+logging, or PEFT's budget) equal this invocation's (options added to the config since, at their defaults,
+aside), so the benchmark continues across sittings and machines from its committed JSON; the JSON and table
+are rewritten after every run. Run it when nothing else uses the CPU: one run takes 11-50 minutes on the
+2-core machine (HF PEFT LoRA 11 and the hybrid 24 minutes on a quiet day, the sweep's LoRA 41 beside other
+work and hybrid 38 on a slow day; step times there vary up to 4x from day to day), so the whole default set
+(30 SST-2 runs, 3 GSM8K runs) takes 10-25 hours, over several sittings; `--methods` and `--seeds` choose a
+part.
 """
 
 from __future__ import annotations
