@@ -154,7 +154,8 @@ def run(args):
     dtype = jnp.dtype(args.dtype)
     peak_flops, peak_bw = measured_peaks(dtype)
     rows = []
-    cases = [("butterfly", dict(d=d, b=b, m=m)) for d in args.d for b in args.b for m in args.m if d % (b * 2 ** (m - 1)) == 0]
+    cases = [("butterfly", dict(d=d, b=b, m=m)) for d in args.d for b in args.b for m in args.m
+             if d % (b * 2 ** (m - 1)) == 0]
     cases += [("unitary", dict(d=d)) for d in args.d if args.unitary]
     for op_name, shape in cases:
         for t in args.tokens:
@@ -226,7 +227,8 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--note", default="")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repetitions per row")
-    parser.add_argument("--impls", nargs="+", choices=["pallas", "xla", "factors", "dense"], help="default: all that run here")
+    parser.add_argument("--impls", nargs="+", choices=["pallas", "xla", "factors", "dense"],
+                        help="default: all that run here")
     parser.add_argument("--no-unitary", dest="unitary", action="store_false", help="butterfly only")
     parser.add_argument("--block-tokens", type=int, help="butterfly kernel tiling (default: per platform)")
     parser.add_argument("--block-d", type=int, default=128)
