@@ -45,8 +45,12 @@ def test_first_steps_equal_the_code_before_the_run_plan(workplace, monkeypatch, 
           log=lambda text: None)
     ours, theirs = step_metrics(workplace / output), RECORDED["methods"][method]
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
-    np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in theirs], rtol=1e-6)
-    np.testing.assert_allclose(ours[0]["grad_norm"], theirs[0]["grad_norm"], rtol=1e-6)
+    recorded_under = (f"recorded with the code of {RECORDED.get(f'{method}_commit', RECORDED['commit'])} under "
+                      f"{RECORDED['lapack']}; another LAPACK build changes the hybrid's start-up factors in the last "
+                      "bit and its steps visibly: if that commit's code gives this run's numbers too, re-record")
+    np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in theirs], rtol=1e-6,
+                               err_msg=recorded_under)
+    np.testing.assert_allclose(ours[0]["grad_norm"], theirs[0]["grad_norm"], rtol=1e-6, err_msg=recorded_under)
 
 
 @pytest.mark.parametrize("method", ["zo_fo"])
