@@ -98,7 +98,8 @@ def test_copies_of_a_prompt_share_its_prefill_and_sample_as_repeated_rows(tiny):
     shared = generate_with_log_probs(config, params, prompts, [2], keys, sampling, copies=3)
     repeated = generate_with_log_probs(config, params, [p for p in prompts for _ in range(3)], [2], keys, sampling)
     assert shared[0] == repeated[0] and len(set(map(tuple, shared[0]))) > 2
-    np.testing.assert_allclose(np.concatenate(shared[1]), np.concatenate(repeated[1]), atol=1e-5)
+    # The same tokens from batches of 2 and of 6 rows: float32 log-probabilities (up to -6.5) agree to about 1e-5
+    np.testing.assert_allclose(np.concatenate(shared[1]), np.concatenate(repeated[1]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="6 keys for 2 prompts x 2 copies"):
         generate_with_log_probs(config, params, prompts, [2], keys, sampling, copies=2)
 
