@@ -1,5 +1,5 @@
-"""Sweep: the hybrid's settings (and LoRA's learning rate, for a fair comparison) on SST-2 rows held out of
-the training file, never on dev.
+"""Sweep: the hybrid's settings (and LoRA's learning rate, for a fair comparison) and zo_fo's SPSA learning
+rate on SST-2 rows held out of the training file, never on dev.
 
     python bench/hybrid_sweep.py [--only "NAME;..."] [--steps 150] [--batch 16] [--held-out 500] [--seed 0]
                                  [--out bench/results] [--work runs/bench-hybrid-sweep] [--resume]
@@ -10,15 +10,18 @@ whole training file, prompt "Review: {text}\\nSentiment:", loss on the answer to
 with its overrides, in its own process; the score is the accuracy (answer log-likelihood of the two
 labels) on `--held-out` rows that `data.eval_count` holds out of the training file (the same rows for
 every setting: they depend on the seed only). Per setting: held-out accuracy and loss, the final training
-loss, the hybrid's mean lambda at the end, and wall time. Writes hybrid_sweep.{json,md} under `--out`
+loss, the hybrid's mean lambda at the end, zo_fo's summed SPSA decrease, and wall time. Writes hybrid_sweep.{json,md} under `--out`
 after every setting; runs live under `--work`. `--resume` keeps every setting that finished in `--work` or
 is recorded in `--out`/hybrid_sweep.json with this budget, so the sweep continues across sittings.
 
-The settings: the shipped hybrid; its learning rate; the two parameterisations (mix "weight": lambda
+The settings: the hybrid shipped before the sweep; its learning rate; the two parameterisations (mix "weight": lambda
 weights the branches' outputs; "update": it scales their optimizer updates); the BOFT branch at BOFT's own
 learning rate (a 5x `lr_multipliers` group over LoRA-GA's); the lambda rule's direction and temperature (at 4
 the rule keeps its per-layer ranking but moves lambda a quarter as far from 0.5 in log-odds); fixed lambda 0.5;
-and each branch alone. LoRA runs at the same learning rates as the hybrid.
+and each branch alone. LoRA runs at the same learning rates as the hybrid. Then zo_fo (SPSA on every base
+weight beside LoRA at LoRA's shipped 1e-3) at SPSA learning rates 1e-6 (shipped), 1e-5 and 1e-4: with the
+same seed its data order and LoRA's initialisation are LoRA's, so its row against LoRA at 1e-3 is what the
+zeroth-order updates add at equal steps.
 """
 
 from __future__ import annotations
@@ -42,34 +45,37 @@ SST2_TRAIN = PROJECT_ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 TEMPLATE = "Review: {text}\nSentiment:"
 BOFT_AT_ITS_RATE = 'train.lr_multipliers=[[".*/boft_r$",5.0]]'  # 5 x 2e-4 = BOFT's configured 1e-3
 FIXED_HALF = "train.hybrid_weights.clip=[0.5,0.5]"
+# Each setting names its mix, rate and multipliers, so it means the same whatever the YAMLs ship today.
+WEIGHT, UPDATE = "method.hybrid.mix=weight", "method.hybrid.mix=update"
+NO_MULTIPLIER = "train.lr_multipliers=[]"
 
-# name -> (method, overrides). The hybrid's settings first (at most 12), then the branches and LoRA.
+# name -> (method, overrides). The hybrid's settings first (at most 12), then the branches, LoRA and zo_fo.
 SETTINGS = {
-    "hybrid shipped (weight, lr 5e-4)": ("hybrid", []),
-    "hybrid weight lr 2e-4": ("hybrid", ["train.learning_rate=2e-4"]),
-    "hybrid weight lr 1e-3": ("hybrid", ["train.learning_rate=1e-3"]),
-    "hybrid weight lr 2e-4, BOFT 1e-3": ("hybrid", ["train.learning_rate=2e-4", BOFT_AT_ITS_RATE]),
-    "hybrid update lr 2e-4": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4"]),
-    "hybrid update lr 5e-4": ("hybrid", ["method.hybrid.mix=update"]),
-    "hybrid update lr 1e-3": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=1e-3"]),
-    "hybrid update lr 2e-4, BOFT 1e-3": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4",
-                                                    BOFT_AT_ITS_RATE]),
-    "hybrid update lr 2e-4, BOFT 1e-3, inverse": ("hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4",
-                                                             BOFT_AT_ITS_RATE,
+    "hybrid weight lr 5e-4 (shipped before the sweep)": ("hybrid", [WEIGHT, "train.learning_rate=5e-4", NO_MULTIPLIER]),
+    "hybrid weight lr 2e-4": ("hybrid", [WEIGHT, "train.learning_rate=2e-4", NO_MULTIPLIER]),
+    "hybrid weight lr 1e-3": ("hybrid", [WEIGHT, "train.learning_rate=1e-3", NO_MULTIPLIER]),
+    "hybrid weight lr 2e-4, BOFT 1e-3": ("hybrid", [WEIGHT, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE]),
+    "hybrid update lr 2e-4": ("hybrid", [UPDATE, "train.learning_rate=2e-4", NO_MULTIPLIER]),
+    "hybrid update lr 5e-4": ("hybrid", [UPDATE, "train.learning_rate=5e-4", NO_MULTIPLIER]),
+    "hybrid update lr 1e-3": ("hybrid", [UPDATE, "train.learning_rate=1e-3", NO_MULTIPLIER]),
+    "hybrid update lr 2e-4, BOFT 1e-3": ("hybrid", [UPDATE, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE]),
+    "hybrid update lr 2e-4, BOFT 1e-3, inverse": ("hybrid", [UPDATE, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
                                                              "train.hybrid_weights.direction=inverse"]),
-    "hybrid update lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", ["method.hybrid.mix=update",
-                                                               "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
+    "hybrid update lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", [UPDATE, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
                                                                FIXED_HALF]),
-    "hybrid update lr 2e-4, BOFT 1e-3, temperature 4": ("hybrid", ["method.hybrid.mix=update",
-                                                                    "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
+    "hybrid update lr 2e-4, BOFT 1e-3, temperature 4": ("hybrid", [UPDATE, "train.learning_rate=2e-4",
+                                                                    BOFT_AT_ITS_RATE,
                                                                     "train.hybrid_weights.temperature=4"]),
-    "hybrid weight lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", ["train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
+    "hybrid weight lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", [WEIGHT, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
                                                                FIXED_HALF]),
     "boft alone (lr 1e-3)": ("boft", []),
     "lora_ga alone (lr 2e-4)": ("lora_ga", []),
-    "lora lr 2e-4": ("lora", []),
+    "lora lr 2e-4": ("lora", ["train.learning_rate=2e-4"]),
     "lora lr 5e-4": ("lora", ["train.learning_rate=5e-4"]),
     "lora lr 1e-3": ("lora", ["train.learning_rate=1e-3"]),
+    "zo_fo SPSA lr 1e-6 (shipped)": ("zo_fo", []),
+    "zo_fo SPSA lr 1e-5": ("zo_fo", ["method.zo_fo.learning_rate=1e-5"]),
+    "zo_fo SPSA lr 1e-4": ("zo_fo", ["method.zo_fo.learning_rate=1e-4"]),
 }
 
 
@@ -114,8 +120,17 @@ def run(name: str, args) -> dict:
             "held_out_loss": done["eval_after"].get("loss"), "examples": done["eval_after"].get("examples"),
             "final_train_loss": sum(r["loss"] for r in tail) / len(tail),
             "mean_lambda": (sum(lambdas.values()) / len(lambdas)) if isinstance(lambdas, dict) and lambdas else None,
+            "spsa_decrease": spsa_decrease(steps),
             "wall_seconds": done["wall_time_seconds"], "run_dir": str(folder),
             "correct_rows": next(r for r in reversed(records) if "eval_seconds" in r).get("eval_correct_rows")}
+
+
+def spsa_decrease(steps: list[dict]) -> float | None:
+    """zo_fo's zeroth-order steps' first-order loss decrease, summed over the run: a step moves the base
+    weights by -lr g z (g the projected gradient along the direction z), which lowers the batch's loss by
+    lr g^2 to first order. None for a method without SPSA."""
+    spsa = [r for r in steps if "zo_projected_grad" in r]
+    return sum(r["zo_learning_rate"] * r["zo_projected_grad"] ** 2 for r in spsa) if spsa else None
 
 
 def best_lora(runs: list[dict]) -> dict | None:
@@ -129,7 +144,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     best = best_lora(report["runs"])
     baseline_name = best["name"] if best else "the best LoRA"
-    lines = [f"# Hybrid settings on SST-2 rows held out of the training file ({report['date']})", "",
+    lines = [f"# The hybrid's and zo_fo's settings on SST-2 rows held out of the training file ({report['date']})",
+             "",
              f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores; "
              f"{sum(r.get('wall_seconds', 0) for r in report['runs']) / 60:.0f} minutes of runs. "
              f"Command: `{report['command']}`.", "",
@@ -138,23 +154,25 @@ def markdown(report: dict) -> str:
              f"seed {s['seed']}; the start-up gradient of LoRA-GA and the hybrid over {s['gradient_batches']} "
              f"batches of 2. Score: accuracy on {s['held_out']} rows held out of train.tsv (`data.eval_count`), "
              "never dev. Train loss: mean of the last 10 steps. Lambda: the hybrid's mean BOFT share at the end. "
+             "SPSA: zo_fo's zeroth-order steps' first-order loss decrease summed over the run (lr g^2 a step). "
              f"vs {baseline_name} (the best LoRA with per-row results): the paired accuracy difference on the "
              "same held-out rows, [95% interval] from resampling the rows.", "",
              f"| setting | held-out accuracy | vs {baseline_name} [95%] | held-out loss | train loss | lambda "
-             "| wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| SPSA | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     baseline = best["correct_rows"] if best else None
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |")
             continue
         lam = f"{r['mean_lambda']:.2f}" if r["mean_lambda"] is not None else ""
+        spsa = f"{r['spsa_decrease']:.3f}" if r.get("spsa_decrease") is not None else ""
         versus = "-"
         if baseline and r.get("correct_rows") and r["name"] != baseline_name:
             mean, low, high = bootstrap_difference([r["correct_rows"]], [baseline])
             versus = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
         lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {versus} | {r['held_out_loss']:.3f} | "
-                     f"{r['final_train_loss']:.3f} | {lam} | {r['wall_seconds']:.0f} |")
+                     f"{r['final_train_loss']:.3f} | {lam} | {spsa} | {r['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
