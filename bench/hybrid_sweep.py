@@ -5,23 +5,23 @@ rate on SST-2 rows held out of the training file, never on dev.
                                  [--out bench/results] [--work runs/bench-hybrid-sweep] [--resume]
 
 The budget is the real SST-2 job's (bench/job.py): SmolLM2-135M-Instruct, each step 16 rows drawn from the
-whole training file, prompt "Review: {text}\\nSentiment:", loss on the answer tokens, AdamW, clipping at
-1.0, cosine schedule with 10% warm-up, one seed. Each setting is `python -m hyjax.train methods/<method>`
-with its overrides, in its own process; the score is the accuracy (answer log-likelihood of the two
-labels) on `--held-out` rows that `data.eval_count` holds out of the training file (the same rows for
-every setting: they depend on the seed only). Per setting: held-out accuracy and loss, the final training
-loss, the hybrid's mean lambda at the end, zo_fo's summed SPSA decrease, and wall time. Writes hybrid_sweep.{json,md} under `--out`
-after every setting; runs live under `--work`. `--resume` keeps every setting that finished in `--work` or
-is recorded in `--out`/hybrid_sweep.json with this budget, so the sweep continues across sittings.
+whole training file, prompt "Review: {text}\\nSentiment:", loss on the answer tokens, AdamW, clipping at 1.0,
+cosine schedule with 10% warm-up, one seed. Each setting is `python -m hyjax.train methods/<method>` with its
+overrides, in its own process; the score is the accuracy (answer log-likelihood of the two labels) on
+`--held-out` rows that `data.eval_count` holds out of the training file (the same rows for every setting: they
+depend on the seed only). Per setting: held-out accuracy and loss, the final training loss, the hybrid's mean
+lambda at the end, zo_fo's summed SPSA decrease, and wall time. Writes hybrid_sweep.{json,md} under `--out`
+after every setting; runs live under `--work`. `--resume` keeps every setting that finished in `--work` or is
+recorded in `--out`/hybrid_sweep.json with this budget, so the sweep continues across sittings.
 
-The settings: the hybrid shipped before the sweep; its learning rate; the two parameterisations (mix "weight": lambda
-weights the branches' outputs; "update": it scales their optimizer updates); the BOFT branch at BOFT's own
-learning rate (a 5x `lr_multipliers` group over LoRA-GA's); the lambda rule's direction and temperature (at 4
-the rule keeps its per-layer ranking but moves lambda a quarter as far from 0.5 in log-odds); fixed lambda 0.5;
-and each branch alone. LoRA runs at the same learning rates as the hybrid. Then zo_fo (SPSA on every base
-weight beside LoRA at LoRA's shipped 1e-3) at SPSA learning rates 1e-6 (shipped), 1e-5 and 1e-4: with the
-same seed its data order and LoRA's initialisation are LoRA's, so its row against LoRA at 1e-3 is what the
-zeroth-order updates add at equal steps.
+The settings: the hybrid shipped before the sweep; its learning rate; the two parameterisations (mix "weight":
+lambda weights the branches' outputs; "update": it scales their optimizer updates); the BOFT branch at BOFT's
+own learning rate (a 5x `lr_multipliers` group over LoRA-GA's); the lambda rule's direction and temperature
+(at 4 the rule keeps its per-layer ranking but moves lambda a quarter as far from 0.5 in log-odds); fixed
+lambda 0.5; and each branch alone. LoRA runs at the same learning rates as the hybrid. Then zo_fo (SPSA on
+every base weight beside LoRA at LoRA's shipped 1e-3) at SPSA learning rates 1e-6 (shipped before the sweep),
+1e-5, 1e-4 and 3e-4: with the same seed its data order and LoRA's initialisation are LoRA's, so its row
+against LoRA at 1e-3 is what the zeroth-order updates add at equal steps.
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ SETTINGS = {
     "lora lr 2e-4": ("lora", ["train.learning_rate=2e-4"]),
     "lora lr 5e-4": ("lora", ["train.learning_rate=5e-4"]),
     "lora lr 1e-3": ("lora", ["train.learning_rate=1e-3"]),
-    "zo_fo SPSA lr 1e-6 (shipped)": ("zo_fo", []),
+    "zo_fo SPSA lr 1e-6 (shipped before the sweep)": ("zo_fo", ["method.zo_fo.learning_rate=1e-6"]),
     "zo_fo SPSA lr 1e-5": ("zo_fo", ["method.zo_fo.learning_rate=1e-5"]),
     "zo_fo SPSA lr 1e-4": ("zo_fo", ["method.zo_fo.learning_rate=1e-4"]),
+    "zo_fo SPSA lr 3e-4": ("zo_fo", ["method.zo_fo.learning_rate=3e-4"]),
 }
 
 
