@@ -16,7 +16,8 @@ budget's overrides, each run in its own process), every setting not in the budge
   Beside ours: `peft_lora`, HF PEFT LoRA (r 8, alpha 16, the seven projections, LoRA's learning rate and
   schedule) on the very rows of each seed's hyjax run, its merged model scored by hyjax's evaluation
   (`bench/peft_reference.py`); and `hybrid_lora_random`, Hybrid-LoRA with the same number of fully
-  trained modules drawn at random (`method.hybrid_lora.score=random`, a new draw per seed).
+  trained modules drawn at random (`method.hybrid_lora.score=random`, a new draw per seed), paired against
+  Hybrid-LoRA's scored choice as well as against LoRA.
 - **GSM8K** (`--gsm8k-methods`, `--gsm8k-seeds`): 200 steps of 4 problems (256 tokens), answer loss and
   exact match of the final number (greedy, `--max-new-tokens`) on 200 problems held out of the training
   file. The answer loss is the main metric: a 135M model solves almost none.
@@ -71,6 +72,7 @@ VARIANTS = {**{m: ("hyjax", m, ()) for m in METHODS},
 TASKS = ("sst2", "gsm8k")
 METRIC = {"sst2": "accuracy", "gsm8k": "eval_loss"}
 BASELINE, REFERENCE = "lora", "peft_lora"
+SCORED, RANDOM_DRAWS = "hybrid_lora", "hybrid_lora_random"
 BOOTSTRAP_DRAWS = 4000
 
 
@@ -277,6 +279,18 @@ def first_reaching(run: dict, target: float):
     return None
 
 
+def paired_difference(rows: list[dict], others: list[dict]) -> dict | None:
+    """SST-2 accuracy of `rows` minus `others` on the seeds both ran: mean over those seeds with its 95%
+    interval over dev rows, and each seed's; None when no seed pairs."""
+    theirs = {r["seed"]: r for r in others if r.get("correct_rows")}
+    paired = [(r, theirs[r["seed"]]) for r in rows if r["seed"] in theirs and r.get("correct_rows")]
+    if not paired:
+        return None
+    mean, lo, hi = bootstrap_difference([r["correct_rows"] for r, _ in paired], [t["correct_rows"] for _, t in paired])
+    per_seed = {r["seed"]: bootstrap_difference([r["correct_rows"]], [t["correct_rows"]]) for r, t in paired}
+    return {"mean": mean, "low": lo, "high": hi, "seeds": per_seed}
+
+
 def summarize(runs: list[dict], task: str, names: list[str]) -> dict:
     """Per variant: the metric's mean, std and per-seed values; paired difference to LoRA; time to PEFT."""
     metric = METRIC[task]
@@ -298,18 +312,14 @@ def summarize(runs: list[dict], task: str, names: list[str]) -> dict:
                          train_seconds=statistics.fmean(r["train_seconds"] for r in rows),
                          median_step_seconds=statistics.fmean(r["median_step_seconds"] for r in rows),
                          peak_host_memory_mib=max(r["peak_host_memory_mib"] for r in rows),
-                         trainable_parameters=rows[0]["trainable_parameters"])
+                         trainable_parameters=[min(r["trainable_parameters"] for r in rows),
+                                               max(r["trainable_parameters"] for r in rows)])
             if task == "gsm8k":
                 entry["exact_match"] = statistics.fmean(r["exact_match"] for r in rows)
-            base = {r["seed"]: r for r in by_name.get(BASELINE, [])}
-            paired = [(r, base[r["seed"]]) for r in rows if r["seed"] in base and r.get("correct_rows")
-                      and base[r["seed"]].get("correct_rows")]
-            if task == "sst2" and paired and name != BASELINE:
-                mean, lo, hi = bootstrap_difference([r["correct_rows"] for r, _ in paired],
-                                                    [b["correct_rows"] for _, b in paired])
-                per_seed = {r["seed"]: bootstrap_difference([r["correct_rows"]], [b["correct_rows"]])
-                            for r, b in paired}
-                entry["vs_lora"] = {"mean": mean, "low": lo, "high": hi, "seeds": per_seed}
+            if task == "sst2" and name != BASELINE and (versus := paired_difference(rows, by_name.get(BASELINE, []))):
+                entry["vs_lora"] = versus
+            if task == "sst2" and name == RANDOM_DRAWS and (versus := paired_difference(rows, by_name.get(SCORED, []))):
+                entry["vs_scored"] = versus
             if target is not None and name != REFERENCE:
                 reached = [first_reaching(r, target) for r in rows]
                 hits = [x for x in reached if x is not None]
@@ -379,9 +389,11 @@ def markdown(report: dict) -> str:
              f"random (a new draw per seed). Start-up gradients: {s['gradient_batches']} batches of 2.", ""]
     for task in report["tasks"]:
         b, table = s["tasks"][task], report["summary"][task]
+        recorded = ", ".join(map(str, sorted({r["seed"] for r in report["runs"] if r["task"] == task
+                                              and "error" not in r})))  # this and earlier sittings' seeds
         if task == "sst2":
             lines += [f"## SST-2: dev accuracy ({b['eval_rows']} rows) after {b['steps']} steps of {b['batch']} "
-                      f"rows, seeds {', '.join(map(str, b['seeds']))}", "",
+                      f"rows, seeds {recorded}", "",
                       f"Each step {b['batch']} rows drawn from the whole training file, prompt {TEMPLATE!r}, loss on "
                       f"the answer tokens, cosine schedule with {b['steps'] // 10} warm-up steps; evaluation every "
                       f"{b['eval_every']} steps and at the end. Δ vs LoRA: mean over seeds of the paired accuracy "
@@ -390,7 +402,7 @@ def markdown(report: dict) -> str:
                       "LoRA's mean final accuracy (seeds that reach it / seeds)."]
         else:
             lines += [f"## GSM8K: answer loss on {b['eval_rows']} problems held out of the training file, after "
-                      f"{b['steps']} steps of {b['batch']} problems, seeds {', '.join(map(str, b['seeds']))}", "",
+                      f"{b['steps']} steps of {b['batch']} problems, seeds {recorded}", "",
                       f"Exact match: the final number of a greedy generation of at most {b['max_new_tokens']} tokens."]
         before = next((r["eval_before"] for r in report["runs"] if r["task"] == task and r.get("eval_before")), None)
         if before:
@@ -398,8 +410,8 @@ def markdown(report: dict) -> str:
                 f"exact match {before['exact_match']:.3f}"
             lines += ["", f"Pretrained model: {score}, answer loss {before['eval_loss']:.3f}."]
         if task == "sst2":
-            lines += ["", "| method | accuracy mean ± std | per seed | Δ vs LoRA [95%] | to PEFT: steps, train s | "
-                          "answer loss | wall s | s/step | peak MiB | trainable |",
+            lines += ["", "| method | accuracy mean ± std | seed: accuracy | Δ vs LoRA [95%] | "
+                          "to PEFT: steps, train s | answer loss | wall s | s/step | peak MiB | trainable |",
                       "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         else:
             lines += ["", "| method | answer loss | exact match | wall s | s/step | peak MiB | trainable |",
@@ -408,12 +420,14 @@ def markdown(report: dict) -> str:
             if not e["n"]:
                 lines.append(f"| {name} | " + (f"failed ({e['failed']})" if e["failed"] else "not run") + " |")
                 continue
+            low, high = e["trainable_parameters"]  # Hybrid-LoRA's chosen modules differ by seed
+            trainable = f"{low:,}" if low == high else f"{low:,}-{high:,}"
             cost = (f"{e['wall_seconds']:.0f} | {e['median_step_seconds']:.2f} | {e['peak_host_memory_mib']:,.0f} | "
-                    f"{e['trainable_parameters']:,} |")
+                    f"{trainable} |")
             if task == "gsm8k":
                 lines.append(f"| {name} | {e['mean']:.3f} | {e['exact_match']:.3f} | {cost}")
                 continue
-            seeds = ", ".join(f"{v:.3f}" for v in e["seeds"].values())
+            seeds = ", ".join(f"{seed}: {v:.3f}" for seed, v in e["seeds"].items())
             d = e.get("vs_lora")
             delta = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "-"
             t = e.get("to_peft_accuracy")
@@ -421,6 +435,10 @@ def markdown(report: dict) -> str:
                                        if t["reached"] else f"not reached (0/{t['of']})")
             lines.append(f"| {name} | {e['mean']:.3f} ± {e['std']:.3f} | {seeds} | {delta} | {reach} | "
                          f"{e['eval_loss']:.3f} | {cost}")
+        if task == "sst2" and (d := table.get(RANDOM_DRAWS, {}).get("vs_scored")):
+            lines += ["", f"{RANDOM_DRAWS} against {SCORED}, paired on seeds {', '.join(map(str, d['seeds']))} "
+                          f"(the same seeds' data order and LoRA initialisation): {100 * d['mean']:+.1f} "
+                          f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points."]
         lines.append("")
     errors = [r for r in report["runs"] if "error" in r]
     if errors:
