@@ -377,6 +377,12 @@ def plot(report: dict, path: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
+def points(difference: dict) -> str:
+    """A `paired_difference` in accuracy points: `+0.4 [-0.1, +0.8]`."""
+    return (f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, "
+            f"{100 * difference['high']:+.1f}]")
+
+
 def markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
     lines = ["# Fine-tuning quality at a real budget: SmolLM2-135M-Instruct, every method and HF PEFT LoRA", "",
@@ -428,8 +434,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name} | {e['mean']:.3f} | {e['exact_match']:.3f} | {cost}")
                 continue
             seeds = ", ".join(f"{seed}: {v:.3f}" for seed, v in e["seeds"].items())
-            d = e.get("vs_lora")
-            delta = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "-"
+            delta = points(e["vs_lora"]) if "vs_lora" in e else "-"
             t = e.get("to_peft_accuracy")
             reach = "-" if not t else (f"{t['steps']:.0f}, {t['train_seconds']:.0f} ({t['reached']}/{t['of']})"
                                        if t["reached"] else f"not reached (0/{t['of']})")
@@ -437,8 +442,7 @@ def markdown(report: dict) -> str:
                          f"{e['eval_loss']:.3f} | {cost}")
         if task == "sst2" and (d := table.get(RANDOM_DRAWS, {}).get("vs_scored")):
             lines += ["", f"{RANDOM_DRAWS} against {SCORED}, paired on seeds {', '.join(map(str, d['seeds']))} "
-                          f"(the same seeds' data order and LoRA initialisation): {100 * d['mean']:+.1f} "
-                          f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points."]
+                          f"(the same seeds' data order and LoRA initialisation): {points(d)} points."]
         lines.append("")
     errors = [r for r in report["runs"] if "error" in r]
     if errors:
