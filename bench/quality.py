@@ -306,7 +306,7 @@ def summarize(runs: list[dict], task: str, names: list[str]) -> dict:
         if rows:
             values = [r[metric] for r in rows]
             entry.update(seeds={r["seed"]: r[metric] for r in rows}, mean=statistics.fmean(values),
-                         std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                         std=statistics.stdev(values) if len(values) > 1 else None,  # undefined for one seed
                          eval_loss=statistics.fmean(r["eval_loss"] for r in rows),
                          wall_seconds=statistics.fmean(r["wall_seconds"] for r in rows),
                          train_seconds=statistics.fmean(r["train_seconds"] for r in rows),
@@ -438,7 +438,8 @@ def markdown(report: dict) -> str:
             t = e.get("to_peft_accuracy")
             reach = "-" if not t else (f"{t['steps']:.0f}, {t['train_seconds']:.0f} ({t['reached']}/{t['of']})"
                                        if t["reached"] else f"not reached (0/{t['of']})")
-            lines.append(f"| {name} | {e['mean']:.3f} ± {e['std']:.3f} | {seeds} | {delta} | {reach} | "
+            spread = f"± {e['std']:.3f}" if e["std"] is not None else "(1 seed)"
+            lines.append(f"| {name} | {e['mean']:.3f} {spread} | {seeds} | {delta} | {reach} | "
                          f"{e['eval_loss']:.3f} | {cost}")
         if task == "sst2" and (d := table.get(RANDOM_DRAWS, {}).get("vs_scored")):
             lines += ["", f"{RANDOM_DRAWS} against {SCORED}, paired on seeds {', '.join(map(str, d['seeds']))} "
