@@ -127,10 +127,14 @@ def test_a_silent_process_ends_the_other_with_the_same_message(silent, tiny_chec
     # JAX counts the silence from the last heartbeat it got, which may precede the stop by a beat: no lower bound
     assert ended_after < heartbeat_timeout + 15
     assert "Terminating process because the JAX distributed service detected fatal errors" in log
-    assert log.splitlines()[-1] == (
-        f"error: process {survivor} of 2 lost contact with the others (JAX's distributed runtime ended its "
-        f"training with SIGABRT, see above): another process most likely died. The checkpoints in "
-        f"{output / 'checkpoints'} are intact: start every process again with the same command to resume")
+    # the silence surfaces in a step (JAX aborts the child) or, when it hits a checkpoint save, in the save's barrier
+    last = log.splitlines()[-1]
+    assert last.startswith(f"error: process {survivor} of 2 lost contact with the others ("), last
+    assert last.endswith(
+        f"): another process most likely died. The checkpoints in {output / 'checkpoints'} are intact: start every "
+        f"process again with the same command to resume"), last
+    assert "SIGABRT" in last or "heartbeat timeout" in last, last
+    assert "free space" not in last, last
     processes[silent].wait(timeout=10)
     assert not _alive(stopped), "the stopped child outlived its parent"
 
