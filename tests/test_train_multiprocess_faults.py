@@ -153,6 +153,7 @@ def test_a_peer_lost_during_a_save_counts_as_lost_contact(monkeypatch):
         except ValueError as error:
             raise CheckpointWriteError("checkpoint step 4 could not be written to run/checkpoints") from error
     except CheckpointWriteError as error:
-        assert distributed.lost_contact(error)
-    assert not distributed.lost_contact(CheckpointWriteError("checkpoint step 4 could not be written: File too large"))
-    assert not distributed.lost_contact(ValueError("no connection column in data.tsv"))
+        assert distributed.peer_failure(error) is error.__cause__  # the peer's failure, not the wrapper
+    full_disk = CheckpointWriteError("checkpoint step 4 could not be written: File too large")
+    assert distributed.peer_failure(full_disk) is None
+    assert distributed.peer_failure(ValueError("no connection column in data.tsv")) is None

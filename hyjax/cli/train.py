@@ -77,13 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train(config)  # prints its summary; an interrupted run has saved a checkpoint to resume from
         except Exception as err:
-            if not distributed.lost_contact(err):
+            if (failure := distributed.peer_failure(err)) is None:
                 raise
-            cause = err  # the peer's failure itself, not a wrapper's advice (a failed save's "free space")
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            print(lost_contact_message(f"process {jax.process_index()} of {jax.process_count()}",
-                                       str(cause).splitlines()[0], config.checkpoint_dir), file=sys.stderr, flush=True)
+            where = f"process {jax.process_index()} of {jax.process_count()}"
+            print(lost_contact_message(where, str(failure).splitlines()[0], config.checkpoint_dir),
+                  file=sys.stderr, flush=True)
             os._exit(3)  # not JAX's shutdown, whose barrier would wait for the dead process
     except (ConfigError, CheckpointMismatchError, MalformedDataError, FileNotFoundError, CheckpointError,
             UnsupportedConfigError, PretrainedFetchError, NonFiniteError, CheckpointWriteError, ValueError) as err:

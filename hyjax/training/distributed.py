@@ -113,12 +113,20 @@ _LOST_CONTACT = re.compile(r"gloo|connection|unavailable|heartbeat|barrier|coord
 _PEER_RUNTIME = re.compile(r"gloo .*failed|heartbeat timeout|coordination ?service", re.IGNORECASE)
 
 
-def lost_contact(error: BaseException) -> bool:
-    """Whether `error` is a multi-process run losing contact with another process (a collective or
-    barrier that failed because a peer died), rather than an error of this process's own work; `error`
-    or what caused it (a checkpoint save whose barrier failed raises `CheckpointWriteError` from it)."""
+def peer_failure(error: BaseException) -> BaseException | None:
+    """The error that shows a multi-process run losing contact with another process (a collective or
+    barrier that failed because a peer died), or None when `error` is this process's own work's. Looks at
+    `error` and what caused it (a checkpoint save whose barrier failed raises `CheckpointWriteError` from
+    it) and returns the innermost match: the peer's failure itself, not a wrapper's account of it."""
     if jax.process_count() == 1:
-        return False
+        return None
+    found = None
+    while error is not None:
+        words = _LOST_CONTACT if isinstance(error, jax.errors.JaxRuntimeError) else _PEER_RUNTIME
+        if words.search(str(error)):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
     while error is not None:
         words = _LOST_CONTACT if isinstance(error, jax.errors.JaxRuntimeError) else _PEER_RUNTIME
         if words.search(str(error)):
