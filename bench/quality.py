@@ -184,7 +184,8 @@ def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_
     eval_records = [r for r in records if "eval_seconds" in r]
     evals = [{"step": r["step"], "accuracy": r.get("eval/accuracy"), "exact_match": r.get("eval/exact_match"),
               "eval_loss": r["eval/loss"], "train_seconds": elapsed.get(r["step"], 0.0),
-              "eval_seconds": r["eval_seconds"]} for r in eval_records]
+              "eval_seconds": r["eval_seconds"], "generated_tokens": r.get("eval/generated_tokens"),
+              "decode_steps": r.get("eval/decode_steps")} for r in eval_records]
     final = evals[-1]
     before = evals[0] if eval_before and evals and evals[0]["step"] == 0 else None
     return {"accuracy": final["accuracy"], "exact_match": final["exact_match"], "eval_loss": final["eval_loss"],

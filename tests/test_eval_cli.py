@@ -10,6 +10,7 @@ import pytest
 from hyjax.cli.eval import main
 from hyjax.config import load_config
 from hyjax.training import train
+from hyjax.training.evaluation import generation_cost
 
 from test_train_run import tiny_run_overrides
 
@@ -61,10 +62,19 @@ def test_math_is_scored_by_exact_match_and_answer_loss(tiny_checkpoint, tmp_path
                                 for a in range(1, 6)))
     result, printed = _evaluate(capsys, tiny_checkpoint, "data.task=math", "data.chat=false", "eval.max_new_tokens=3",
                                 "eval.generation_samples=1", "--data", problems, "--json", "-")
-    assert result["examples"] == 5 and set(result["metrics"]) == {"exact_match", "answer_format", "loss", "perplexity"}
+    assert result["examples"] == 5 and set(result["metrics"]) == {"exact_match", "answer_format", "loss", "perplexity",
+                                                                  "generated_tokens", "decode_steps"}
     assert result["metrics"]["exact_match"] == 0.0 and result["metrics"]["loss"] > 0
+    assert 0 < result["metrics"]["generated_tokens"] <= 3 and 1 <= result["metrics"]["decode_steps"] <= 3 * 5
     assert 0.0 <= result["metrics"]["answer_format"] <= 1.0 and "answer_format" in printed
     assert len(result["samples"]) == 1 and "exact_match" in printed
+
+
+def test_generation_cost_counts_each_batch_until_its_longest_answer_stops():
+    # batch 1: the 5-token answer stops at step 6 (its stop token), the cap is 6; batch 2: 3 tokens + stop
+    cost = generation_cost([[2, 5], [3]], max_new_tokens=6)
+    assert cost == {"eval/generated_tokens": pytest.approx(10 / 3), "eval/decode_steps": 6 + 4}
+    assert generation_cost([[6, 1]], max_new_tokens=6)["eval/decode_steps"] == 6  # ran to the cap
 
 
 def test_bad_requests_get_one_line_before_any_model_loads(finished_run, tiny_checkpoint, capsys):

@@ -27,6 +27,15 @@ from hyjax.likelihood import candidate_log_likelihoods
 from hyjax.sampling import SamplingConfig, generate
 
 
+def generation_cost(lengths: list[list[int]], max_new_tokens: int) -> dict[str, float]:
+    """`eval/generated_tokens` (mean new tokens per answer) and `eval/decode_steps` of greedy generation
+    in batches (`lengths`: each batch's answer lengths, stop token excluded). A batch decodes until its
+    longest answer has emitted its stop token (one step past its length) or for `max_new_tokens` steps."""
+    answers = [n for batch in lengths for n in batch]
+    steps = sum(min(max(batch) + 1, max_new_tokens) for batch in lengths if batch)
+    return {"eval/generated_tokens": float(np.mean(answers)) if answers else 0.0, "eval/decode_steps": steps}
+
+
 class HeldOutEvaluation:
     """A model's metrics on held-out rows (examples built once): answer-token loss and perplexity, the
     task's own metric, and generated samples. Used by a run's `Evaluator` and by `python -m hyjax.eval`.
@@ -55,7 +64,10 @@ class HeldOutEvaluation:
 
     def metrics(self, params, batch_loss: Callable[[dict], tuple[Any, Any]]) -> dict[str, Any]:
         """Metrics (`eval/loss`, `eval/perplexity`, `eval/accuracy` or `eval/exact_match` and
-        `eval/answer_format` (the share of generated answers that end in `#### <number>`), `eval/examples`),
+        `eval/answer_format` (the share of generated answers that end in `#### <number>`),
+        `eval/generated_tokens` (new tokens per answer) and `eval/decode_steps` (the steps the generation
+        batches ran: a batch decodes until its longest answer stops, so this sets generation's cost),
+        `eval/examples`),
         `correct_rows` (classification and math: `EvalResult.correct_rows`, one `0`/`1` per scored row) and
         `samples`: generated answers of the first `eval.generation_samples` rows.
 
@@ -73,11 +85,14 @@ class HeldOutEvaluation:
         else:
             loss = self._answer_loss(batch_loss)
             if isinstance(self.task, MathWordProblems):
+                lengths: list[list[int]] = []
                 with self._bar("generating answers") as bar:
-                    result = math_exact_match(self.rows, self.task, self.tokenizer, self._generator(params, bar),
+                    result = math_exact_match(self.rows, self.task, self.tokenizer,
+                                              self._generator(params, bar, lengths),
                                               batch_size=self.eval_config.batch_size)
                 metrics["eval/exact_match"] = result.accuracy
                 metrics["eval/answer_format"] = result.answered
+                metrics.update(generation_cost(lengths, self.eval_config.max_new_tokens))
                 metrics["correct_rows"] = result.correct_rows
         metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))})
         metrics["samples"] = self.samples(params)
@@ -105,7 +120,8 @@ class HeldOutEvaluation:
             self.model_config, params, groups, pad_id=self.tokenizer.pad_id, max_length=self.max_length,
             batch_size=self.eval_config.batch_size, bucket=self.bucket, progress=bar.update if bar else None)
 
-    def _generator(self, params, bar=None):
+    def _generator(self, params, bar=None, lengths: list[list[int]] | None = None):
+        """`prompts -> generated texts`; appends each batch's answer lengths (new tokens) to `lengths`."""
         sampling = SamplingConfig(max_new_tokens=self.eval_config.max_new_tokens)
 
         def generate_text(prompts):
@@ -113,6 +129,8 @@ class HeldOutEvaluation:
                                sampling, pad_id=self.tokenizer.pad_id)
             if bar is not None:
                 bar.update(len(prompts))
+            if lengths is not None:
+                lengths.append([len(tokens) for tokens in outputs])
             return [self.tokenizer.decode(tokens) for tokens in outputs]
 
         return generate_text
