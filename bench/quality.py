@@ -336,7 +336,7 @@ def summarize(runs: list[dict], task: str, names: list[str]) -> dict:
 
 def plot(report: dict, path: pathlib.Path) -> pathlib.Path | None:
     """Training loss (moving average over 10 steps) of every method's lowest seed, and SST-2 dev accuracy
-    at each evaluation (mean over seeds), PEFT LoRA's final as a line."""
+    at each evaluation (mean over seeds), PEFT LoRA's final as a line; a method keeps its colour across panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,6 +348,9 @@ def plot(report: dict, path: pathlib.Path) -> pathlib.Path | None:
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    every_name = list(dict.fromkeys(n for task in tasks for n in report["settings"]["names"][task]))
+    palette = plt.get_cmap("tab20").colors
+    color = dict(zip(every_name, palette[::2] + palette[1::2]))  # one colour per method in every panel
     for ax, (task, kind) in zip(axes[0], panels):
         names = [n for n in report["settings"]["names"][task]
                  if any(r["name"] == n and r["task"] == task for r in runs)]
@@ -357,7 +360,8 @@ def plot(report: dict, path: pathlib.Path) -> pathlib.Path | None:
                 losses = np.asarray(mine[0]["loss_curve"], float)
                 window = min(10, len(losses))
                 smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-                ax.plot(np.arange(window, len(losses) + 1), smooth, label=name, linewidth=1.2)
+                ax.plot(np.arange(window, len(losses) + 1), smooth, label=name, linewidth=1.2,
+                        color=color[name])
             elif name == REFERENCE:
                 ax.axhline(statistics.fmean(r["accuracy"] for r in mine), color="black", linestyle="--",
                            linewidth=1, label="PEFT LoRA (final)")
@@ -365,7 +369,7 @@ def plot(report: dict, path: pathlib.Path) -> pathlib.Path | None:
                 steps = sorted({e["step"] for r in mine for e in r["evals"]})
                 means = [statistics.fmean(e["accuracy"] for r in mine for e in r["evals"] if e["step"] == s)
                          for s in steps]
-                ax.plot(steps, means, marker="o", label=name, linewidth=1.2)
+                ax.plot(steps, means, marker="o", label=name, linewidth=1.2, color=color[name])
         title = {"loss": f"{task}: training loss (answer tokens), lowest seed, 10-step mean",
                  "accuracy": "sst2: dev accuracy at each evaluation, mean over seeds"}[kind]
         ax.set_title(title, fontsize=9)
