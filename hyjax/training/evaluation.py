@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from hyjax import adapters
 from hyjax.data import (
     BatchIterator,
     Classification,
@@ -72,9 +73,17 @@ class HeldOutEvaluation:
         `samples`: generated answers of the first `eval.generation_samples` rows.
 
         params: the (adapted) parameter tree; batch_loss: `batch -> (answer-token nll sum, answer tokens)`
-        of the same model, for tasks whose loss is not the classification scores'."""
+        of the same model, for tasks whose loss is not the classification scores'.
+
+        Scoring and generation run the merged model (`adapters.merge`: each adapted weight as one plain
+        array, made once per evaluation): an adapter applied to the activations at every decoding step
+        costs more than its one-off merge (BOFT's butterfly factors, the hybrid's two branches). The merged
+        copy adds the adapted weights' size once more (on the v5p plans of bench/results/plans.md, about the
+        1.5-2 GiB of arguments per chip of a PEFT step), less than the temporaries of a training step, which
+        evaluation does not hold."""
         if not self.enabled:
             return {}
+        params = adapters.merge(params)
         metrics: dict[str, Any] = {"eval/examples": len(self.examples)}
         if isinstance(self.task, Classification):
             with self._bar("scoring answers") as bar:
