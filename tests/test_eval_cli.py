@@ -43,6 +43,28 @@ def test_a_run_folder_scores_what_its_final_evaluation_scored(finished_run, caps
     assert f"accuracy    {final['accuracy']:.4f}" in printed
 
 
+def test_evaluation_scores_the_merged_model(finished_run, capsys, monkeypatch):
+    # adapters applied at every forward pass cost up to 1.4x the merged model's time (bench/evaluation_speed.py)
+    import jax
+
+    from hyjax import adapters
+    from hyjax.training import evaluation
+
+    scored_trees = []
+
+    def recording(model_config, params, *args, **kwargs):
+        scored_trees.append(params)
+        return scorer(model_config, params, *args, **kwargs)
+
+    scorer = evaluation.candidate_log_likelihoods
+    monkeypatch.setattr(evaluation, "candidate_log_likelihoods", recording)
+    _evaluate(capsys, finished_run[0], "--json", "-")
+    adapted = [leaf for tree in scored_trees
+               for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, adapters.AdaptedWeight))
+               if isinstance(leaf, adapters.AdaptedWeight)]
+    assert scored_trees and not adapted
+
+
 @pytest.mark.parametrize("export", ["merged_model", "model-f32.gguf", "peft_adapter"])
 def test_each_export_scores_as_the_run_did(finished_run, tiny_checkpoint, sentiment_data, capsys, export):
     output, final = finished_run
