@@ -52,7 +52,9 @@ def test_two_processes_give_the_loss_of_one(method, tiny_checkpoint, sentiment_d
 def _two_processes(overrides: list[str]) -> list[str]:
     """Runs `python -m hyjax.train base *overrides` as two processes of one CPU device each; their outputs."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    # a loaded 2-core CI machine once stalled both processes' heartbeats past the 60 s default; these tests
+    # check results (tests/test_train_multiprocess_faults.py checks the timeout)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HYJAX_HEARTBEAT_TIMEOUT": "300"}
     command = [sys.executable, "-m", "hyjax.train", "base", *overrides, f"--coordinator=localhost:{port}",
                "--num-processes=2"]
     processes = [subprocess.Popen([*command, f"--process-id={i}"], env=env, stdout=subprocess.PIPE,
