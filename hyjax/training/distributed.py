@@ -127,9 +127,3 @@ def peer_failure(error: BaseException) -> BaseException | None:
             found = error
         error = error.__cause__ or error.__context__
     return found
-    while error is not None:
-        words = _LOST_CONTACT if isinstance(error, jax.errors.JaxRuntimeError) else _PEER_RUNTIME
-        if words.search(str(error)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
