@@ -64,6 +64,18 @@ def test_a_checkpoint_folder_of_another_method_is_refused_untouched(capsys, fini
     assert _digest(output / "checkpoints") == before
 
 
+def test_only_the_methods_own_settings_decide_whether_a_run_resumes(capsys, finished_lora_run):
+    """A run is refused for a change of its method's own sub-section (LoRA's rank), not for another
+    method's settings, which its checkpoints never depended on."""
+    output, overrides = finished_lora_run
+    before = _digest(output / "checkpoints")
+    code, err = _run(capsys, *overrides, "method.lora.rank=4")
+    assert code == 2 and "holds checkpoints of another run" in err and "'rank': 4" in err
+    assert _digest(output / "checkpoints") == before
+    code, err = _run(capsys, *overrides, "method.boft.block_size=4", "method.hybrid.lora_start=zero")
+    assert code == 0, err
+
+
 def test_existing_checkpoints_without_resume_are_refused_untouched(capsys, finished_lora_run):
     output, overrides = finished_lora_run
     before = _digest(output / "checkpoints")

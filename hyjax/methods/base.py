@@ -22,9 +22,12 @@ class Method:
     """A fine-tuning method of `python -m hyjax.train` (`method.name`)."""
 
     name: ClassVar[str]  # method.name
+    # The method sub-sections (`method.lora`, ...) whose settings it reads: they identify its runs.
+    sections: ClassVar[tuple[str, ...]] = ()
     # Starts from the full gradient of the pretrained model, averaged over a few batches (LoRA-GA and
-    # the hybrid initialise from it, Hybrid-LoRA scores its modules with it).
-    from_gradients: ClassVar[bool] = False
+    # the hybrid initialise from it, Hybrid-LoRA scores its modules with it); `from_gradients` may
+    # depend on the method's settings.
+    starts_from_gradients: ClassVar[bool] = False
     # Its per-layer mixing weights live in the optimizer state and are set into the tree before each
     # forward (the hybrid's lambdas).
     lambdas: ClassVar[bool] = False
@@ -37,6 +40,10 @@ class Method:
         """Raises ValueError for a method section this method cannot run (beyond the sub-sections' own
         checks). Called when the config is built."""
         self.adapter_config(section)
+
+    def from_gradients(self, section) -> bool:
+        """Whether a run with this method section starts from the gradient estimate."""
+        return self.starts_from_gradients
 
     def gradient_batches(self, section) -> tuple[int, int]:
         """`(n_batches, batch_size)` of the start-up gradient estimate (`from_gradients` methods)."""
@@ -51,9 +58,11 @@ class Method:
         (recorded in run fingerprints, so a run saved with another form is refused); None otherwise."""
         return None
 
-    def optimizer(self, config, grouped: optax.GradientTransformation) -> list[optax.GradientTransformation]:
+    def optimizer(self, config, grouped: optax.GradientTransformation,
+                  total_updates: int) -> list[optax.GradientTransformation]:
         """Its part of the optimizer chain, after gradient clipping: `grouped` (the per-group base
-        optimizers) with whatever the method adds around it."""
+        optimizers) with whatever the method adds around it. `total_updates`: the optimizer updates of
+        the whole run."""
         return [grouped]
 
     def zeroth_order(self, config, total_steps: int):

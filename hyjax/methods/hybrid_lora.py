@@ -216,7 +216,8 @@ class HybridLoRA(Method):
     (method.hybrid_lora)."""
 
     name = "hybrid_lora"
-    from_gradients = True
+    sections = ("hybrid_lora", "lora")
+    starts_from_gradients = True
     SELECTION_KEY = "module_selection"
 
     def adapter_config(self, section):

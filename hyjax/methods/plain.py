@@ -24,6 +24,7 @@ class LoRA(Method):
     """LoRA (method.lora)."""
 
     name = "lora"
+    sections = ("lora",)
 
     def adapter_config(self, section):
         return section.lora
@@ -36,7 +37,8 @@ class LoRAGA(Method):
     """LoRA-GA (method.lora_ga)."""
 
     name = "lora_ga"
-    from_gradients = True
+    sections = ("lora_ga",)
+    starts_from_gradients = True
 
     def adapter_config(self, section):
         return section.lora_ga
@@ -46,6 +48,7 @@ class BOFT(Method):
     """BOFT (method.boft)."""
 
     name = "boft"
+    sections = ("boft",)
 
     def adapter_config(self, section) -> BOFTConfig:
         return section.boft
@@ -75,6 +78,7 @@ class Unitary(Method):
     """The uRNN-style unitary adapter (method.unitary)."""
 
     name = "unitary"
+    sections = ("unitary",)
 
     def adapter_config(self, section) -> UnitaryConfig:
         return UnitaryConfig(**dataclasses.asdict(section.unitary))
@@ -82,5 +86,5 @@ class Unitary(Method):
     def check(self, section) -> None:
         pass  # UnitaryConfig asks JAX for its backend: not before jax.distributed.initialize
 
-    def optimizer(self, config, grouped):
+    def optimizer(self, config, grouped, total_updates):
         return [grouped, unit_norm_projection()]  # reflection vectors back to unit norm after each step

@@ -16,6 +16,7 @@ class ZerothOrderFirstOrder(Method):
     """Zeroth-order SPSA on the base weights + a first-order adapter (method.zo_fo)."""
 
     name = "zo_fo"
+    sections = ("zo_fo", "lora", "boft", "unitary")  # its own and those of the adapters it can carry
     # The first-order adapters it can carry (`method.zo_fo.adapter`): methods that need no gradient at the start.
     ADAPTERS = {method.name: method for method in (LoRA(), OFT(), BOFT(), Unitary())}
 

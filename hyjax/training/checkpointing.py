@@ -55,11 +55,15 @@ class RunCheckpointer:
       async_save: write in the background; `wait()` blocks until written.
       fingerprint: what identifies the run (model and method); a folder written with another one is
         refused by `check_compatible`.
+      comparable: a fingerprint as two are compared (e.g. less the settings at their defaults, so that
+        a run saved before an option was added still resumes).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int | None, async_save: bool, fingerprint: dict):
+    def __init__(self, directory: str | os.PathLike, *, keep: int | None, async_save: bool, fingerprint: dict,
+                 comparable: Callable[[dict], dict] = lambda fingerprint: fingerprint):
         self.directory = pathlib.Path(directory).absolute()
         self.fingerprint = _jsonable(fingerprint)
+        self.comparable = comparable
         self._undigested: list[int] = []  # steps this checkpointer saved whose digest is not yet written
         self._write_error: CheckpointWriteError | None = None
         # cleanup_tmp_directories: a save cut short (a full disk, a killed run) leaves a temporary folder,
@@ -139,10 +143,10 @@ class RunCheckpointer:
         step, damaged = self.newest_intact_step(warn)
         theirs = self.read_meta(step).get("fingerprint", {})
         check_form(self.directory, step, theirs, self.fingerprint)
-        if theirs != self.fingerprint:
-            differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {self.fingerprint.get(key)!r}"
-                           for key in sorted(set(theirs) | set(self.fingerprint))
-                           if theirs.get(key) != self.fingerprint.get(key)]
+        theirs, ours = self.comparable(theirs), self.comparable(self.fingerprint)
+        if theirs != ours:
+            differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {ours.get(key)!r}"
+                           for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
             raise CheckpointMismatchError(
                 f"checkpoint.dir {self.directory} holds checkpoints of another run (step {step}); they differ "
                 f"in {'; '.join(differences)}. Choose a new logging.output_dir or checkpoint.dir for this run "

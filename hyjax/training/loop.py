@@ -44,7 +44,7 @@ from hyjax.training.evaluation import Evaluator
 from hyjax.training.export import export_run
 from hyjax.training.restore import saved_selection
 from hyjax.training.run_plan import run_layout
-from hyjax.training.setup import RunSetup, fingerprint, preflight, prepare_run
+from hyjax.training.setup import RunSetup, comparable_fingerprint, fingerprint, preflight, prepare_run
 from hyjax.training.step import TrainState
 
 @dataclasses.dataclass
@@ -91,7 +91,8 @@ def open_checkpoints(config: RunConfig, log: Callable[[str], None]) -> tuple[Run
     """The run's checkpointer and the step to resume from (None: fresh; damaged checkpoints passed over
     with a warning to `log`), refusing foreign folders and a checkpoint past `train.steps`."""
     checkpointer = RunCheckpointer(config.checkpoint_dir, keep=config.checkpoint.keep,
-                                   async_save=config.checkpoint.async_save, fingerprint=fingerprint(config))
+                                   async_save=config.checkpoint.async_save, fingerprint=fingerprint(config),
+                                   comparable=comparable_fingerprint)
     step = checkpointer.check_compatible(config.checkpoint.resume, lambda text: log(f"warning: {text}"))
     if step is not None and config.train.steps is not None and step > config.train.steps:
         raise ConfigError(f"checkpoint.dir {checkpointer.directory} holds step {step}, past train.steps="

@@ -20,7 +20,7 @@ import jax
 from hyjax import adapters, bundled, pretrained
 from hyjax.config import ConfigError, RunConfig
 from hyjax.data import BatchIterator, PreparedData, Rows, check_held_out, evaluation_set, prepare
-from hyjax.methods import method_of
+from hyjax.methods import METHODS, method_of
 from hyjax.model import init_params
 from hyjax.model.config import LlamaConfig
 from hyjax.sharding import Layout, put_local
@@ -73,13 +73,35 @@ def _check_writable(key: str, folder: pathlib.Path) -> None:
 
 
 def fingerprint(config: RunConfig) -> dict:
-    """What makes checkpoints of two runs interchangeable: the model, the whole method section and, for a
-    method whose forward pass changed form (`Method.form`), that form."""
+    """What makes checkpoints of two runs interchangeable: the model, the method section less the
+    sub-sections its method does not read (`Method.sections`) and, for a method whose forward pass changed
+    form (`Method.form`), that form."""
     model = config.model
-    prints = {"model": {"preset": model.preset, "path": model.path, "family": model.family},
-              "method": config.to_dict()["method"]}
-    form = method_of(config).form(config.method)
+    method = method_of(config)
+    section = {key: value for key, value in config.to_dict()["method"].items()
+               if not isinstance(value, dict) or key in method.sections}
+    prints = {"model": {"preset": model.preset, "path": model.path, "family": model.family}, "method": section}
+    form = method.form(config.method)
     return prints if form is None else {**prints, "form": form}
+
+
+def comparable_fingerprint(fingerprint: dict) -> dict:
+    """A fingerprint as two are compared: its method section less the sub-sections its method does not
+    read (runs saved before kept them all) and less every setting at today's default, so that an option
+    added since (at its default) or one of another method leaves a saved run resumable."""
+    section = fingerprint.get("method")
+    if not isinstance(section, dict) or section.get("name") not in METHODS:
+        return fingerprint
+    defaults = RunConfig().to_dict()["method"]
+    reads = METHODS[section["name"]].sections
+    kept = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            if key in reads:
+                kept[key] = {k: v for k, v in value.items() if defaults.get(key, {}).get(k, object()) != v}
+        elif key == "name" or defaults.get(key, object()) != value:
+            kept[key] = value
+    return {**fingerprint, "method": kept}
 
 
 @dataclasses.dataclass
@@ -249,7 +271,7 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
     if selection is not None:
         selection = method.selection_from_json(selection)
     gradients = None
-    if method.from_gradients and selection is None and read_start is None:
+    if method.from_gradients(config.method) and selection is None and read_start is None:
         gradients = _startup_gradients(config, model_config, params, data, layout, tokenizer, log)
         selection = method.select(config, gradients)
     if selection is not None:
