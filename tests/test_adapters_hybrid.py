@@ -182,3 +182,68 @@ def test_boft_block_dropout_needs_a_key():
     np.testing.assert_allclose(node.with_rng(None).apply_to(x), plain)
     dropped = node.with_rng(jax.random.key(5)).apply_to(x)
     assert float(jnp.abs(dropped - plain).max()) > 1e-3
+
+
+def _early_node(lr: float) -> HybridWeight:
+    """A hybrid node of a real projection shape a few Adam steps into training: LoRA-GA factors at their
+    stable scale (eta c^2 = 10 for d_out 576), each entry moved by about `lr` per step for 3 steps."""
+    d_in, d_out = 576, 576
+    base = 0.02 * jax.random.normal(jax.random.key(10), (d_in, d_out))
+    grad = jax.random.normal(jax.random.key(11), (d_in, d_out))
+    cfg = HybridConfig(boft=BOFTConfig(block_size=8, n_factors=2, impl="xla"), lora_ga=LoRAGAConfig(rank=8), mix="update")
+    node = cfg.init(base, jax.random.key(12), grad)
+    k = jax.random.split(jax.random.key(13), 2)
+    return node.replace(lora_a=node.lora_a + 3 * lr * jnp.sign(jax.random.normal(k[0], node.lora_a.shape)),
+                        lora_b=node.lora_b + 3 * lr * jnp.sign(jax.random.normal(k[1], node.lora_b.shape)))
+
+
+def test_the_lora_ga_branch_keeps_its_update_in_bf16():
+    """`(x a) b - (x a0) b0` subtracts two terms about 10-100x larger than their difference a few steps in;
+    in bf16 that keeps a few bits of the update. The branch as computed (`(x (a - a0)) b + (x a0) (b - b0)`, the
+    differences taken in float32) stays within bf16's own rounding of the update."""
+    node = _early_node(lr=2e-4)
+    x = jax.random.normal(jax.random.key(14), (64, 576))
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    xs, a, b, a0, b0 = map(f64, (x, node.lora_a, node.lora_b, node.lora_a0, node.lora_b0))
+    exact = node.eta * ((xs @ a) @ b - (xs @ a0) @ b0)
+    big = node.eta * np.abs((xs @ a0) @ b0).mean()
+    assert big / np.abs(exact).mean() > 10  # the regime where subtraction cancels
+
+    def error(y):
+        return float(np.abs(f64(y) - exact).mean() / np.abs(exact).mean())
+
+    bf16 = x.astype(jnp.bfloat16)
+    ours = error(node._lora_delta(bf16))
+
+    def low_rank(a_, b_):
+        return jnp.dot(jnp.dot(bf16, a_.astype(jnp.bfloat16)), b_.astype(jnp.bfloat16))
+    subtracted = error(node.eta * (low_rank(node.lora_a, node.lora_b) - low_rank(node.lora_a0, node.lora_b0)))
+    # Measured: ours 0.004 (bf16's own rounding), the subtraction 0.28 (0.58 at lr 1e-4, 0.05 at 1e-3).
+    assert ours < 0.02 and subtracted > 10 * ours, (ours, subtracted)
+    np.testing.assert_allclose(f64(node._lora_delta(x)), exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("mix", ["weight", "update"])
+def test_zero_start_is_plain_lora_beside_boft(mix):
+    """lora_start="zero": no gradient needed, a Kaiming-uniform, b = 0, scale alpha / r, so the node is
+    BOFT alone at init; later its LoRA branch is LoRA's `scale (x a) b`."""
+    from hyjax.adapters import LoRAConfig
+    from hyjax.adapters.lora import LoRAWeight
+
+    base = jax.random.normal(jax.random.key(2), (32, 24))
+    cfg = HybridConfig(boft=BOFTConfig(block_size=4, n_factors=3, impl="xla"), lora=LoRAConfig(rank=4, alpha=8.0),
+                       mix=mix, lora_start="zero")
+    node = cfg.init(base, jax.random.key(4))
+    assert node.eta == pytest.approx(2.0) and float(jnp.abs(node.lora_b).max()) == 0.0
+    assert 0 < float(jnp.abs(node.lora_a).max()) <= 1 / np.sqrt(32)
+    x = jax.random.normal(jax.random.key(7), (5, 32))
+    np.testing.assert_allclose(node.apply_to(x), x @ base, atol=1e-5)
+    moved = node.replace(lora_a=node.lora_a + 0.1, lora_b=0.1 * jax.random.normal(jax.random.key(8), (4, 24)),
+                         lam=jnp.asarray(0.0 if mix == "weight" else 0.5, jnp.float32))
+    lora = LoRAWeight(base=base, a=moved.lora_a, b=moved.lora_b, scale=2.0)
+    if mix == "weight":  # lambda 0: the rotation's share is off, the LoRA branch fully on
+        np.testing.assert_allclose(moved.apply_to(x), lora.apply_to(x), rtol=1e-5, atol=1e-5)
+    else:  # BOFT at init (identity) plus the LoRA branch
+        np.testing.assert_allclose(moved.apply_to(x), lora.apply_to(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lora_start"):
+        HybridConfig(lora_start="random")

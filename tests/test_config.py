@@ -333,7 +333,7 @@ def test_gradient_batches_follow_the_method():
 @pytest.mark.parametrize("mix, parts", [("weight", 2), ("update", 1)])
 def test_the_hybrid_puts_its_transform_around_the_base_optimizers(mix, parts):
     config = load_config("quickstart", [f"method.hybrid.mix={mix}"])
-    chain = method_of(config).optimizer(config, optax.sgd(1e-3))
+    chain = method_of(config).optimizer(config, optax.sgd(1e-3), config.train.steps)
     assert len(chain) == parts  # mix=update: hybrid_weights(inner=...) holds the base optimizers
     hybrid = {"boft_r": jnp.zeros((1, 2, 2 * 2)), "boft_s": jnp.ones(4), "lora_a": jnp.zeros((4, 1)),
               "lora_b": jnp.zeros((1, 4))}

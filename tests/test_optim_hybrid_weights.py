@@ -1,4 +1,5 @@
-"""The hybrid-weights Optax transform: lambda from branch gradient norms, and real training with it."""
+"""The hybrid-weights Optax transform: lambda from branch gradient norms (raw, or each against its own
+warm-up scale), shares, hand-over, and real training with it."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _run(transform, grads_seq):
 @pytest.mark.parametrize("direction", ["proportional", "inverse"])
 def test_lambda_moves_toward_the_larger_corrected_norm(direction):
     g = _grads([3.0, 1.0, 2.0], [1.0, 3.0, 2.0])  # layer 0: BOFT larger; 1: LoRA larger; 2: equal
-    _, history = _run(hybrid_weights(direction=direction, warmup_steps=0), [g] * 5)
+    _, history = _run(hybrid_weights(rule="raw", direction=direction, warmup_steps=0), [g] * 5)
     lam = history[-1]
     if direction == "proportional":
         assert lam[0] > 0.55 and lam[1] < 0.45
@@ -67,7 +68,7 @@ def test_lambda_moves_toward_the_larger_corrected_norm(direction):
 def test_ema_temperature_and_share_correction_by_hand():
     norms = [([2.0], [1.0]), ([1.0], [4.0]), ([5.0], [0.5])]
     beta, tau = 0.8, 2.0
-    transform = hybrid_weights(temperature=tau, ema=beta, clip=(0.0, 1.0), warmup_steps=0)
+    transform = hybrid_weights(rule="raw", temperature=tau, ema=beta, clip=(0.0, 1.0), warmup_steps=0)
     _, history = _run(transform, [_grads(b, l) for b, l in norms])
     lam, ema = 0.5, 0.5
     for (nb, nl), got in zip(norms, history):
@@ -80,7 +81,8 @@ def test_ema_temperature_and_share_correction_by_hand():
 
 
 def test_no_share_correction_for_update_mix_and_updates_scaled():
-    transform = hybrid_weights(mix="update", inner=optax.identity(), ema=0.0, clip=(0.0, 1.0), warmup_steps=0)
+    transform = hybrid_weights(rule="raw", mix="update", shares="sum", inner=optax.identity(), ema=0.0,
+                               clip=(0.0, 1.0), warmup_steps=0)
     g = _grads([3.0], [1.0], mix="update")
     state = transform.init(g)
     updates, state = transform.update(g, state)
@@ -95,25 +97,26 @@ def test_no_share_correction_for_update_mix_and_updates_scaled():
 
 def test_weight_mix_passes_gradients_through():
     g = _grads([3.0, 1.0], [1.0, 2.0])
-    transform = hybrid_weights(warmup_steps=0)
+    transform = hybrid_weights(rule="raw", warmup_steps=0)
     updates, _ = transform.update(g, transform.init(g))
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(g)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_warmup_holds_one_half():
-    _, history = _run(hybrid_weights(warmup_steps=3), [_grads([5.0], [1.0])] * 4)
+    _, history = _run(hybrid_weights(rule="raw", warmup_steps=3), [_grads([5.0], [1.0])] * 4)
     assert [float(h[0]) for h in history[:2]] == [0.5, 0.5]
     assert history[2][0] > 0.5 and history[3][0] > history[2][0]
 
 
 def test_clip_bounds():
-    _, history = _run(hybrid_weights(ema=0.0, clip=(0.1, 0.8), warmup_steps=0), [_grads([1e6, 1e-6], [1e-6, 1e6])])
+    _, history = _run(hybrid_weights(rule="raw", ema=0.0, clip=(0.1, 0.8), warmup_steps=0),
+                      [_grads([1e6, 1e-6], [1e-6, 1e6])])
     np.testing.assert_allclose(history[-1], [0.8, 0.1])
 
 
 def test_state_is_a_pytree_that_survives_jit_and_flattening():
-    transform = optax.chain(hybrid_weights(warmup_steps=1, ema=0.5), optax.sgd(0.1))
+    transform = optax.chain(hybrid_weights(rule="raw", warmup_steps=1, ema=0.5), optax.sgd(0.1))
     g = _grads([2.0, 1.0], [1.0, 1.0])
     state = transform.init(g)
     step = jax.jit(transform.update)
@@ -129,9 +132,83 @@ def test_state_is_a_pytree_that_survives_jit_and_flattening():
         current_lambdas(optax.sgd(0.1).init(g))
 
 
+def _norm_sequence(boft, lora, scale_boft=1.0, scale_lora=1.0, mix="weight"):
+    """Per-update gradients of one layer whose branch norms follow `boft`, `lora` times a constant scale."""
+    return [_grads([scale_boft * b], [scale_lora * l], mix=mix) for b, l in zip(boft, lora)]
+
+
+def test_normalized_rule_is_scale_free_and_raw_is_not():
+    """A branch parameterised 5x larger (all its gradients 5x) moves the normalized rule's lambda not at
+    all; the raw rule's lambda is pulled far from 0.5 by it."""
+    boft = [1.0, 1.2, 0.8, 1.0, 1.1, 0.9, 0.6, 0.5, 0.4, 0.4]
+    lora = [1.0, 0.9, 1.1, 1.0, 0.8, 0.9, 0.9, 1.0, 1.1, 1.0]
+    common = dict(warmup_steps=4, ema=0.5, clip=(0.0, 1.0), mix="update", shares="unit", inner=optax.identity())
+    _, plain = _run(hybrid_weights(rule="normalized", **common), _norm_sequence(boft, lora, mix="update"))
+    _, scaled = _run(hybrid_weights(rule="normalized", **common),
+                     _norm_sequence(boft, lora, scale_lora=5.0, mix="update"))
+    np.testing.assert_allclose(np.stack(scaled), np.stack(plain), rtol=1e-5)
+    assert plain[-1][0] < 0.45  # BOFT's gradient fell to 0.4x of its warm-up scale, LoRA-GA's did not
+    _, raw = _run(hybrid_weights(rule="raw", **common), _norm_sequence(boft, lora, scale_lora=5.0, mix="update"))
+    assert raw[-1][0] < 0.2
+
+
+def test_normalized_rule_by_hand():
+    """lambda holds 0.5 over the warm-up, whose norms set each branch's scale (the running mean until
+    the warm-up ends); after it, each norm over its scale, through the EMA."""
+    boft, lora = [2.0, 4.0, 1.0, 6.0, 3.0], [1.0, 1.0, 2.0, 1.0, 0.5]
+    beta, warmup, tau = 0.6, 2, 0.5
+    transform = hybrid_weights(rule="normalized", warmup_steps=warmup, ema=beta, temperature=tau, clip=(0.0, 1.0),
+                               mix="update", shares="sum", inner=optax.identity())
+    _, history = _run(transform, _norm_sequence(boft, lora, mix="update"))
+    sums, ema = np.zeros(2), 0.5
+    for t, (nb, nl) in enumerate(zip(boft, lora)):
+        if t < warmup:
+            sums += (nb, nl)
+        scale = sums / min(t + 1, warmup)
+        rb, rl = nb / scale[0], nl / scale[1]
+        ema = beta * ema + (1 - beta) * rb ** (1 / tau) / (rb ** (1 / tau) + rl ** (1 / tau))
+        expected = 0.5 if t + 1 < warmup else ema
+        np.testing.assert_allclose(history[t], [expected], rtol=1e-5, err_msg=f"update {t}")
+    assert history[-1][0] > 0.6  # BOFT's norm ended at 1x its scale (3), LoRA-GA's at 0.5x (1)
+
+
+def test_unit_shares_keep_each_branch_at_its_own_rate_at_one_half():
+    transform = hybrid_weights(rule="raw", mix="update", shares="unit", inner=optax.identity(), ema=0.0,
+                               clip=(0.0, 1.0), warmup_steps=0)
+    g = _grads([3.0], [1.0], mix="update")
+    updates, state = transform.update(g, transform.init(g))
+    lam = float(_lam(state)[0])
+    u, g0 = updates["layers"]["attn"]["q_proj"], g["layers"]["attn"]["q_proj"]
+    np.testing.assert_allclose(u["boft_s"], 2 * lam * g0["boft_s"], rtol=1e-6)
+    np.testing.assert_allclose(u["lora_a"], 2 * (1 - lam) * g0["lora_a"], rtol=1e-6)
+    held = hybrid_weights(rule="raw", mix="update", shares="unit", inner=optax.identity(), warmup_steps=5)
+    updates, _ = held.update(g, held.init(g))  # lambda 0.5 in the warm-up: the updates pass unchanged
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_handover_moves_the_prior_and_layers_move_off_it():
+    """With equal relative signals lambda follows the hand-over line from 0.2 to 0.8 (the EMA a little
+    behind); a layer whose BOFT gradient grew relative to its scale sits above the line."""
+    n = 40
+    boft_layers = np.ones((n, 2))
+    boft_layers[10:, 1] = 2.0  # layer 1's BOFT gradient doubles after the warm-up
+    grads = [_grads(boft_layers[t], [1.0, 1.0], mix="update") for t in range(n)]
+    transform = hybrid_weights(rule="normalized", warmup_steps=5, ema=0.5, clip=(0.0, 1.0), handover=(0.2, 0.8),
+                               total_steps=n, mix="update", inner=optax.identity())
+    _, history = _run(transform, grads)
+    assert history[0][0] == pytest.approx(0.2 + 0.6 / n, abs=1e-6)  # the warm-up holds the prior of the next update
+    line = 0.2 + 0.6 * np.arange(1, n + 1) / n
+    np.testing.assert_allclose([h[0] for h in history[10:]], line[10:], atol=0.03)
+    assert all(h[1] > h[0] + 0.05 for h in history[15:])
+
+
 def test_bad_settings_are_refused():
     for kwargs, match in [(dict(direction="up"), "direction"), (dict(temperature=0.0), "temperature"),
-                          (dict(ema=1.0), "ema"), (dict(clip=(0.9, 0.1)), "clip"), (dict(mix="sum"), "mix")]:
+                          (dict(ema=1.0), "ema"), (dict(clip=(0.9, 0.1)), "clip"), (dict(mix="sum"), "mix"),
+                          (dict(rule="adam"), "rule"), (dict(shares="half"), "shares"),
+                          (dict(warmup_steps=0), "needs at least 1"), (dict(handover=(0.2, 0.8)), "total_steps"),
+                          (dict(handover=(0.0, 0.8), total_steps=10), "strictly between")]:
         with pytest.raises(ValueError, match=match):
             hybrid_weights(**kwargs)
     with pytest.raises(ValueError, match="no hybrid adapter"):

@@ -7,6 +7,15 @@ For row-vector tokens x, our `[d_in, d_out]` kernel W0, the BOFT rotation R and 
     mix="weight":  y = s * ((x M) @ W0) + (1 - lam) * eta * ((x a) b - (x a0) b0),   M = (1 - lam) I + lam R
     mix="update":  y = ((x @ R) @ W0) * s + eta * ((x a) b - (x a0) b0)
 
+The LoRA-GA branch is computed without cancellation, as two low-rank terms that are each update-sized:
+
+    (x a) b - (x a0) b0 = (x (a - a0)) b + (x a0) (b - b0)
+
+Early in training `(x a) b` and `(x a0) b0` are each much larger than their difference (a0, b0 carry
+LoRA-GA's scale c, the update is lr-sized), and in bf16 their subtraction would keep only a few bits of
+it; the factor differences are taken in the factors' own dtype (float32) before the compute dtype sees
+them, so each term is as small as the update it carries.
+
 With mix="weight" the branches mix on the input side, where the rotation already acts: `x M` is computed
 on the activations as `(1 - lam) x + lam (x R)` (M is never built), so each projection multiplies by W0
 once, as LoRA does. The output scale s applies to the whole projection (it belongs to neither branch);
@@ -15,6 +24,10 @@ no one-matmul form keeps a per-output scale on the BOFT branch alone.
 At init R = I, s = 1, a = a0, b = b0, so y = x @ W0 exactly. The hybrid keeps W0 itself (not LoRA-GA's
 offset weight): its BOFT branch rotates W0, and the LoRA-GA offset `-eta a0 b0` is applied to the
 activations, so nothing of the gradient-based init is folded into the frozen weight.
+
+With `lora_start="zero"` the LoRA branch is plain LoRA instead (`lora`: Kaiming-uniform a, b = 0, scale
+alpha / r, no gradient needed; a0 = a, b0 = 0 keep the same formulas): a control that tells what LoRA-GA's
+start is worth to the hybrid.
 
 `lam` (one scalar per 2-D weight, `[layers]` when stacked, init 0.5) is a frozen leaf: it is never
 trained. The `hyjax.optim.hybrid_weights` Optax transform computes it from the two branches' gradient
@@ -32,6 +45,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from hyjax.adapters.boft import BOFTConfig, BOFTWeight, cayley, unflatten_blocks
+from hyjax.adapters.lora import LoRAConfig
 from hyjax.adapters.lora_ga import LoRAGAConfig
 from hyjax.adapters.node import AdaptedWeight, DropoutKeyed
 from hyjax.adapters.stacking import StackedInit
@@ -39,6 +53,7 @@ from hyjax.adapters.targets import iter_paths, map_paths
 from pallas_kernels.butterfly import superblocks
 
 MIXES = ("weight", "update")
+LORA_STARTS = ("gradient", "zero")  # the LoRA branch starts as LoRA-GA, or as plain LoRA (B = 0)
 
 # The form of mix="weight" in use, recorded in run fingerprints: runs saved with another form are refused.
 WEIGHT_MIX_FORM = "input-side: y = s * (((1 - lam) x + lam x R) W0) + (1 - lam) * lora"
@@ -81,10 +96,17 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
                           dropout=self.dropout, neumann_terms=self.neumann_terms, impl=self.impl,
                           interpret=self.interpret)
 
+    def _lora_terms(self):
+        """`((a - a0, b), (a0, b - b0))` in float32: two factor pairs whose products sum to `a b - a0 b0`,
+        neither of them large (the differences are update-sized). Two pairs, not one concatenated rank-2r
+        pair: XLA's TPU compiler mis-fuses the gradient of a concatenation of FSDP-split factors."""
+        f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+        a, b, a0, b0 = f32(self.lora_a), f32(self.lora_b), f32(self.lora_a0), f32(self.lora_b0)
+        return (a - a0, b), (a0, b - b0)
+
     def _lora_delta(self, x):
-        def low_rank(a, b):
-            return jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
-        return self.eta * (low_rank(self.lora_a, self.lora_b) - low_rank(self.lora_a0, self.lora_b0))
+        """`eta ((x a) b - (x a0) b0)`, computed as `eta ((x (a - a0)) b + (x a0) (b - b0))`."""
+        return self.eta * sum(jnp.dot(jnp.dot(x, p.astype(x.dtype)), q.astype(x.dtype)) for p, q in self._lora_terms())
 
     def apply_to(self, x):
         lora = self._lora_delta(x)
@@ -96,8 +118,7 @@ class HybridWeight(DropoutKeyed, AdaptedWeight):
         return y + (1 - lam) * lora
 
     def _lora_delta_2d(self):
-        f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
-        return self.eta * (f32(self.lora_a) @ f32(self.lora_b) - f32(self.lora_a0) @ f32(self.lora_b0))
+        return self.eta * sum(p @ q for p, q in self._lora_terms())
 
     def merged_2d(self):
         rotated = self.boft().merged_2d().astype(jnp.float32)  # (R @ W0) * s
@@ -138,19 +159,34 @@ class HybridConfig(StackedInit):
 
     boft: BOFTConfig = BOFTConfig()
     lora_ga: LoRAGAConfig = LoRAGAConfig()
+    lora: LoRAConfig = LoRAConfig()  # the LoRA branch with lora_start="zero"
     mix: str = "weight"
+    lora_start: str = "gradient"
     name: ClassVar[str] = "hybrid"
 
     def __post_init__(self):
         if self.mix not in MIXES:
             raise ValueError(f"hybrid mix={self.mix!r} must be one of {MIXES}")
+        if self.lora_start not in LORA_STARTS:
+            raise ValueError(f"hybrid lora_start={self.lora_start!r} must be one of {LORA_STARTS}")
+
+    def _starting_factors(self, base, gradient, key):
+        """`(a0, b0, eta)`: LoRA-GA's from the gradient, or plain LoRA's (a0 Kaiming, b0 = 0, alpha / r);
+        a checkpoint's saved values (a dict) in either case."""
+        if self.lora_start == "gradient":
+            a0, b0 = self.lora_ga.starting_factors(base, gradient, key, names=HybridWeight.STARTING)
+            return a0, b0, self.lora_ga.scale
+        if isinstance(gradient, dict):
+            return gradient["lora_a0"], gradient["lora_b0"], self.lora.scale
+        plain = self.lora.init(base, key)
+        return plain.a, plain.b, self.lora.scale
 
     def init(self, base: jax.Array, key: jax.Array, gradient=None) -> HybridWeight:
         boft_key, lora_key = jax.random.split(key)
         rotation = self.boft.init(base, boft_key)
-        a0, b0 = self.lora_ga.starting_factors(base, gradient, lora_key, names=HybridWeight.STARTING)
+        a0, b0, eta = self._starting_factors(base, gradient, lora_key)
         return HybridWeight(base=base, boft_r=rotation.r, boft_s=rotation.s, lora_a=a0, lora_b=b0, lora_a0=a0,
-                            lora_b0=b0, lam=jnp.full((), 0.5, jnp.float32), eta=self.lora_ga.scale, mix=self.mix,
+                            lora_b0=b0, lam=jnp.full((), 0.5, jnp.float32), eta=eta, mix=self.mix,
                             dropout=self.boft.dropout,
                             neumann_terms=self.boft.neumann_terms, impl=self.boft.impl,
                             interpret=self.boft.interpret)

@@ -31,6 +31,15 @@ How Hugging Face PEFT's port (peft 0.21, `tuners/lora/layer.py: lora_ga_init`) d
     without the gradient it silently falls back to Kaiming init (the loaded state must then carry the
     modified base weight, or the model is wrong).
 
+Precision. The offset is folded into the frozen weight once, so in bf16 `W0' = W0 - eta B0 A0` is
+rounded like any bf16 weight, but it is not W0-sized: for SmolLM2's 576 x 576 projections (W0 entries about
+0.02) the offset's entries are about 2x W0's, and the step-0 model differs from W0 by 2.3x a plain bf16
+copy's rounding. With a bf16 forward, `x W0' + eta (x a) b` adds two outputs each 10-100x the early update
+they carry, so rounding them keeps little of it: three Adam steps of 1e-4 lose about half of the update
+(27% at 2e-4, 5% at 1e-3; the f32 forward loses none). The hybrid keeps W0 unfolded and computes its LoRA-GA
+branch as `(x (a - a0)) b + (x a0) (b - b0)` instead (`hyjax.adapters.hybrid`), which keeps the update to bf16's
+own rounding; LoRA-GA alone keeps the authors' folded form, so run it with an f32 forward.
+
 Checkpoints. `LoRAGAWeight` keeps the initial factors `a0`, `b0` as frozen leaves (its `STARTING`
 fields), so the original weight is `base + eta a0 b0`. They are a deterministic function of
 `(gradient, key)`, but the SVD of a gradient summed in another order (another mesh) may pick other

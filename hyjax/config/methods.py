@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from hyjax.adapters import BOFTConfig, LoRAConfig, LoRAGAConfig
-from hyjax.adapters.hybrid import MIXES
+from hyjax.adapters.hybrid import LORA_STARTS, MIXES
 from hyjax.methods import METHODS, method_of
 from hyjax.methods.hybrid_lora import SCORES
 from hyjax.methods.zo_fo import ZerothOrderFirstOrder
@@ -46,9 +46,12 @@ class HybridSection:
     """The hybrid BOFT + LoRA-GA method: its branches are `method.boft` and `method.lora_ga`."""
 
     mix: str = "weight"  # weight: lambda weights the branch outputs | update: lambda scales their updates
+    # gradient: the LoRA branch is LoRA-GA (method.lora_ga) | zero: plain LoRA (method.lora; B = 0), a control
+    lora_start: str = "gradient"
 
     def __post_init__(self):
         one_of("mix", self.mix, MIXES)
+        one_of("lora_start", self.lora_start, LORA_STARTS)
 
 
 

@@ -56,7 +56,7 @@ class RunConfig:
                 "GGUF LoRA file holds; set export.gguf_lora=false (export.gguf=f16 writes the merged model as GGUF)")
         if self.train.objective == "grpo":
             self._check_grpo(method)
-        if method.from_gradients and self.model.path is None:
+        if method.from_gradients(self.method) and self.model.path is None:
             raise ConfigError(f"method.name={self.method.name!r} initialises from gradients of the pretrained "
                               "model, but model.path is null (random weights); give a checkpoint")
 

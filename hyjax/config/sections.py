@@ -13,7 +13,7 @@ import dataclasses
 from hyjax.adapters.targets import DEFAULT_TARGETS
 from hyjax.model import presets
 from hyjax.model.config import DTYPES, REMAT_POLICIES
-from hyjax.optim.hybrid_weights import DIRECTIONS
+from hyjax.optim.hybrid_weights import DIRECTIONS, RULES, SHARES
 from hyjax.optim.optimizers import OPTIMIZERS
 from hyjax.optim.schedule import SCHEDULES
 from hyjax.pretrained import SMOLLM2_135M_INSTRUCT, is_known
@@ -72,15 +72,26 @@ class HybridWeightsSection:
     """The Optax transform that sets each hybrid layer's lambda (hyjax.optim.hybrid_weights); its `mix`
     is `method.hybrid.mix`."""
 
-    direction: str = "proportional"  # proportional: the branch with the larger gradient gets more | inverse
+    rule: str = "normalized"  # normalized: each branch's gradient norm over its own warm-up mean | raw
+    direction: str = "proportional"  # proportional: the branch with the larger signal gets more | inverse
     temperature: float = 1.0  # tau > 0 of the norm ratio
     ema: float = 0.9  # beta in [0, 1) of the moving average of the target share
     clip: tuple[float, float] = (0.05, 0.95)  # [lo, hi] within [0, 1]
-    warmup_steps: int = 10  # lambda stays 0.5 for this many steps
+    warmup_steps: int = 10  # lambda stays at the prior for this many steps (the normalized rule's scales)
     share_correction: bool | None = None  # divide each branch's norm by its share; null: when mix=weight
+    shares: str = "unit"  # mix=update: branch updates x 2 lam, 2 (1 - lam) (unit) | x lam, 1 - lam (sum)
+    handover: tuple[float, float] | None = None  # prior lambda from [first, last] over the run; null: 0.5
 
     def __post_init__(self):
+        one_of("rule", self.rule, RULES)
+        one_of("shares", self.shares, SHARES)
         one_of("direction", self.direction, DIRECTIONS)
+        if self.handover is not None and not (len(self.handover) == 2 and all(0 < p < 1 for p in self.handover)):
+            raise ValueError(f"handover={list(self.handover)} must be [first, last], two lambdas strictly between "
+                             "0 and 1, or null")
+        if self.rule == "normalized" and self.warmup_steps < 1:
+            raise ValueError("warmup_steps=0: the normalized rule measures each branch's scale over the warm-up "
+                             "steps, so it needs at least 1 (or rule: raw)")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
         in_range("ema", self.ema, 0, 1, high_open=True)

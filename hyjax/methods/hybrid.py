@@ -9,31 +9,40 @@ from hyjax.adapters.boft import FLAT_BLOCKS_FORM
 from hyjax.adapters.hybrid import WEIGHT_MIX_FORM
 from hyjax.methods.base import Method
 from hyjax.optim import hybrid_weights
+from hyjax.optim.hybrid_weights import STATE_FORM
 
 
 class Hybrid(Method):
     """Hybrid BOFT + LoRA-GA (method.boft, method.lora_ga, method.hybrid)."""
 
     name = "hybrid"
-    from_gradients = True
+    sections = ("boft", "lora_ga", "lora", "hybrid")
     lambdas = True
 
     def adapter_config(self, section) -> HybridConfig:
-        return HybridConfig(boft=section.boft, lora_ga=section.lora_ga, mix=section.hybrid.mix)
+        return HybridConfig(boft=section.boft, lora_ga=section.lora_ga, lora=section.lora, mix=section.hybrid.mix,
+                            lora_start=section.hybrid.lora_start)
+
+    def from_gradients(self, section) -> bool:
+        """LoRA-GA's start needs the gradient; the plain LoRA start (`lora_start: zero`) does not."""
+        return section.hybrid.lora_start == "gradient"
 
     def form(self, section) -> str:
         """mix="weight" mixes on the input side (one matmul with W0): runs saved with the earlier output-side
-        mix would change model if resumed; and BOFT's r holds each block's entries in one axis."""
+        mix would change model if resumed; BOFT's r holds each block's entries in one axis; and the lambda
+        transform's state keeps each branch's warm-up scale."""
         forms = [WEIGHT_MIX_FORM] if section.hybrid.mix == "weight" else []
-        return "; ".join([*forms, FLAT_BLOCKS_FORM])
+        return "; ".join([*forms, FLAT_BLOCKS_FORM, STATE_FORM])
 
-    def optimizer(self, config, grouped):
+    def optimizer(self, config, grouped, total_updates):
         """`hybrid_weights` sets lambda from the gradients before the base optimizers see them; with
         mix="update" it wraps them instead and scales their updates by lambda."""
         hw = config.train.hybrid_weights
         mix = config.method.hybrid.mix
-        options = dict(direction=hw.direction, temperature=hw.temperature, ema=hw.ema, clip=tuple(hw.clip),
-                       warmup_steps=hw.warmup_steps, mix=mix, share_correction=hw.share_correction)
+        options = dict(rule=hw.rule, direction=hw.direction, temperature=hw.temperature, ema=hw.ema,
+                       clip=tuple(hw.clip), warmup_steps=hw.warmup_steps, mix=mix,
+                       share_correction=hw.share_correction, shares=hw.shares,
+                       handover=None if hw.handover is None else tuple(hw.handover), total_steps=total_updates)
         if mix == "update":
             return [hybrid_weights(**options, inner=grouped)]
         return [hybrid_weights(**options), grouped]

@@ -81,12 +81,13 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
     its part through `Method.optimizer`)."""
     train = config.train
     schedule = learning_rate_schedule(train, total_steps)
-    per_update = schedule
+    per_update, updates = schedule, total_steps
     if train.objective == "grpo" and config.grpo.num_iterations > 1:
         # GRPO updates num_iterations times per step; the optimizer counts updates, the schedule steps
         per_update = lambda count, n=config.grpo.num_iterations: schedule(count // n)  # noqa: E731
+        updates = total_steps * config.grpo.num_iterations
     chain = []
     if train.grad_clip_norm is not None:
         chain.append(optax.clip_by_global_norm(train.grad_clip_norm))
-    chain += method_of(config).optimizer(config, _grouped(train, per_update))
+    chain += method_of(config).optimizer(config, _grouped(train, per_update), updates)
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=_NEVER), schedule

@@ -175,7 +175,8 @@ def plan_run(config: RunConfig, model_config: LlamaConfig, layout: Layout, total
         selection = method.planned_selection(config, model_config)
     spec = method.adapter_spec(config, model_config, selection)
     params = abstract_params(model_config)
-    gradients = params if method.from_gradients else None  # the gradient estimate has the weights' shapes
+    # the gradient estimate has the weights' shapes
+    gradients = params if method.from_gradients(config.method) else None
     try:
         adapted = jax.eval_shape(lambda p, g: adapters.apply(spec, p, jax.random.key(0), gradients=g), params,
                                  gradients)
