@@ -131,3 +131,32 @@ def test_the_seed_reaches_the_data_order_the_initialisation_and_the_run_key(tiny
     same_start = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state_a.trainable),
                                                            jax.tree.leaves(state_b.trainable)))
     assert same_start == (method not in SEEDED_INITIALISATION)
+
+
+def test_a_hybrid_run_logs_every_layers_lambda_with_its_spread(tiny_checkpoint, sentiment_data, tmp_path):
+    """metrics.jsonl keeps lambda for every projection of every layer (not one mean per projection), with
+    its mean and spread over the layers; the warm-up holds 0.5, the normalized rule moves it after, and
+    the last record is the optimizer state's lambda."""
+    from hyjax.optim import current_lambdas
+    from hyjax.adapters.targets import iter_paths
+
+    output = tmp_path / "hybrid"
+    config = load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, output, "method.name=hybrid",
+                                                  "method.hybrid.mix=update", "method.lora_ga.n_batches=2",
+                                                  "train.hybrid_weights.warmup_steps=2", "train.hybrid_weights.ema=0.0",
+                                                  "eval.num_examples=4", "eval.generation_samples=0"))
+    result = train(config, log=lambda text: None)
+    records = [r for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "lambda" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    layers = result.setup.model_config.num_layers
+    last = records[-1]
+    assert len(last["lambda"]) == 7 and all(len(v) == layers for v in last["lambda"].values())
+    for path, values in last["lambda"].items():
+        assert last["lambda_mean"][path] == pytest.approx(np.mean(values), abs=1e-4)
+        assert last["lambda_std"][path] == pytest.approx(np.std(values), abs=1e-4)
+    assert all(v == 0.5 for v in records[0]["lambda"]["layers/attn/q_proj"])  # update 1 of a 2-update warm-up
+    moved = np.concatenate([np.asarray(v) for v in last["lambda"].values()])
+    assert np.abs(moved - 0.5).max() > 1e-3 and moved.std() > 0
+    state = dict(iter_paths(current_lambdas(result.state.opt_state)))
+    for path, values in last["lambda"].items():
+        np.testing.assert_allclose(values, np.asarray(state[path]).reshape(-1), atol=1e-4)

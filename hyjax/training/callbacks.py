@@ -115,7 +115,7 @@ class ProgressBar(Callback):
 
 class MetricsLogging(Callback):
     """Every `every` steps (and the last): the step's metrics, throughput and, with `lambdas`, the
-    hybrid's mean lambda per weight, into the run's `MetricsLog`; every other step its loss alone, so
+    hybrid's lambda of every layer of every weight with their mean and spread, into the run's `MetricsLog`; every other step its loss alone, so
     the loss curve has every step."""
 
     def __init__(self, metrics_log: reporting.MetricsLog, every: int, lambdas: bool):
@@ -127,7 +127,7 @@ class MetricsLogging(Callback):
             return
         record = {**event.metrics, "tokens_per_second": event.tokens / event.seconds, "step_seconds": event.seconds}
         if self.lambdas:
-            record["lambda"] = reporting.mean_lambdas(current_lambdas(event.state.opt_state))
+            record.update(reporting.lambda_metrics(current_lambdas(event.state.opt_state)))
         self.metrics_log.write(event.step, record)
 
 

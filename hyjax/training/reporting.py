@@ -114,6 +114,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def mean_lambdas(lambdas: dict) -> dict[str, float]:
-    """Per hybrid weight path, the mean lambda over its layers (for the metrics)."""
-    return {path: float(np.mean(np.asarray(value))) for path, value in iter_paths(lambdas)}
+def lambda_metrics(lambdas: dict) -> dict[str, dict]:
+    """The hybrid's lambdas for the metrics: `lambda`, every layer's value per hybrid weight path (a list
+    in layer order, 4 decimals); `lambda_mean` and `lambda_std`, their mean and spread over the layers."""
+    values = {path: np.asarray(value, np.float64).reshape(-1) for path, value in iter_paths(lambdas)}
+    return {"lambda": {path: [round(float(v), 4) for v in layer] for path, layer in values.items()},
+            "lambda_mean": {path: float(layer.mean()) for path, layer in values.items()},
+            "lambda_std": {path: float(layer.std()) for path, layer in values.items()}}
