@@ -1,27 +1,29 @@
-"""Sweep: the hybrid's settings (and LoRA's learning rate, for a fair comparison) and zo_fo's SPSA learning
-rate on SST-2 rows held out of the training file, never on dev.
+"""Sweep: the hybrid's rule and rates, its branches alone and LoRA, scored on SST-2 whole sentences held out
+of the training file (bench/decision_set.py), never on dev, over paired seeds.
 
-    python bench/hybrid_sweep.py [--only "NAME;..."] [--steps 150] [--batch 16] [--held-out 500] [--seed 0]
-                                 [--out bench/results] [--work runs/bench-hybrid-sweep] [--resume]
+    python bench/hybrid_sweep.py [--only "NAME;..."] [--seeds 0,1,2] [--steps 150] [--batch 16]
+                                 [--rows 1000] [--gradient-batches 64] [--out bench/results]
+                                 [--work runs/bench-hybrid-sweep] [--resume]
 
-The budget is the real SST-2 job's (bench/job.py): SmolLM2-135M-Instruct, each step 16 rows drawn from the
-whole training file, prompt "Review: {text}\\nSentiment:", loss on the answer tokens, AdamW, clipping at 1.0,
-cosine schedule with 10% warm-up, one seed. Each setting is `python -m hyjax.train methods/<method>` with its
-overrides, in its own process; the score is the accuracy (answer log-likelihood of the two labels) on
-`--held-out` rows that `data.eval_count` holds out of the training file (the same rows for every setting: they
-depend on the seed only). Per setting: held-out accuracy and loss, the final training loss, the hybrid's mean
-lambda at the end, zo_fo's summed SPSA decrease, and wall time. Writes hybrid_sweep.{json,md} under `--out`
-after every setting; runs live under `--work`. `--resume` keeps every setting that finished in `--work` or is
-recorded in `--out`/hybrid_sweep.json with this budget, so the sweep continues across sittings.
+The budget is the SST-2 exam's (bench/quality.py): SmolLM2-135M-Instruct, each step 16 rows drawn from the
+training pool, prompt "Review: {text}\\nSentiment:", loss on the answer tokens, AdamW, clipping at 1.0,
+cosine schedule with 10% warm-up; the start-up gradient of LoRA-GA and the hybrid from 64 batches of 2 (its
+authors' recipe). The pool is the training file less the decision set and every row that is a phrase of a
+held-out sentence (or holds one), so nothing of a scored sentence is trained on, as with dev. Each (setting,
+seed) is `python -m hyjax.train methods/<method>` with its overrides in its own process; the seed is
+`train.seed` and `data.shuffle_seed`, so the same seed gives every setting the same rows in the same order.
+Every setting names its learning rates and the options it tests, so it means the same whatever the YAMLs
+ship.
 
-The settings: the hybrid shipped before the sweep; its learning rate; the two parameterisations (mix "weight":
-lambda weights the branches' outputs; "update": it scales their optimizer updates); the BOFT branch at BOFT's
-own learning rate (a 5x `lr_multipliers` group over LoRA-GA's); the lambda rule's direction and temperature
-(at 4 the rule keeps its per-layer ranking but moves lambda a quarter as far from 0.5 in log-odds); fixed
-lambda 0.5; and each branch alone. LoRA runs at the same learning rates as the hybrid. Then zo_fo (SPSA on
-every base weight beside LoRA at LoRA's shipped 1e-3) at SPSA learning rates 1e-6 (shipped before the sweep),
-1e-5, 1e-4 and 3e-4: with the same seed its data order and LoRA's initialisation are LoRA's, so its row
-against LoRA at 1e-3 is what the zeroth-order updates add at equal steps.
+Per setting: the decision-set accuracy (answer log-likelihood of the two labels) per seed, mean and std;
+the paired difference to LoRA (the shipped 1e-3) over the seeds both ran, with a 95% interval from
+resampling the held-out rows; the decision-set answer loss; the mean training loss of the last 10 steps;
+for the hybrid, lambda (the BOFT branch's share) averaged over the run's steps and all weights and layers
+(what a frozen-lambda control freezes it at), at the end, and its spread over the 210 projections at the
+end (std, and min-max); wall time. `PAIRS` names the comparisons that decide (a rule against its
+frozen-mean control, the hybrid against each branch), reported the same way. Writes
+hybrid_sweep.{json,md} under `--out` after every run. `--resume` keeps every run recorded there or
+finished in `--work` with this budget and the setting's overrides, so the sweep continues across sittings.
 """
 
 from __future__ import annotations
@@ -34,60 +36,66 @@ import pathlib
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 
+import numpy as np
+
+import decision_set
 from machine import cores, cpu_model
 from quality import bootstrap_difference
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SST2_TRAIN = PROJECT_ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 TEMPLATE = "Review: {text}\nSentiment:"
-BOFT_AT_ITS_RATE = 'train.lr_multipliers=[[".*/boft_r$",5.0]]'  # 5 x 2e-4 = BOFT's configured 1e-3
-FIXED_HALF = "train.hybrid_weights.clip=[0.5,0.5]"
-# Each setting names its mix, rate and multipliers, so it means the same whatever the YAMLs ship today.
-WEIGHT, UPDATE = "method.hybrid.mix=weight", "method.hybrid.mix=update"
-NO_MULTIPLIER = "train.lr_multipliers=[]"
+BASELINE = "lora lr 1e-3"
 
-# name -> (method, overrides). The hybrid's settings first (at most 12), then the branches, LoRA and zo_fo.
+
+def hybrid(lora_ga_lr: float, boft_lr: float, *extra: str, mix: str = "update") -> list[str]:
+    """A hybrid setting: its LoRA-GA branch at `lora_ga_lr` (the run's learning rate) and its BOFT branch
+    (rotation and scale) at `boft_lr` through one `lr_multipliers` group."""
+    return [f"method.hybrid.mix={mix}", f"train.learning_rate={lora_ga_lr:g}",
+            f'train.lr_multipliers=[[".*/boft_(r|s)$",{boft_lr / lora_ga_lr:g}]]', *extra]
+
+
+RAW_SUM = ("train.hybrid_weights.rule=raw", "train.hybrid_weights.shares=sum")
+NORMALIZED_UNIT = ("train.hybrid_weights.rule=normalized", "train.hybrid_weights.shares=unit")
+
+
+def frozen(lam: float) -> tuple[str, ...]:
+    """lambda held at `lam` from the first step (the raw rule's computation, clipped to one value)."""
+    return ("train.hybrid_weights.rule=raw", "train.hybrid_weights.warmup_steps=0",
+            f"train.hybrid_weights.clip=[{lam:g},{lam:g}]", "train.hybrid_weights.shares=unit")
+
+
+# name -> (method, overrides).
 SETTINGS = {
-    "hybrid weight lr 5e-4 (shipped before the sweep)": ("hybrid", [WEIGHT, "train.learning_rate=5e-4", NO_MULTIPLIER]),
-    "hybrid weight lr 2e-4": ("hybrid", [WEIGHT, "train.learning_rate=2e-4", NO_MULTIPLIER]),
-    "hybrid weight lr 1e-3": ("hybrid", [WEIGHT, "train.learning_rate=1e-3", NO_MULTIPLIER]),
-    "hybrid weight lr 2e-4, BOFT 1e-3": ("hybrid", [WEIGHT, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE]),
-    "hybrid update lr 2e-4": ("hybrid", [UPDATE, "train.learning_rate=2e-4", NO_MULTIPLIER]),
-    "hybrid update lr 5e-4": ("hybrid", [UPDATE, "train.learning_rate=5e-4", NO_MULTIPLIER]),
-    "hybrid update lr 1e-3": ("hybrid", [UPDATE, "train.learning_rate=1e-3", NO_MULTIPLIER]),
-    "hybrid update lr 2e-4, BOFT 1e-3": ("hybrid", [UPDATE, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE]),
-    "hybrid update lr 2e-4, BOFT 1e-3, inverse": ("hybrid", [UPDATE, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
-                                                             "train.hybrid_weights.direction=inverse"]),
-    "hybrid update lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", [UPDATE, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
-                                                               FIXED_HALF]),
-    "hybrid update lr 2e-4, BOFT 1e-3, temperature 4": ("hybrid", [UPDATE, "train.learning_rate=2e-4",
-                                                                    BOFT_AT_ITS_RATE,
-                                                                    "train.hybrid_weights.temperature=4"]),
-    "hybrid weight lr 2e-4, BOFT 1e-3, fixed 0.5": ("hybrid", [WEIGHT, "train.learning_rate=2e-4", BOFT_AT_ITS_RATE,
-                                                               FIXED_HALF]),
-    "boft alone (lr 1e-3)": ("boft", ["train.learning_rate=1e-3"]),
-    "lora_ga alone (lr 2e-4)": ("lora_ga", ["train.learning_rate=2e-4"]),
-    "lora lr 2e-4": ("lora", ["train.learning_rate=2e-4"]),
-    "lora lr 5e-4": ("lora", ["train.learning_rate=5e-4"]),
-    "lora lr 1e-3": ("lora", ["train.learning_rate=1e-3"]),
-    "zo_fo SPSA lr 1e-6 (shipped before the sweep)": ("zo_fo", ["method.zo_fo.learning_rate=1e-6"]),
-    "zo_fo SPSA lr 1e-5": ("zo_fo", ["method.zo_fo.learning_rate=1e-5"]),
-    "zo_fo SPSA lr 1e-4": ("zo_fo", ["method.zo_fo.learning_rate=1e-4"]),
-    "zo_fo SPSA lr 3e-4": ("zo_fo", ["method.zo_fo.learning_rate=3e-4"]),
+    BASELINE: ("lora", ["train.learning_rate=1e-3"]),
+    # LoRA-GA alone: under Adam its first steps move the weight by about eta * c * lr per factor entry
+    # (eta = alpha / sqrt(r), c = d_out^(1/4) / sqrt(gamma)), so the rate is the first knob; gamma and
+    # alpha also set how far the factors move relative to their start (lr / c).
+    "lora_ga lr 2e-4 (shipped)": ("lora_ga", ["train.learning_rate=2e-4"]),
+    "lora_ga lr 1e-4": ("lora_ga", ["train.learning_rate=1e-4"]),
+    "lora_ga lr 5e-5": ("lora_ga", ["train.learning_rate=5e-5"]),
+    "lora_ga lr 2e-5": ("lora_ga", ["train.learning_rate=2e-5"]),
+    "boft lr 1e-3 (shipped)": ("boft", ["train.learning_rate=1e-3"]),
+    "boft lr 2e-3": ("boft", ["train.learning_rate=2e-3"]),
+    "boft lr 5e-4": ("boft", ["train.learning_rate=5e-4"]),
 }
 
+# (a, b): a's difference to b, reported when both ran on a seed.
+PAIRS: list[tuple[str, str]] = []
 
-def overrides(args, folder: pathlib.Path) -> list[str]:
-    """The budget every setting shares."""
-    return ["model.path=smollm2-135m-instruct", f"data.path={args.data}", "data.chat=false",
-            f"data.template={TEMPLATE}", "data.task=classification", "data.bucket=16", "data.max_length=128",
-            f"data.eval_count={args.held_out}", f"eval.num_examples={args.held_out}", "eval.generation_samples=0",
-            "eval.before_training=false", f"train.steps={args.steps}", f"train.global_batch_size={args.batch}",
-            f"train.warmup_steps={args.steps // 10}", "train.schedule=cosine", f"train.seed={args.seed}",
-            f"data.shuffle_seed={args.seed}", f"method.lora_ga.n_batches={args.gradient_batches}",
+
+def budget(args, data: pathlib.Path, folder: pathlib.Path) -> list[str]:
+    """The overrides every setting shares."""
+    return ["model.path=smollm2-135m-instruct", f"data.path={data / 'pool.tsv'}",
+            f"data.eval_path={data / 'decision.tsv'}", "data.chat=false", f"data.template={TEMPLATE}",
+            "data.task=classification", "data.bucket=16", "data.max_length=128", "eval.num_examples=null",
+            "eval.every_steps=0", "eval.batch_size=32", "eval.generation_samples=0", "eval.before_training=false",
+            f"train.steps={args.steps}", f"train.global_batch_size={args.batch}",
+            f"train.warmup_steps={args.steps // 10}", "train.schedule=cosine",
+            f"method.lora_ga.n_batches={args.gradient_batches}", "method.lora_ga.batch_size=2",
             f"logging.output_dir={folder}", "logging.every_steps=1", "logging.progress_bar=false",
             "checkpoint.every_steps=0", "checkpoint.keep=1", "export.peft_adapter=false", "export.merged_model=false"]
 
@@ -96,130 +104,177 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def run(name: str, args) -> dict:
-    """One setting in its own process, unless `--resume` finds it finished in `--work`."""
+def run(name: str, seed: int, args, data: pathlib.Path) -> dict:
+    """One setting and seed in its own process, unless `--resume` finds it finished in `--work`."""
     method, extra = SETTINGS[name]
-    folder = pathlib.Path(args.work).resolve() / slug(name)
+    folder = pathlib.Path(args.work).resolve() / slug(name) / f"seed{seed}"
     summary = folder / "summary.json"
-    if not (args.resume and summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"):
+    command = [sys.executable, "-m", "hyjax.train", f"methods/{method}", *budget(args, data, folder),
+               f"train.seed={seed}", f"data.shuffle_seed={seed}", *extra]
+    recorded = (folder / "command.txt").read_text().split("\n")[0] if (folder / "command.txt").is_file() else None
+    finished = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
+    if not (args.resume and finished and recorded == shlex.join(command[1:])):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        command = [sys.executable, "-m", "hyjax.train", f"methods/{method}", *overrides(args, folder), *extra]
-        (folder / "command.txt").write_text(" ".join(command) + "\n")
+        (folder / "command.txt").write_text(shlex.join(command[1:]) + "\n")
         with open(folder / "train.log", "w") as log:
             subprocess.run(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    record = {"name": name, "seed": seed, "method": method, "overrides": extra}
     if not summary.is_file():
         tail = (folder / "train.log").read_text(errors="replace").strip().splitlines()[-5:]
-        return {"name": name, "method": method, "overrides": extra, "error": " | ".join(tail)}
+        return {**record, "error": " | ".join(tail)}
     done = json.loads(summary.read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
-    lambdas = steps[-1].get("lambda") if steps else None
-    tail = steps[-10:]
-    return {"name": name, "method": method, "overrides": extra, "accuracy": done["eval_after"].get("accuracy"),
-            "held_out_loss": done["eval_after"].get("loss"), "examples": done["eval_after"].get("examples"),
-            "final_train_loss": sum(r["loss"] for r in tail) / len(tail),
-            "mean_lambda": (sum(lambdas.values()) / len(lambdas)) if isinstance(lambdas, dict) and lambdas else None,
-            "spsa_decrease": spsa_decrease(steps),
-            "wall_seconds": done["wall_time_seconds"], "run_dir": str(folder),
-            "correct_rows": next(r for r in reversed(records) if "eval_seconds" in r).get("eval_correct_rows")}
+    final_eval = next(r for r in reversed(records) if "eval_seconds" in r)
+    return {**record, "accuracy": done["eval_after"]["accuracy"], "held_out_loss": done["eval_after"]["loss"],
+            "examples": done["eval_after"].get("examples"),
+            "final_train_loss": statistics.fmean(r["loss"] for r in steps[-10:]),
+            "median_step_seconds": statistics.median(r["step_seconds"] for r in steps[1:] if "step_seconds" in r),
+            "wall_seconds": done["wall_time_seconds"], "correct_rows": final_eval.get("eval_correct_rows"),
+            "loss_curve": [r["loss"] for r in steps], **lambda_summary(steps)}
 
 
-def spsa_decrease(steps: list[dict]) -> float | None:
-    """zo_fo's zeroth-order steps' first-order loss decrease, summed over the run: a step moves the base
-    weights by -lr g z (g the projected gradient along the direction z), which lowers the batch's loss by
-    lr g^2 to first order. None for a method without SPSA."""
-    spsa = [r for r in steps if "zo_projected_grad" in r]
-    return sum(r["zo_learning_rate"] * r["zo_projected_grad"] ** 2 for r in spsa) if spsa else None
+def lambda_summary(steps: list[dict]) -> dict:
+    """The hybrid's lambdas over a run: mean over every logged step, weight and layer; the last step's
+    mean, std and range over every weight and layer; the last step's mean per weight. Empty without them."""
+    logged = [r["lambda"] for r in steps if isinstance(r.get("lambda"), dict)]
+    if not logged:
+        return {}
+    every = lambda record: np.concatenate([np.ravel(v) for v in record.values()])  # noqa: E731
+    last = every(logged[-1])
+    return {"lambda_run_mean": float(np.mean([every(r).mean() for r in logged])),
+            "lambda_end_mean": float(last.mean()), "lambda_end_std": float(last.std()),
+            "lambda_end_range": [float(last.min()), float(last.max())],
+            "lambda_end_per_weight": {path: float(np.mean(v)) for path, v in logged[-1].items()}}
 
 
-def best_lora(runs: list[dict]) -> dict | None:
-    """The LoRA setting of the highest held-out accuracy among those with per-row results: the baseline
-    every other setting is paired against (LoRA at its best learning rate, for a fair comparison)."""
-    candidates = [r for r in runs if r["method"] == "lora" and r.get("correct_rows") and "error" not in r]
-    return max(candidates, key=lambda r: r["accuracy"], default=None)
+# ------------------------------------------------------------------------------------------ report
+
+
+def by_setting(runs: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        if "error" not in r:
+            out.setdefault(r["name"], {})[r["seed"]] = r
+    return out
+
+
+def paired(ours: dict[int, dict], theirs: dict[int, dict]) -> str:
+    """`+0.4 [-0.1, +0.8] (seeds 0,1,2)`: the mean over shared seeds of ours - theirs, in points."""
+    seeds = sorted(s for s in ours if s in theirs and ours[s].get("correct_rows") and theirs[s].get("correct_rows"))
+    if not seeds:
+        return ""
+    mean, low, high = bootstrap_difference([ours[s]["correct_rows"] for s in seeds],
+                                           [theirs[s]["correct_rows"] for s in seeds])
+    return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] ({','.join(map(str, seeds))})"
 
 
 def markdown(report: dict) -> str:
-    s = report["settings"]
-    best = best_lora(report["runs"])
-    baseline_name = best["name"] if best else "the best LoRA"
-    lines = [f"# The hybrid's and zo_fo's settings on SST-2 rows held out of the training file ({report['date']})",
-             "",
+    s, d = report["settings"], report["decision_set"]
+    runs = by_setting(report["runs"])
+    baseline = runs.get(BASELINE, {})
+    lines = [f"# The hybrid's rule and rates, its branches and LoRA on SST-2 sentences held out of train "
+             f"({report['date']})", "",
              f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores; "
              f"{sum(r.get('wall_seconds', 0) for r in report['runs']) / 60:.0f} minutes of runs. "
-             f"Command: `{report['command']}`.", "",
-             f"Each setting: {s['steps']} steps of {s['batch']} rows drawn from the whole training file (less the "
-             f"held-out rows), prompt {TEMPLATE!r}, AdamW, cosine schedule with {s['steps'] // 10} warm-up steps, "
-             f"seed {s['seed']}; the start-up gradient of LoRA-GA and the hybrid over {s['gradient_batches']} "
-             f"batches of 2. Score: accuracy on {s['held_out']} rows held out of train.tsv (`data.eval_count`), "
-             "never dev. Train loss: mean of the last 10 steps. Lambda: the hybrid's mean BOFT share at the end. "
-             "SPSA: zo_fo's zeroth-order steps' first-order loss decrease summed over the run (lr g^2 a step). "
-             f"vs {baseline_name} (the best LoRA with per-row results): the paired accuracy difference on the "
-             "same held-out rows, [95% interval] from resampling the rows.", "",
-             f"| setting | held-out accuracy | vs {baseline_name} [95%] | held-out loss | train loss | lambda "
-             "| SPSA | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    baseline = best["correct_rows"] if best else None
-    for r in report["runs"]:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |")
+             f"Last command: `{report['command']}`.", "",
+             f"Decision set (`bench/decision_set.py`, seed {d['settings']['seed']}): {d['held_out']} whole "
+             f"sentences of train.tsv (8+ words ending in . ! ?; median {d['decision']['median_words']:.0f} words, "
+             f"{100 * d['decision']['positive']:.0f}% positive), never dev. Training pool: the other "
+             f"{d['pool']:,} rows, after removing {d['removed'].get('phrase_of_held_out', 0):,} phrases of "
+             f"held-out sentences and {d['removed'].get('contains_held_out', 0):,} rows containing one.", "",
+             f"Each run: {s['steps']} steps of {s['batch']} rows drawn from the pool, prompt {TEMPLATE!r}, AdamW, "
+             f"cosine schedule with {s['steps'] // 10} warm-up steps; start-up gradients of LoRA-GA and the hybrid "
+             f"from {s['gradient_batches']} batches of 2. Seed: `train.seed` and `data.shuffle_seed`. "
+             f"Δ vs {BASELINE}: the mean over the seeds both ran of the paired accuracy difference, [95% interval] "
+             "from resampling the held-out rows. Train loss: mean of the last 10 steps. lambda (the BOFT branch's "
+             "share): mean over the run's steps and every weight and layer; at the end, mean ± std over the "
+             "210 projections [min, max].", "",
+             f"| setting | accuracy mean ± std | seed: accuracy | Δ vs {BASELINE} [95%] (seeds) | held-out loss "
+             "| train loss | lambda run mean | lambda at the end | wall s |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for name in report["order"]:
+        mine = runs.get(name)
+        if not mine:
             continue
-        lam = f"{r['mean_lambda']:.2f}" if r["mean_lambda"] is not None else ""
-        spsa = f"{r['spsa_decrease']:.3f}" if r.get("spsa_decrease") is not None else ""
-        versus = "-"
-        if baseline and r.get("correct_rows") and r["name"] != baseline_name:
-            mean, low, high = bootstrap_difference([r["correct_rows"]], [baseline])
-            versus = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
-        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {versus} | {r['held_out_loss']:.3f} | "
-                     f"{r['final_train_loss']:.3f} | {lam} | {spsa} | {r['wall_seconds']:.0f} |")
+        values = [r["accuracy"] for r in mine.values()]
+        spread = f"± {statistics.stdev(values):.3f}" if len(values) > 1 else "(1 seed)"
+        seeds = ", ".join(f"{seed}: {r['accuracy']:.3f}" for seed, r in sorted(mine.items()))
+        versus = "-" if name == BASELINE else paired(mine, baseline)
+        first = next(iter(mine.values()))
+        lam_run = lam_end = ""
+        if "lambda_run_mean" in first:
+            lam_run = f"{statistics.fmean(r['lambda_run_mean'] for r in mine.values()):.2f}"
+            lam_end = "; ".join(f"{r['lambda_end_mean']:.2f} ± {r['lambda_end_std']:.2f} "
+                                f"[{r['lambda_end_range'][0]:.2f}, {r['lambda_end_range'][1]:.2f}]"
+                                for _, r in sorted(mine.items()))
+        lines.append(f"| {name} | {statistics.fmean(values):.3f} {spread} | {seeds} | {versus} | "
+                     f"{statistics.fmean(r['held_out_loss'] for r in mine.values()):.3f} | "
+                     f"{statistics.fmean(r['final_train_loss'] for r in mine.values()):.3f} | {lam_run} | {lam_end} | "
+                     f"{statistics.fmean(r['wall_seconds'] for r in mine.values()):.0f} |")
+    shown = [(a, b) for a, b in PAIRS if runs.get(a) and runs.get(b) and paired(runs[a], runs[b])]
+    if shown:
+        lines += ["", "Paired comparisons (accuracy points, [95% interval], seeds):", "",
+                  "| setting | against | difference |", "| --- | --- | ---: |"]
+        lines += [f"| {a} | {b} | {paired(runs[a], runs[b])} |" for a, b in shown]
+    failed = [r for r in report["runs"] if "error" in r]
+    if failed:
+        lines += ["", "Failed runs:", ""] + [f"- {r['name']} seed {r['seed']}: {r['error'][:300]}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="setting names or their folder names, separated by ';' (default: all)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each a run of every setting")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--held-out", type=int, default=500, help="training rows held out and scored")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gradient-batches", type=int, default=8)
-    parser.add_argument("--data", default=str(SST2_TRAIN))
+    parser.add_argument("--rows", type=int, default=1000, help="whole sentences held out (the decision set)")
+    parser.add_argument("--gradient-batches", type=int, default=64, help="batches of 2 of the start-up gradient")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--work", default="runs/bench-hybrid-sweep")
-    parser.add_argument("--resume", action="store_true", help="keep the settings that finished in --work")
+    parser.add_argument("--resume", action="store_true", help="keep the runs recorded in --out or finished in --work")
     args = parser.parse_args()
     by_slug = {slug(name): name for name in SETTINGS}
     names = [by_slug.get(n.strip(), n.strip()) for n in args.only.split(";")] if args.only else list(SETTINGS)
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
-    if not pathlib.Path(args.data).is_file():
-        raise SystemExit(f"{args.data} is missing (see ../shared/data/README.md)")
-    settings = {"steps": args.steps, "batch": args.batch, "held_out": args.held_out, "seed": args.seed,
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    data = decision_set.ensure(pathlib.Path(args.work).resolve() / "decision_set", args.rows)
+    settings = {"steps": args.steps, "batch": args.batch, "rows": args.rows,
                 "gradient_batches": args.gradient_batches}
     out = pathlib.Path(args.out)
     previous = json.loads((out / "hybrid_sweep.json").read_text()) \
         if args.resume and (out / "hybrid_sweep.json").is_file() else {}
-    recorded = {r["name"]: r for r in previous.get("runs", []) if previous.get("settings") == settings
-                and "error" not in r and r["name"] in SETTINGS and r["overrides"] == SETTINGS[r["name"]][1]}
-    report = {"command": "python bench/hybrid_sweep.py " + shlex.join(sys.argv[1:]), "settings": settings, "runs": []}
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name} ...", flush=True)
-        result = recorded.pop(name, None) or run(name, args)
-        report["runs"] = [r for r in report["runs"] if r["name"] != name] + [result]
-        print(f"    {json.dumps({k: v for k, v in result.items() if k not in ('overrides', 'run_dir')})}", flush=True)
-        order = list(SETTINGS)  # the table in SETTINGS' order, earlier sittings' runs included
-        rows = sorted([*report["runs"], *recorded.values()], key=lambda r: order.index(r["name"]))
-        write(out, {**report, "runs": rows,
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version(),
-                                "loadavg_end": os.getloadavg()}})
+    kept = [r for r in previous.get("runs", []) if previous.get("settings") == settings and "error" not in r
+            and r["name"] in SETTINGS and r["overrides"] == SETTINGS[r["name"]][1]]
+    report = {"command": "python bench/hybrid_sweep.py " + shlex.join(sys.argv[1:]), "settings": settings,
+              "decision_set": json.loads((data / "decision_set.json").read_text()), "order": list(SETTINGS),
+              "runs": kept}
+    todo = [(name, seed) for seed in seeds for name in names]
+    for i, (name, seed) in enumerate(todo, 1):
+        if any(r["name"] == name and r["seed"] == seed for r in kept):
+            print(f"[{i}/{len(todo)}] {name} seed {seed}: kept", flush=True)
+            continue
+        print(f"[{i}/{len(todo)}] {name} seed {seed} ...", flush=True)
+        result = run(name, seed, args, data)
+        result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        result["loadavg_end"] = os.getloadavg()
+        report["runs"] = [r for r in report["runs"] if (r["name"], r["seed"]) != (name, seed)] + [result]
+        shown = {k: v for k, v in result.items() if k not in ("overrides", "correct_rows", "loss_curve",
+                                                               "lambda_end_per_weight")}
+        print(f"    {json.dumps(shown)}", flush=True)
+        write(out, report)
+    write(out, report)
     print((out / "hybrid_sweep.md").read_text())
 
 
 def write(out: pathlib.Path, report: dict) -> None:
+    report = {**report, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version()}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "hybrid_sweep.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "hybrid_sweep.md").write_text(markdown(report))
