@@ -71,7 +71,7 @@ VARIANTS = {**{m: ("hyjax", m, ()) for m in METHODS},
             "peft_lora": ("peft", "lora", ())}
 TASKS = ("sst2", "gsm8k")
 METRIC = {"sst2": "accuracy", "gsm8k": "eval_loss"}
-BASELINE, REFERENCE = "lora", "peft_lora"
+BASELINE, REFERENCE, FULL = "lora", "peft_lora", "full"
 SCORED, RANDOM_DRAWS = "hybrid_lora", "hybrid_lora_random"
 BOOTSTRAP_DRAWS = 4000
 
@@ -86,7 +86,7 @@ def overrides(task: str, seed: int, args, output: pathlib.Path, eval_before: boo
               f"logging.output_dir={output}", "logging.every_steps=1", "logging.progress_bar=false",
               "checkpoint.every_steps=0", "checkpoint.keep=1", "export.peft_adapter=false",
               "export.merged_model=false", f"method.lora_ga.n_batches={args.gradient_batches}",
-              f"method.hybrid_lora.n_batches={args.gradient_batches}"]
+              f"method.hybrid_lora.n_batches={args.selection_batches}"]
     if task == "sst2":
         return common + [
             f"data.path={SST2_TRAIN}", f"data.eval_path={SST2_DEV}", "data.task=classification", "data.chat=false",
@@ -132,17 +132,49 @@ def still_valid(record: dict, args) -> bool:
         return record.get("fingerprint") == fingerprint(name, task, seed, args)
     from hyjax.config import RunConfig
 
-    now, then = settings(name, task, seed, args), record["settings"]
+    now, then = settings(name, task, seed, args), _relevant(record["settings"])
     defaults = _flat({"config": RunConfig().to_dict()})
     return all(key in now and now[key] == value for key, value in then.items()) and all(
         key in then or (key in defaults and defaults[key] == value) for key, value in now.items())
 
 
+# The method sub-sections each method reads (the others cannot change its result).
+SECTIONS = {"full": (), "lora": ("lora",), "lora_ga": ("lora_ga",), "oft": ("boft",), "boft": ("boft",),
+            "unitary": ("unitary",), "hybrid": ("boft", "lora_ga", "lora", "hybrid"), "zo_fo": ("zo_fo", "lora"),
+            "hybrid_lora": ("hybrid_lora", "lora")}
+
+
+def _relevant(flat: dict) -> dict:
+    """Recorded settings (flat) less the keys `_deciding` leaves out today (records kept more)."""
+    method = flat.get("config.method.name")
+    out = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        if parts[:3] == ["config", "eval", "every_steps"]:
+            continue
+        if method in SECTIONS and parts[:2] == ["config", "method"] and len(parts) > 3 \
+                and parts[2] not in SECTIONS[method]:
+            continue
+        if method != "hybrid" and parts[:3] == ["config", "train", "hybrid_weights"]:
+            continue
+        out[key] = value
+    return out
+
+
 def _deciding(config) -> dict:
+    """The resolved config less what cannot change a run's result: paths, logging, checkpointing, export,
+    when evaluations happen, the method sub-sections its method does not read and, but for the hybrid,
+    its lambda transform."""
+    method = config.method.name
     config = config.to_dict()
     for section in ("logging", "checkpoint", "export"):
         config.pop(section, None)
     config["eval"].pop("before_training", None)
+    config["eval"].pop("every_steps", None)
+    for name in [k for k, v in config["method"].items() if isinstance(v, dict) and k not in SECTIONS[method]]:
+        config["method"].pop(name)
+    if method != "hybrid":
+        config["train"].pop("hybrid_weights", None)
     for key in ("path", "eval_path"):
         if config["data"].get(key):
             config["data"][key] = pathlib.Path(config["data"][key]).name
@@ -292,6 +324,24 @@ def paired_difference(rows: list[dict], others: list[dict]) -> dict | None:
     return {"mean": mean, "low": lo, "high": hi, "seeds": per_seed}
 
 
+def to_full(rows: list[dict], full: list[dict]) -> dict | None:
+    """Time to full fine-tuning's final accuracy, per seed both ran: the first evaluation of a run at or
+    above full's final accuracy on the same seed, and that step times the run's median step time over
+    full's whole training (its steps times its median step time); None when no seed pairs."""
+    theirs = {r["seed"]: r for r in full}
+    seeds = {}
+    for r in rows:
+        if r["seed"] not in theirs:
+            continue
+        f = theirs[r["seed"]]
+        hit = first_reaching(r, f["accuracy"])
+        full_time = f["evals"][-1]["step"] * f["median_step_seconds"]
+        seeds[r["seed"]] = None if hit is None else {
+            "step": hit[0], "time_ratio": hit[0] * r["median_step_seconds"] / full_time,
+            "same_cpu": r.get("cpu_model") is not None and r.get("cpu_model") == f.get("cpu_model")}
+    return {"seeds": seeds} if seeds else None
+
+
 def summarize(runs: list[dict], task: str, names: list[str]) -> dict:
     """Per variant: the metric's mean, std and per-seed values; paired difference to LoRA; time to PEFT."""
     metric = METRIC[task]
@@ -321,6 +371,8 @@ def summarize(runs: list[dict], task: str, names: list[str]) -> dict:
                 entry["vs_lora"] = versus
             if task == "sst2" and name == RANDOM_DRAWS and (versus := paired_difference(rows, by_name.get(SCORED, []))):
                 entry["vs_scored"] = versus
+            if task == "sst2" and name != FULL and (reach := to_full(rows, by_name.get(FULL, []))):
+                entry["to_full"] = reach
             if target is not None and name != REFERENCE:
                 reached = [first_reaching(r, target) for r in rows]
                 hits = [x for x in reached if x is not None]
@@ -397,7 +449,9 @@ def markdown(report: dict) -> str:
              "(learning rate included) from the method's YAML; `peft_lora`: HF PEFT LoRA (r 8, alpha 16, the "
              "seven projections, LoRA's learning rate and schedule) on the same rows of each seed, its merged "
              "model scored by hyjax's evaluation; `hybrid_lora_random`: Hybrid-LoRA's module count drawn at "
-             f"random (a new draw per seed). Start-up gradients: {s['gradient_batches']} batches of 2.", ""]
+             f"random (a new draw per seed). Start-up gradients of LoRA-GA and the hybrid: {s['gradient_batches']} "
+             f"batches of 2 (runs before 2026-12-05: 8); Hybrid-LoRA's scores: {s.get('selection_batches', 8)} "
+             "batches of 2.", ""]
     for task in report["tasks"]:
         b, table = s["tasks"][task], report["summary"][task]
         recorded = ", ".join(map(str, sorted({r["seed"] for r in report["runs"] if r["task"] == task
@@ -410,7 +464,10 @@ def markdown(report: dict) -> str:
                       f"{b['eval_every']} steps and at the end. Δ vs LoRA: mean over seeds of the paired accuracy "
                       f"difference to hyjax LoRA, [95% interval] from {BOOTSTRAP_DRAWS} resamples of the dev rows. "
                       "To PEFT: steps and train seconds (sum of step times) until an evaluation first reaches PEFT "
-                      "LoRA's mean final accuracy (seeds that reach it / seeds)."]
+                      "LoRA's mean final accuracy (seeds that reach it / seeds). To full: per seed, the step of the "
+                      "first evaluation at or above full fine-tuning's final accuracy on that seed, and that step "
+                      "times the method's median step time over full fine-tuning's steps times its median step time "
+                      "(`*`: the two ran on different CPUs, so the time ratio compares machines too)."]
         else:
             lines += [f"## GSM8K: answer loss on {b['eval_rows']} problems held out of the training file, after "
                       f"{b['steps']} steps of {b['batch']} problems, seeds {recorded}", "",
@@ -422,11 +479,13 @@ def markdown(report: dict) -> str:
             lines += ["", f"Pretrained model: {score}, answer loss {before['eval_loss']:.3f}."]
         if task == "sst2":
             lines += ["", "| method | accuracy mean ± std | seed: accuracy | Δ vs LoRA [95%] | "
-                          "to PEFT: steps, train s | answer loss | wall s | s/step | peak MiB | trainable |",
-                      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                          "to PEFT: steps, train s | to full: seed: step, time / full's | answer loss | wall s | s/step | "
+                          "peak MiB | trainable |",
+                      "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         else:
-            lines += ["", "| method | answer loss | exact match | wall s | s/step | peak MiB | trainable |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += ["", "| method | answer loss | seed: answer loss | exact match | wall s | s/step | peak MiB | "
+                          "trainable |",
+                      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, e in table.items():
             if not e["n"]:
                 lines.append(f"| {name} | " + (f"failed ({e['failed']})" if e["failed"] else "not run") + " |")
@@ -435,16 +494,19 @@ def markdown(report: dict) -> str:
             trainable = f"{low:,}" if low == high else f"{low:,}-{high:,}"
             cost = (f"{e['wall_seconds']:.0f} | {e['median_step_seconds']:.2f} | {e['peak_host_memory_mib']:,.0f} | "
                     f"{trainable} |")
-            if task == "gsm8k":
-                lines.append(f"| {name} | {e['mean']:.3f} | {e['exact_match']:.3f} | {cost}")
-                continue
             seeds = ", ".join(f"{seed}: {v:.3f}" for seed, v in e["seeds"].items())
+            if task == "gsm8k":
+                lines.append(f"| {name} | {e['mean']:.3f} | {seeds} | {e['exact_match']:.3f} | {cost}")
+                continue
             delta = points(e["vs_lora"]) if "vs_lora" in e else "-"
             t = e.get("to_peft_accuracy")
             reach = "-" if not t else (f"{t['steps']:.0f}, {t['train_seconds']:.0f} ({t['reached']}/{t['of']})"
                                        if t["reached"] else f"not reached (0/{t['of']})")
             spread = f"± {e['std']:.3f}" if e["std"] is not None else "(1 seed)"
-            lines.append(f"| {name} | {e['mean']:.3f} {spread} | {seeds} | {delta} | {reach} | "
+            full = "; ".join(f"{seed}: " + ("not reached" if x is None else
+                                            f"{x['step']}, {x['time_ratio']:.2f}{'' if x['same_cpu'] else '*'}")
+                             for seed, x in e["to_full"]["seeds"].items()) if "to_full" in e else "-"
+            lines.append(f"| {name} | {e['mean']:.3f} {spread} | {seeds} | {delta} | {reach} | {full} | "
                          f"{e['eval_loss']:.3f} | {cost}")
         if task == "sst2" and (d := table.get(RANDOM_DRAWS, {}).get("vs_scored")):
             lines += ["", f"{RANDOM_DRAWS} against {SCORED}, paired on seeds {', '.join(map(str, d['seeds']))} "
@@ -507,7 +569,7 @@ def main() -> None:
               "command": "python bench/quality.py " + " ".join(args.argv), "tasks": tasks,
               "machine": {"cpu_model": cpu_model(), "cores": cores(), "python": platform.python_version(),
                           "jax": jax.__version__},
-              "settings": {"gradient_batches": args.gradient_batches,
+              "settings": {"gradient_batches": args.gradient_batches, "selection_batches": args.selection_batches,
                            "names": names,
                            "tasks": {"sst2": {"steps": args.steps, "batch": args.batch, "eval_every": args.eval_every,
                                               "eval_rows": args.dev_rows or 872, "seeds": args.seeds},
@@ -528,7 +590,7 @@ def main() -> None:
         result = launch(name, task, seed, args, eval_before=first_of_task[task] == (task, name, seed))
         record = {"task": task, "name": name, "seed": seed, "settings": settings(name, task, seed, args),
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "loadavg_end": os.getloadavg(), **result}
+                  "loadavg_end": os.getloadavg(), "cpu_model": cpu_model(), **result}
         report["runs"].append(record)
         shown = {k: record.get(k) for k in ("accuracy", "exact_match", "eval_loss", "wall_seconds", "error")
                  if record.get(k) is not None}
@@ -551,14 +613,16 @@ def parse_args(argv=None):
     parser.add_argument("--gsm8k-seeds", default="0")
     parser.add_argument("--steps", type=int, default=150, help="SST-2 optimizer steps")
     parser.add_argument("--batch", type=int, default=16, help="SST-2 rows per step")
-    parser.add_argument("--eval-every", type=int, default=50, help="SST-2 steps between dev evaluations")
+    parser.add_argument("--eval-every", type=int, default=25, help="SST-2 steps between dev evaluations")
     parser.add_argument("--dev-rows", type=int, help="SST-2 dev rows evaluated (default: all 872)")
     parser.add_argument("--gsm8k-steps", type=int, default=200)
     parser.add_argument("--gsm8k-batch", type=int, default=4)
     parser.add_argument("--gsm8k-eval-examples", type=int, default=200, help="problems held out and evaluated")
     parser.add_argument("--max-new-tokens", type=int, default=192, help="GSM8K greedy generation budget")
-    parser.add_argument("--gradient-batches", type=int, default=8,
-                        help="batches of 2 for LoRA-GA's, the hybrid's and Hybrid-LoRA's start-up gradient")
+    parser.add_argument("--selection-batches", type=int, default=8,
+                        help="batches of 2 for Hybrid-LoRA's module scores")
+    parser.add_argument("--gradient-batches", type=int, default=64,
+                        help="batches of 2 for LoRA-GA's and the hybrid's start-up gradient (the authors' 64)")
     parser.add_argument("--out", default="bench/results", help="folder of quality.json, .md and the curves PNG")
     parser.add_argument("--work", default="runs/bench-quality", help="folder of the runs")
     parser.add_argument("--resume", action="store_true",
@@ -583,7 +647,8 @@ def parse_args(argv=None):
                             ("--gsm8k-steps", args.gsm8k_steps), ("--gsm8k-batch", args.gsm8k_batch),
                             ("--gsm8k-eval-examples", args.gsm8k_eval_examples),
                             ("--max-new-tokens", args.max_new_tokens),
-                            ("--gradient-batches", args.gradient_batches)) if v < 1]
+                            ("--gradient-batches", args.gradient_batches),
+                            ("--selection-batches", args.selection_batches)) if v < 1]
     if small or not args.seeds or not args.gsm8k_seeds:
         parser.error(f"need positive values and at least one seed (got {small or 'no seeds'})")
     return args
