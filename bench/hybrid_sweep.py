@@ -85,6 +85,8 @@ SETTINGS = {
     "lora_ga lr 1e-4": ("lora_ga", ["train.learning_rate=1e-4"]),
     "lora_ga lr 5e-5": ("lora_ga", ["train.learning_rate=5e-5"]),
     "lora_ga lr 2e-5": ("lora_ga", ["train.learning_rate=2e-5"]),
+    "lora_ga lr 1e-4 gamma 64": ("lora_ga", ["train.learning_rate=1e-4", "method.lora_ga.gamma=64"]),
+    "lora_ga lr 2e-4 gamma 64": ("lora_ga", ["train.learning_rate=2e-4", "method.lora_ga.gamma=64"]),
     "boft lr 1e-3 (shipped)": ("boft", ["train.learning_rate=1e-3"]),
     "boft lr 2e-3": ("boft", ["train.learning_rate=2e-3"]),
     "boft lr 5e-4": ("boft", ["train.learning_rate=5e-4"]),
