@@ -2,7 +2,8 @@
 
     python bench/quality.py [--methods a,b] [--seeds 0,1,2] [--tasks sst2,gsm8k] [--gsm8k-methods a,b]
                             [--steps 150] [--batch 16] [--eval-every 50] [--gsm8k-steps 200]
-                            [--out bench/results] [--work runs/bench-quality] [--resume]
+                            [--out bench/results] [--work runs/bench-quality] [--resume] [--rerun a,b]
+                            [--workers 1]
 
 SmolLM2-135M-Instruct, fine-tuned as a user's job does (`python -m hyjax.train methods/<method>` with the
 budget's overrides, each run in its own process), every setting not in the budget from the method's YAML
@@ -31,28 +32,34 @@ mean final accuracy; wall time, peak host memory. Curves (training loss, dev acc
 
 `--resume` keeps every run recorded in `--out`/quality.json whose settings (the resolved config less paths and
 logging, or PEFT's budget) equal this invocation's (options added to the config since, at their defaults,
-aside), so the benchmark continues across sittings and machines from its committed JSON; the JSON and table
-are rewritten after every run. Run it when nothing else uses the CPU: one run takes 11-50 minutes on the
+aside), so the benchmark continues across sittings and machines from its committed JSON (`--rerun` runs the
+named ones again all the same, e.g. for step times on this machine); the JSON and table are rewritten after
+every run. Run it when nothing else uses the CPU: one run takes 11-50 minutes on the
 2-core machine (HF PEFT LoRA 11 and the hybrid 24 minutes on a quiet day, the sweep's LoRA 41 beside other
 work and hybrid 38 on a slow day; step times there vary up to 4x from day to day), so the whole default set
 (30 SST-2 runs, 3 GSM8K runs) takes 10-25 hours, over several sittings; `--methods` and `--seeds` choose a
-part.
+part. `--workers 2` runs two at a time, each on a core of its own (1.45x the runs an hour on 2 cores): their
+accuracies and losses are those of a one-at-a-time run, their step times compare only with other one-core runs
+(each record says its cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import hashlib
 import json
 import os
 import pathlib
 import platform
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -195,10 +202,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 # -------------------------------------------------------------------------------------------- runs
 
 
-def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_before: bool) -> dict:
-    """`python -m hyjax.train` in its own process; what its folder holds afterwards."""
+def pinned(core: int | None) -> list[str]:
+    """The command prefix that runs a process on `core` alone (nothing for None)."""
+    return [] if core is None else ["taskset", "-c", str(core)]
+
+
+def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_before: bool,
+              core: int | None = None) -> dict:
+    """`python -m hyjax.train` in its own process (on `core` alone when given); what its folder holds
+    afterwards."""
     _, method, extra = VARIANTS[name]
-    command = [sys.executable, "-m", "hyjax.train", f"methods/{method}",
+    command = [*pinned(core), sys.executable, "-m", "hyjax.train", f"methods/{method}",
                *overrides(task, seed, args, folder, eval_before), *extra]
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     with open(folder / "train.log", "w") as log:
@@ -230,11 +244,12 @@ def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_
             "loss_curve": [r["loss"] for r in steps]}
 
 
-def run_peft(name: str, task: str, seed: int, args, folder: pathlib.Path) -> dict:
+def run_peft(name: str, task: str, seed: int, args, folder: pathlib.Path, core: int | None = None) -> dict:
     """PEFT LoRA on the rows of this seed's hyjax LoRA run, scored by hyjax (`bench/peft_reference.py`),
     in a child process of this script."""
     out = folder / "result.json"
-    command = [sys.executable, __file__, *args.argv, "--peft-child", str(out), "--child-seed", str(seed)]
+    command = [*pinned(core), sys.executable, __file__, *args.argv, "--peft-child", str(out), "--child-seed",
+               str(seed)]
     with open(folder / "train.log", "w") as log:
         code = subprocess.run(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     if code or not out.is_file():
@@ -278,13 +293,13 @@ def peft_child(args) -> None:
     pathlib.Path(args.peft_child).write_text(json.dumps(record))
 
 
-def launch(name: str, task: str, seed: int, args, eval_before: bool) -> dict:
+def launch(name: str, task: str, seed: int, args, eval_before: bool, core: int | None = None) -> dict:
     folder = pathlib.Path(args.work).resolve() / task / name / f"seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh measurement: hyjax would resume an old checkpoint
     folder.mkdir(parents=True)
     if VARIANTS[name][0] == "peft":
-        return run_peft(name, task, seed, args, folder)
-    result = run_hyjax(name, task, seed, args, folder, eval_before)
+        return run_peft(name, task, seed, args, folder, core)
+    result = run_hyjax(name, task, seed, args, folder, eval_before, core)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     return result
 
@@ -338,7 +353,8 @@ def to_full(rows: list[dict], full: list[dict]) -> dict | None:
         full_time = f["evals"][-1]["step"] * f["median_step_seconds"]
         seeds[r["seed"]] = None if hit is None else {
             "step": hit[0], "time_ratio": hit[0] * r["median_step_seconds"] / full_time,
-            "same_cpu": r.get("cpu_model") is not None and r.get("cpu_model") == f.get("cpu_model")}
+            "same_cpu": r.get("cpu_model") is not None and (r.get("cpu_model"), r.get("cores")) == (
+                f.get("cpu_model"), f.get("cores"))}
     return {"seeds": seeds} if seeds else None
 
 
@@ -467,7 +483,7 @@ def markdown(report: dict) -> str:
                       "LoRA's mean final accuracy (seeds that reach it / seeds). To full: per seed, the step of the "
                       "first evaluation at or above full fine-tuning's final accuracy on that seed, and that step "
                       "times the method's median step time over full fine-tuning's steps times its median step time "
-                      "(`*`: the two ran on different CPUs, so the time ratio compares machines too)."]
+                      "(`*`: the two ran on different CPUs or core counts, so the time ratio compares machines too)."]
         else:
             lines += [f"## GSM8K: answer loss on {b['eval_rows']} problems held out of the training file, after "
                       f"{b['steps']} steps of {b['batch']} problems, seeds {recorded}", "",
@@ -560,7 +576,7 @@ def main() -> None:
         else {"runs": []}
     todo = plan(args)
     kept = {(r["task"], r["name"], r["seed"]): r for r in previous.get("runs", []) if "error" not in r
-            and r["task"] in TASKS and r["name"] in VARIANTS and still_valid(r, args)}
+            and r["task"] in TASKS and r["name"] in VARIANTS and r["name"] not in args.rerun and still_valid(r, args)}
     for (task, name, seed), record in kept.items():  # a hash-only record that matched: today's settings are its
         record.setdefault("settings", settings(name, task, seed, args))
     tasks = [t for t in TASKS if t in args.tasks or any(k[0] == t for k in kept)]
@@ -580,22 +596,40 @@ def main() -> None:
     first_of_task = {task: next(((t, n, s) for t, n, s in todo if t == task and VARIANTS[n][0] == "hyjax"), None)
                      for task in args.tasks}
     print(f"{len(todo)} runs; work folder {args.work}", flush=True)
-    for i, (task, name, seed) in enumerate(todo, 1):
-        key = (task, name, seed)
-        if key in kept:
-            report["runs"].append(kept[key])
-            print(f"[{i}/{len(todo)}] {task} {name} seed {seed}: kept from {out / 'quality.json'}", flush=True)
-            continue
-        print(f"[{i}/{len(todo)}] {task} {name} seed {seed} ...", flush=True)
-        result = launch(name, task, seed, args, eval_before=first_of_task[task] == (task, name, seed))
+    free_cores = queue.Queue()
+    for core in (sorted(os.sched_getaffinity(0))[:args.workers] if args.workers > 1 else [None]):
+        free_cores.put(core)
+    lock = threading.Lock()
+
+    def one(i: int, task: str, name: str, seed: int) -> None:
+        core = free_cores.get()
+        print(f"[{i}/{len(todo)}] {task} {name} seed {seed} ..." + (f" (core {core})" if core is not None else ""),
+              flush=True)
+        try:
+            result = launch(name, task, seed, args, eval_before=first_of_task[task] == (task, name, seed), core=core)
+        finally:
+            free_cores.put(core)
         record = {"task": task, "name": name, "seed": seed, "settings": settings(name, task, seed, args),
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "loadavg_end": os.getloadavg(), "cpu_model": cpu_model(), **result}
-        report["runs"].append(record)
-        shown = {k: record.get(k) for k in ("accuracy", "exact_match", "eval_loss", "wall_seconds", "error")
-                 if record.get(k) is not None}
-        print(f"    {json.dumps(shown)[:400]}", flush=True)
-        write(report, out)
+                  "loadavg_end": os.getloadavg(), "cpu_model": cpu_model(), "cores": 1 if core is not None else cores(),
+                  **result}
+        with lock:
+            report["runs"].append(record)
+            shown = {k: record.get(k) for k in ("accuracy", "exact_match", "eval_loss", "wall_seconds", "error")
+                     if record.get(k) is not None}
+            print(f"    {task} {name} seed {seed}: {json.dumps(shown)[:400]}", flush=True)
+            write(report, out)
+
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = []
+        for i, (task, name, seed) in enumerate(todo, 1):
+            if (task, name, seed) in kept:
+                report["runs"].append(kept[(task, name, seed)])
+                print(f"[{i}/{len(todo)}] {task} {name} seed {seed}: kept from {out / 'quality.json'}", flush=True)
+            else:
+                futures.append(pool.submit(one, i, task, name, seed))
+        for future in futures:
+            future.result()
     write(report, out)
     print(markdown(report))
 
@@ -627,6 +661,10 @@ def parse_args(argv=None):
     parser.add_argument("--work", default="runs/bench-quality", help="folder of the runs")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs of --out/quality.json whose settings equal this invocation's")
+    parser.add_argument("--rerun", default="", help="names whose recorded runs are run again all the same")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs at a time, each pinned to a core of its own (step times then compare only "
+                             "with runs of the same kind)")
     parser.add_argument("--peft-child", help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -637,6 +675,7 @@ def parse_args(argv=None):
     args.methods = [m for m in args.methods.split(",") if m]
     args.gsm8k_methods = [m for m in args.gsm8k_methods.split(",") if m]
     args.tasks = [t for t in args.tasks.split(",") if t]
+    args.rerun = [n for n in args.rerun.split(",") if n]
     args.seeds, args.gsm8k_seeds = _ints(args.seeds), _ints(args.gsm8k_seeds)
     unknown = [m for m in args.methods if m not in VARIANTS] + \
         [m for m in args.gsm8k_methods if VARIANTS.get(m, ("peft",))[0] != "hyjax"] + \
