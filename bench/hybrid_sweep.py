@@ -90,6 +90,22 @@ SETTINGS = {
     "boft lr 1e-3 (shipped)": ("boft", ["train.learning_rate=1e-3"]),
     "boft lr 2e-3": ("boft", ["train.learning_rate=2e-3"]),
     "boft lr 5e-4": ("boft", ["train.learning_rate=5e-4"]),
+    # The hybrid (mix update: lambda scales the branches' Adam updates), its LoRA-GA branch at its own
+    # calibrated rate and its BOFT branch at BOFT's, under each rule and share.
+    "hybrid as shipped before (raw, sum; LoRA-GA 2e-4, BOFT rotation 1e-3)": (
+        "hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4", 'train.lr_multipliers=[[".*/boft_r$",5]]',
+                   *RAW_SUM]),
+    "hybrid raw, sum (LoRA-GA 1e-4, BOFT 1e-3)": ("hybrid", hybrid(1e-4, 1e-3, *RAW_SUM)),
+    "hybrid normalized, unit (LoRA-GA 1e-4, BOFT 1e-3)": ("hybrid", hybrid(1e-4, 1e-3, *NORMALIZED_UNIT)),
+    "hybrid normalized, sum (LoRA-GA 1e-4, BOFT 1e-3)": (
+        "hybrid", hybrid(1e-4, 1e-3, "train.hybrid_weights.rule=normalized", "train.hybrid_weights.shares=sum")),
+    "hybrid handover 0.2-0.8, normalized, unit (LoRA-GA 1e-4, BOFT 1e-3)": (
+        "hybrid", hybrid(1e-4, 1e-3, *NORMALIZED_UNIT, "train.hybrid_weights.handover=[0.2,0.8]")),
+    # Controls: lambda frozen (0.5 with unit shares: both branches at their own rates, no rule), and plain
+    # LoRA (B = 0, LoRA's rate) in place of LoRA-GA under the same rule.
+    "hybrid fixed 0.5, unit (LoRA-GA 1e-4, BOFT 1e-3)": ("hybrid", hybrid(1e-4, 1e-3, *frozen(0.5))),
+    "BOFT + plain LoRA, normalized, unit (LoRA 1e-3, BOFT 1e-3)": (
+        "hybrid", hybrid(1e-3, 1e-3, *NORMALIZED_UNIT, "method.hybrid.lora_start=zero")),
 }
 
 # (a, b): a's difference to b, reported when both ran on a seed.
