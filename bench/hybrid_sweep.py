@@ -90,6 +90,7 @@ SETTINGS = {
     "boft lr 1e-3 (shipped)": ("boft", ["train.learning_rate=1e-3"]),
     "boft lr 2e-3": ("boft", ["train.learning_rate=2e-3"]),
     "boft lr 5e-4": ("boft", ["train.learning_rate=5e-4"]),
+    "boft lr 2e-4": ("boft", ["train.learning_rate=2e-4"]),
     # The hybrid (mix update: lambda scales the branches' Adam updates), its LoRA-GA branch at its own
     # calibrated rate and its BOFT branch at BOFT's, under each rule and share.
     "hybrid as shipped before (raw, sum; LoRA-GA 2e-4, BOFT rotation 1e-3)": (
