@@ -91,23 +91,39 @@ SETTINGS = {
     "boft lr 2e-3": ("boft", ["train.learning_rate=2e-3"]),
     "boft lr 5e-4": ("boft", ["train.learning_rate=5e-4"]),
     "boft lr 2e-4": ("boft", ["train.learning_rate=2e-4"]),
-    # The hybrid (mix update: lambda scales the branches' Adam updates), its LoRA-GA branch at its own
-    # calibrated rate and its BOFT branch at BOFT's, under each rule and share.
+    "boft lr 1e-4": ("boft", ["train.learning_rate=1e-4"]),
     "hybrid as shipped before (raw, sum; LoRA-GA 2e-4, BOFT rotation 1e-3)": (
         "hybrid", ["method.hybrid.mix=update", "train.learning_rate=2e-4", 'train.lr_multipliers=[[".*/boft_r$",5]]',
                    *RAW_SUM]),
-    "hybrid raw, sum (LoRA-GA 1e-4, BOFT 1e-3)": ("hybrid", hybrid(1e-4, 1e-3, *RAW_SUM)),
-    "hybrid normalized, unit (LoRA-GA 1e-4, BOFT 1e-3)": ("hybrid", hybrid(1e-4, 1e-3, *NORMALIZED_UNIT)),
-    "hybrid normalized, sum (LoRA-GA 1e-4, BOFT 1e-3)": (
-        "hybrid", hybrid(1e-4, 1e-3, "train.hybrid_weights.rule=normalized", "train.hybrid_weights.shares=sum")),
-    "hybrid handover 0.2-0.8, normalized, unit (LoRA-GA 1e-4, BOFT 1e-3)": (
-        "hybrid", hybrid(1e-4, 1e-3, *NORMALIZED_UNIT, "train.hybrid_weights.handover=[0.2,0.8]")),
-    # Controls: lambda frozen (0.5 with unit shares: both branches at their own rates, no rule), and plain
-    # LoRA (B = 0, LoRA's rate) in place of LoRA-GA under the same rule.
-    "hybrid fixed 0.5, unit (LoRA-GA 1e-4, BOFT 1e-3)": ("hybrid", hybrid(1e-4, 1e-3, *frozen(0.5))),
-    "BOFT + plain LoRA, normalized, unit (LoRA 1e-3, BOFT 1e-3)": (
-        "hybrid", hybrid(1e-3, 1e-3, *NORMALIZED_UNIT, "method.hybrid.lora_start=zero")),
 }
+
+
+def rate(value: float) -> str:
+    """A learning rate as the settings' names write it: 1e-4, 5e-5."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
+def hybrid_settings(lora_ga_lr: float, boft_lr: float) -> dict:
+    """The hybrid (mix update: lambda scales the branches' Adam updates) with its LoRA-GA branch at
+    `lora_ga_lr` and its BOFT branch at `boft_lr`, under each rule and share, and its controls: lambda
+    fixed at 0.5 (with unit shares both branches at their own rates, no rule) and plain LoRA (B = 0, at
+    LoRA's 1e-3) in place of LoRA-GA under the normalized rule."""
+    rates = f"LoRA-GA {rate(lora_ga_lr)}, BOFT {rate(boft_lr)}"
+    return {
+        f"hybrid raw, sum ({rates})": ("hybrid", hybrid(lora_ga_lr, boft_lr, *RAW_SUM)),
+        f"hybrid normalized, unit ({rates})": ("hybrid", hybrid(lora_ga_lr, boft_lr, *NORMALIZED_UNIT)),
+        f"hybrid normalized, sum ({rates})": (
+            "hybrid", hybrid(lora_ga_lr, boft_lr, "train.hybrid_weights.rule=normalized",
+                             "train.hybrid_weights.shares=sum")),
+        f"hybrid handover 0.2-0.8, normalized, unit ({rates})": (
+            "hybrid", hybrid(lora_ga_lr, boft_lr, *NORMALIZED_UNIT, "train.hybrid_weights.handover=[0.2,0.8]")),
+        f"hybrid fixed 0.5, unit ({rates})": ("hybrid", hybrid(lora_ga_lr, boft_lr, *frozen(0.5))),
+        f"BOFT + plain LoRA, normalized, unit (LoRA 1e-3, BOFT {rate(boft_lr)})": (
+            "hybrid", hybrid(1e-3, boft_lr, *NORMALIZED_UNIT, "method.hybrid.lora_start=zero")),
+    }
+
+
+SETTINGS.update(hybrid_settings(1e-4, 1e-3))
 
 # (a, b): a's difference to b, reported when both ran on a seed.
 PAIRS: list[tuple[str, str]] = []
