@@ -125,6 +125,9 @@ def hybrid_settings(lora_ga_lr: float, boft_lr: float) -> dict:
 
 SETTINGS.update(hybrid_settings(1e-4, 1e-3))
 SETTINGS.update(hybrid_settings(5e-5, 2e-4))  # each branch at its best rate on seeds 0-1
+# The normalized rule's own control: lambda frozen at its run mean at these rates (seed 0: 0.54).
+SETTINGS["hybrid frozen 0.54 (the normalized rule's run mean), unit (LoRA-GA 5e-5, BOFT 2e-4)"] = (
+    "hybrid", hybrid(5e-5, 2e-4, *frozen(0.54)))
 
 # (a, b): a's difference to b, reported when both ran on a seed.
 PAIRS: list[tuple[str, str]] = []
