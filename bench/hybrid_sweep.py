@@ -129,8 +129,21 @@ SETTINGS.update(hybrid_settings(5e-5, 2e-4))  # each branch at its best rate on 
 SETTINGS["hybrid frozen 0.54 (the normalized rule's run mean), unit (LoRA-GA 5e-5, BOFT 2e-4)"] = (
     "hybrid", hybrid(5e-5, 2e-4, *frozen(0.54)))
 
-# (a, b): a's difference to b, reported when both ran on a seed.
-PAIRS: list[tuple[str, str]] = []
+# (a, b): a's difference to b, reported when both ran on a seed. At LoRA-GA 5e-5 and BOFT 2e-4: each hybrid
+# against the better branch alone, the rule against its frozen-mean and fixed controls, plain LoRA's start
+# against LoRA-GA's.
+_RATES = "(LoRA-GA 5e-5, BOFT 2e-4)"
+PAIRS: list[tuple[str, str]] = [
+    *[(f"hybrid {variant} {_RATES}", "boft lr 2e-4")
+      for variant in ("raw, sum", "normalized, unit", "normalized, sum", "handover 0.2-0.8, normalized, unit",
+                      "fixed 0.5, unit")],
+    (f"hybrid normalized, unit {_RATES}", f"hybrid frozen 0.54 (the normalized rule's run mean), unit {_RATES}"),
+    (f"hybrid normalized, unit {_RATES}", f"hybrid fixed 0.5, unit {_RATES}"),
+    ("BOFT + plain LoRA, normalized, unit (LoRA 1e-3, BOFT 2e-4)", f"hybrid normalized, unit {_RATES}"),
+    ("lora_ga lr 5e-5", "lora_ga lr 2e-4 (shipped)"),
+    ("boft lr 2e-4", "boft lr 1e-3 (shipped)"),
+]
+assert all(a in SETTINGS and b in SETTINGS for a, b in PAIRS), "PAIRS names a setting SETTINGS lacks"
 
 
 def budget(args, data: pathlib.Path, folder: pathlib.Path) -> list[str]:
