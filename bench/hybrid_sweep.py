@@ -133,6 +133,10 @@ SETTINGS[FROZEN_MEAN] = ("hybrid", hybrid(5e-5, 2e-4, *frozen(0.54)))
 # best rate, BOFT's kept, so the hybrid is BOFT with a LoRA-GA correction.
 SLOW_LORA_GA = {**hybrid_settings(2e-5, 2e-4), **hybrid_settings(1e-5, 2e-4)}
 SETTINGS.update(SLOW_LORA_GA)
+# One clipping norm over both branches lets LoRA-GA's gradient (5-10x BOFT's) set the scale of BOFT's steps;
+# clipped per branch (each its own learning-rate group), BOFT's branch is clipped as BOFT alone is.
+PER_BRANCH = "hybrid fixed 0.5, unit, clipped per branch (LoRA-GA 5e-5, BOFT 2e-4)"
+SETTINGS[PER_BRANCH] = ("hybrid", hybrid(5e-5, 2e-4, *frozen(0.5), "train.grad_clip_per_group=true"))
 
 # (a, b): a's difference to b, reported when both ran on a seed: each hybrid (plain LoRA's start aside)
 # against the better branch alone, the rule against its frozen-mean and fixed controls, plain LoRA's start
@@ -140,7 +144,8 @@ SETTINGS.update(SLOW_LORA_GA)
 _NORMALIZED, _FIXED, _PLAIN = (next(name for name in BEST_RATES if name.startswith(start))
                                for start in ("hybrid normalized, unit", "hybrid fixed 0.5", "BOFT + plain LoRA"))
 PAIRS: list[tuple[str, str]] = [
-    *[(name, "boft lr 2e-4") for name in [*BEST_RATES, *SLOW_LORA_GA] if name.startswith("hybrid")],
+    *[(name, "boft lr 2e-4") for name in [*BEST_RATES, *SLOW_LORA_GA, PER_BRANCH] if name.startswith("hybrid")],
+    (PER_BRANCH, _FIXED),
     (_NORMALIZED, FROZEN_MEAN),
     (_NORMALIZED, _FIXED),
     (_PLAIN, _NORMALIZED),

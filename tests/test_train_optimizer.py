@@ -67,6 +67,32 @@ def test_lr_multipliers_scale_and_freeze_groups():
     np.testing.assert_allclose(attn["v_proj"]["a"], -0.1, rtol=1e-6)
 
 
+@pytest.mark.parametrize("per_group", [False, True])
+def test_gradient_clipping_global_or_per_learning_rate_group(per_group):
+    """SGD at rate 1, so each update is minus the clipped gradient: q_proj's group has gradient norm 20,
+    the rest 0.5 or 500. One global norm scales both by their joint norm; per group, each is clipped by its own."""
+    trainable = _lora_trainable()
+    config = _config("method.name=lora", "train.optimizer=sgd", "train.b1=0", "train.schedule=constant",
+                     "train.learning_rate=1.0", "train.grad_clip_norm=1.0", f"train.grad_clip_per_group={per_group}",
+                     "train.lr_multipliers=[[q_proj, 1.0]]")
+    optimizer, _ = build_optimizer(config, total_steps=10)
+    labels = group_labels(trainable, config.train.lr_multipliers)
+
+    def norm(tree, label):
+        return float(optax.global_norm(jax.tree.leaves(jax.tree.map(
+            lambda x, l: x if l == label else jnp.zeros_like(x), tree, labels))))
+
+    ones = jax.tree.map(jnp.ones_like, trainable)
+    for rest in (0.5, 500.0):
+        target = {"group0": 20.0, "default": rest}
+        grads = jax.tree.map(lambda x, l: x * target[l] / norm(ones, l), ones, labels)
+        updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
+        total = float(np.hypot(20.0, rest))
+        expected = {l: min(n, 1.0) if per_group else n / total for l, n in target.items()}
+        for label, value in expected.items():
+            np.testing.assert_allclose(norm(updates, label), value, rtol=1e-5)
+
+
 def test_non_finite_gradient_skips_the_update_and_keeps_the_state():
     trainable = _lora_trainable()
     optimizer, _ = build_optimizer(_config("method.name=lora"), total_steps=10)

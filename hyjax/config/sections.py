@@ -122,6 +122,9 @@ class TrainSection:
     b2: float = 0.999  # Adam beta2
     eps: float = 1e-8  # Adam epsilon
     grad_clip_norm: float | None = 1.0  # clip the global gradient norm to this; null: no clipping
+    # Clip each lr_multipliers group's gradient by its own norm instead of one norm over all of them, so a
+    # large gradient in one group (the hybrid's LoRA-GA branch) does not scale down another's (its BOFT branch).
+    grad_clip_per_group: bool = False
     # Ordered (regex over parameter paths, learning-rate multiplier) table, first match wins;
     # multiplier 0 freezes. E.g. [["layers/.*/boft_.*", 10.0]]. Unmatched parameters: 1.
     lr_multipliers: tuple[tuple[str, float], ...] = ()

@@ -5,7 +5,8 @@ constraints, and skipping of steps whose gradients are not finite.
 The chain, outermost first:
 
     apply_if_finite(                         # a NaN/inf gradient leaves parameters and state untouched
-      chain(clip_by_global_norm,             # train.grad_clip_norm
+      chain(clip_by_global_norm,             # train.grad_clip_norm (each learning-rate group
+                                             #   apart with train.grad_clip_per_group)
             <the method's part>))            # Method.optimizer around the groups:
                                              #   multi_transform(groups): one base optimizer per
                                              #   lr_multipliers group (0: frozen), Cayley steps on
@@ -76,6 +77,20 @@ def _grouped(train, schedule: optax.Schedule) -> optax.GradientTransformation:
     return optax.multi_transform(groups, lambda tree: group_labels(tree, train.lr_multipliers))
 
 
+def _clipping(train) -> optax.GradientTransformation:
+    """Gradient clipping to `train.grad_clip_norm`: one norm over every trainable leaf, or with
+    `train.grad_clip_per_group` one per learning-rate group (`group_labels`). Under one global norm the
+    largest group sets every group's scale: the hybrid's LoRA-GA branch, whose gradient is 5-10x its BOFT
+    branch's, would scale BOFT's steps by its own fluctuations, which BOFT alone never sees. The hybrid's
+    lambda rule comes after clipping, so per group it compares the branches' clipped norms."""
+    clip = optax.clip_by_global_norm(train.grad_clip_norm)
+    if not train.grad_clip_per_group:
+        return clip
+    labels = ["default", "orthogonal", *(f"group{i}" for i in range(len(train.lr_multipliers)))]
+    return optax.multi_transform({label: clip for label in labels},
+                                 lambda tree: group_labels(tree, train.lr_multipliers))
+
+
 def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`(optimizer, schedule)` of a `RunConfig` (the chain in the module docstring; the method adds
     its part through `Method.optimizer`)."""
@@ -88,6 +103,6 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
         updates = total_steps * config.grpo.num_iterations
     chain = []
     if train.grad_clip_norm is not None:
-        chain.append(optax.clip_by_global_norm(train.grad_clip_norm))
+        chain.append(_clipping(train))
     chain += method_of(config).optimizer(config, _grouped(train, per_update), updates)
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=_NEVER), schedule
