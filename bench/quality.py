@@ -129,17 +129,23 @@ def fingerprint(name: str, task: str, seed: int, args) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+# Options added with a default other than what ran before them: a record without the key ran with this value.
+BEFORE_THE_OPTION = {"config.train.hybrid_weights.rule": "raw", "config.train.hybrid_weights.shares": "sum"}
+
+
 def still_valid(record: dict, args) -> bool:
     """Whether an earlier sitting's run stands for this invocation: its settings equal today's, keys the
     config gained since (new options) aside when they hold their defaults, so a new feature does not
-    send the benchmark's hours back to the start. A changed value anywhere, or a key no longer there,
-    makes the record stale. Records of the first sittings, which kept only a hash, must match it."""
+    send the benchmark's hours back to the start (or hold what ran before them, `BEFORE_THE_OPTION`). A
+    changed value anywhere, or a key no longer there, makes the record stale. Records of the first sittings,
+    which kept only a hash, must match it."""
     name, task, seed = record["name"], record["task"], record["seed"]
     if "settings" not in record:
         return record.get("fingerprint") == fingerprint(name, task, seed, args)
     from hyjax.config import RunConfig
 
     now, then = settings(name, task, seed, args), _relevant(record["settings"])
+    then = {**{key: value for key, value in BEFORE_THE_OPTION.items() if key in now}, **then}
     defaults = _flat({"config": RunConfig().to_dict()})
     return all(key in now and now[key] == value for key, value in then.items()) and all(
         key in then or (key in defaults and defaults[key] == value) for key, value in now.items())
@@ -217,11 +223,15 @@ def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     with open(folder / "train.log", "w") as log:
         code = subprocess.run(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    summary_file = folder / "summary.json"
-    if code or not summary_file.is_file():
+    if code or not (folder / "summary.json").is_file():
         tail = (folder / "train.log").read_text(errors="replace").strip().splitlines()[-6:]
         return {"error": f"exit code {code}: " + " | ".join(tail)}
-    summary = json.loads(summary_file.read_text())
+    return read_run(folder, eval_before)
+
+
+def read_run(folder: pathlib.Path, eval_before: bool) -> dict:
+    """What a finished `hyjax.train` run's folder holds: the final and periodic evaluations, times, memory."""
+    summary = json.loads((folder / "summary.json").read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
     elapsed = {}
