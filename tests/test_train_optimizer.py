@@ -11,7 +11,7 @@ import pytest
 from hyjax import adapters as A
 from hyjax import model as M
 from hyjax.config import load_config
-from hyjax.optim import current_lambdas
+from hyjax.optim import current_lambdas, hybrid_weights
 from hyjax.methods import method_of
 from hyjax.optim.schedule import learning_rate_schedule
 from hyjax.training.optimizer import build_optimizer, group_labels
@@ -123,6 +123,40 @@ def test_hybrid_runs_carry_lambdas_in_the_optimizer_state():
     lambdas = current_lambdas(state)
     lam = lambdas["layers"]["attn"]["q_proj"]
     assert lam.shape == (CONFIG.num_layers,) and not np.allclose(lam, 0.5)
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_hybrid_lambda_rule_reads_the_branches_unclipped_gradient_norms(per_group):
+    """Per-group clipping happens inside the groups, after the lambda rule: the rule sees the gradients
+    as computed (both branch norms far above the clipping bound here), under one norm as per group. Had it
+    read them clipped per group, each branch would be scaled by its own factor and lambda would differ."""
+    params = M.init_params(CONFIG, jax.random.key(0))
+    config = _config("model.path=x.gguf", "method.name=hybrid", "method.hybrid.mix=update", "method.boft.block_size=4",
+                     "method.lora_ga.rank=3", "train.hybrid_weights.rule=raw", "train.hybrid_weights.warmup_steps=0",
+                     "train.grad_clip_norm=1.0", f"train.grad_clip_per_group={per_group}",
+                     'train.lr_multipliers=[[".*/boft_(r|s)$",4]]')
+    spec = method_of(config).adapter_spec(config)
+    gradients = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+    trainable = A.split_trainable(A.apply(spec, params, jax.random.key(1), gradients=gradients))[0]
+    labels = group_labels(trainable, config.train.lr_multipliers)
+    scale = {"group0": 10.0, "default": 1000.0}  # the BOFT branch's group, the LoRA-GA branch's
+    grads = jax.tree.map(lambda x, l: scale[l] * jax.random.normal(jax.random.key(3), x.shape), trainable, labels)
+    optimizer, _ = build_optimizer(config, total_steps=10)
+    _, state = optimizer.update(grads, optimizer.init(trainable), trainable)
+
+    def lambdas_seen(g):
+        rule = hybrid_weights(rule="raw", warmup_steps=0, mix="update", inner=optax.identity())
+        return current_lambdas(rule.update(g, rule.init(trainable), trainable)[1])["layers"]["attn"]["q_proj"]
+
+    clip = optax.clip_by_global_norm(1.0)
+    clipped_per_group = jax.tree.map(
+        lambda a, b, l: a if l == "group0" else b,
+        clip.update(jax.tree.map(lambda g, l: g if l == "group0" else 0 * g, grads, labels), clip.init(grads))[0],
+        clip.update(jax.tree.map(lambda g, l: 0 * g if l == "group0" else g, grads, labels), clip.init(grads))[0],
+        labels)
+    lam = current_lambdas(state)["layers"]["attn"]["q_proj"]
+    np.testing.assert_allclose(lam, lambdas_seen(grads), rtol=1e-5)
+    assert np.max(np.abs(lambdas_seen(grads) - lambdas_seen(clipped_per_group))) > 0.01
 
 
 def test_unitary_runs_keep_reflection_vectors_unit_norm():

@@ -124,6 +124,7 @@ class TrainSection:
     grad_clip_norm: float | None = 1.0  # clip the global gradient norm to this; null: no clipping
     # Clip each lr_multipliers group's gradient by its own norm instead of one norm over all of them, so a
     # large gradient in one group (the hybrid's LoRA-GA branch) does not scale down another's (its BOFT branch).
+    # Per group the clipping comes after the hybrid's lambda rule, which then sees unclipped norms.
     grad_clip_per_group: bool = False
     # Ordered (regex over parameter paths, learning-rate multiplier) table, first match wins;
     # multiplier 0 freezes. E.g. [["layers/.*/boft_.*", 10.0]]. Unmatched parameters: 1.

@@ -60,8 +60,9 @@ class Method:
 
     def optimizer(self, config, grouped: optax.GradientTransformation,
                   total_updates: int) -> list[optax.GradientTransformation]:
-        """Its part of the optimizer chain, after gradient clipping: `grouped` (the per-group base
-        optimizers) with whatever the method adds around it. `total_updates`: the optimizer updates of
+        """Its part of the optimizer chain, after one-norm gradient clipping: `grouped` (the per-group
+        base optimizers, each group clipped first under `train.grad_clip_per_group`) with whatever the
+        method adds around it. `total_updates`: the optimizer updates of
         the whole run."""
         return [grouped]
 

@@ -5,12 +5,12 @@ constraints, and skipping of steps whose gradients are not finite.
 The chain, outermost first:
 
     apply_if_finite(                         # a NaN/inf gradient leaves parameters and state untouched
-      chain(clip_by_global_norm,             # train.grad_clip_norm (each learning-rate group
-                                             #   apart with train.grad_clip_per_group)
+      chain(clip_by_global_norm,             # train.grad_clip_norm (one norm over every group)
             <the method's part>))            # Method.optimizer around the groups:
                                              #   multi_transform(groups): one base optimizer per
                                              #   lr_multipliers group (0: frozen), Cayley steps on
-                                             #   full-capacity unitary matrices;
+                                             #   full-capacity unitary matrices, each group clipped
+                                             #   by its own norm first with train.grad_clip_per_group;
                                              #   hybrid: hybrid_weights(...) first (sets lambda from the
                                              #   gradient norms); unitary: unit_norm_projection() after
 """
@@ -67,28 +67,27 @@ def group_labels(trainable: Any, lr_multipliers) -> Any:
 
 def _grouped(train, schedule: optax.Schedule) -> optax.GradientTransformation:
     """One base optimizer per learning-rate group (multiplier 0: frozen) and Cayley steps for
-    `Orthogonal` matrices, by `group_labels`."""
-    groups = {"default": base_optimizer(train, schedule), "orthogonal": cayley_retraction(schedule)}
+    `Orthogonal` matrices, by `group_labels`; with `train.grad_clip_per_group` each group's gradient is
+    first clipped to `train.grad_clip_norm` by its own norm.
+
+    Why per group: under one global norm the largest group sets every group's scale. The hybrid's LoRA-GA
+    branch, whose gradient is 5-10x its BOFT branch's, would scale BOFT's steps by its own fluctuations,
+    which BOFT alone never sees. Clipping inside the groups also puts it after the hybrid's lambda rule
+    (`Method.optimizer` wraps the groups), so the rule compares the branches' unclipped norms rather than
+    two norms clipped to the same bound."""
+    def clipped(optimizer):
+        if train.grad_clip_norm is None or not train.grad_clip_per_group:
+            return optimizer
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), optimizer)
+
+    groups = {"default": clipped(base_optimizer(train, schedule)),
+              "orthogonal": clipped(cayley_retraction(schedule))}
     for i, (_, multiplier) in enumerate(train.lr_multipliers):
         if multiplier == 0:
             groups[f"group{i}"] = optax.set_to_zero()
         else:
-            groups[f"group{i}"] = base_optimizer(train, lambda step, m=multiplier: m * schedule(step))
+            groups[f"group{i}"] = clipped(base_optimizer(train, lambda step, m=multiplier: m * schedule(step)))
     return optax.multi_transform(groups, lambda tree: group_labels(tree, train.lr_multipliers))
-
-
-def _clipping(train) -> optax.GradientTransformation:
-    """Gradient clipping to `train.grad_clip_norm`: one norm over every trainable leaf, or with
-    `train.grad_clip_per_group` one per learning-rate group (`group_labels`). Under one global norm the
-    largest group sets every group's scale: the hybrid's LoRA-GA branch, whose gradient is 5-10x its BOFT
-    branch's, would scale BOFT's steps by its own fluctuations, which BOFT alone never sees. The hybrid's
-    lambda rule comes after clipping, so per group it compares the branches' clipped norms."""
-    clip = optax.clip_by_global_norm(train.grad_clip_norm)
-    if not train.grad_clip_per_group:
-        return clip
-    labels = ["default", "orthogonal", *(f"group{i}" for i in range(len(train.lr_multipliers)))]
-    return optax.multi_transform({label: clip for label in labels},
-                                 lambda tree: group_labels(tree, train.lr_multipliers))
 
 
 def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -102,7 +101,7 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
         per_update = lambda count, n=config.grpo.num_iterations: schedule(count // n)  # noqa: E731
         updates = total_steps * config.grpo.num_iterations
     chain = []
-    if train.grad_clip_norm is not None:
-        chain.append(_clipping(train))
+    if train.grad_clip_norm is not None and not train.grad_clip_per_group:
+        chain.append(optax.clip_by_global_norm(train.grad_clip_norm))
     chain += method_of(config).optimizer(config, _grouped(train, per_update), updates)
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=_NEVER), schedule
