@@ -89,7 +89,8 @@ def test_quickstart():
     assert (config.method.hybrid, config.train.learning_rate, config.train.lr_multipliers,
             config.train.hybrid_weights) == (hybrid.method.hybrid, hybrid.train.learning_rate,
                                              hybrid.train.lr_multipliers, hybrid.train.hybrid_weights)
-    assert hybrid.method.hybrid.mix == "update" and hybrid.train.learning_rate == 2e-4
+    assert hybrid.method.hybrid.mix == "update" and hybrid.train.learning_rate == 5e-5
+    assert hybrid.train.grad_clip_per_group and config.train.grad_clip_per_group
 
 
 def test_config_named_without_suffix_or_by_path(monkeypatch, tmp_path):
