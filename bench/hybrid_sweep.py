@@ -12,8 +12,8 @@ authors' recipe). The pool is the training file less the decision set and every 
 held-out sentence (or holds one), so nothing of a scored sentence is trained on, as with dev. Each (setting,
 seed) is `python -m hyjax.train methods/<method>` with its overrides in its own process; the seed is
 `train.seed` and `data.shuffle_seed`, so the same seed gives every setting the same rows in the same order.
-Every setting names its learning rates and the options it tests, so it means the same whatever the YAMLs
-ship.
+Every setting names its learning rates and the options it tests, and the hybrid's other options are pinned
+to what the sweep began with (`ASSUMED`), so a setting means the same whatever the YAMLs ship.
 
 Per setting: the decision-set accuracy (answer log-likelihood of the two labels) per seed, mean and std;
 the paired difference to LoRA (the shipped 1e-3) over the seeds both ran, with a 95% interval from
@@ -137,6 +137,9 @@ SETTINGS.update(SLOW_LORA_GA)
 # clipped per branch (each its own learning-rate group), BOFT's branch is clipped as BOFT alone is.
 PER_BRANCH = "hybrid fixed 0.5, unit, clipped per branch (LoRA-GA 5e-5, BOFT 2e-4)"
 SETTINGS[PER_BRANCH] = ("hybrid", hybrid(5e-5, 2e-4, *frozen(0.5), "train.grad_clip_per_group=true"))
+# The normalized rule under per-branch clipping (which comes after the rule: it reads unclipped norms).
+PER_BRANCH_RULE = "hybrid normalized, unit, clipped per branch (LoRA-GA 5e-5, BOFT 2e-4)"
+SETTINGS[PER_BRANCH_RULE] = ("hybrid", hybrid(5e-5, 2e-4, *NORMALIZED_UNIT, "train.grad_clip_per_group=true"))
 
 # (a, b): a's difference to b, reported when both ran on a seed: each hybrid (plain LoRA's start aside)
 # against the better branch alone, the rule against its frozen-mean and fixed controls, plain LoRA's start
@@ -144,8 +147,10 @@ SETTINGS[PER_BRANCH] = ("hybrid", hybrid(5e-5, 2e-4, *frozen(0.5), "train.grad_c
 _NORMALIZED, _FIXED, _PLAIN = (next(name for name in BEST_RATES if name.startswith(start))
                                for start in ("hybrid normalized, unit", "hybrid fixed 0.5", "BOFT + plain LoRA"))
 PAIRS: list[tuple[str, str]] = [
-    *[(name, "boft lr 2e-4") for name in [*BEST_RATES, *SLOW_LORA_GA, PER_BRANCH] if name.startswith("hybrid")],
+    *[(name, "boft lr 2e-4") for name in [*BEST_RATES, *SLOW_LORA_GA, PER_BRANCH, PER_BRANCH_RULE]
+      if name.startswith("hybrid")],
     (PER_BRANCH, _FIXED),
+    (PER_BRANCH_RULE, PER_BRANCH),
     (_NORMALIZED, FROZEN_MEAN),
     (_NORMALIZED, _FIXED),
     (_PLAIN, _NORMALIZED),
@@ -168,6 +173,14 @@ def budget(args, data: pathlib.Path, folder: pathlib.Path) -> list[str]:
             "checkpoint.every_steps=0", "checkpoint.keep=1", "export.peft_adapter=false", "export.merged_model=false"]
 
 
+# What every setting of a method assumes unless it names it: the hybrid's YAML as the sweep began (raw rule,
+# summed shares, lambda within [0.05, 0.95] after 10 warm-up steps, one clipping norm), so the settings
+# keep their meaning now that configs/methods/hybrid.yaml ships the sweep's winner.
+ASSUMED = {"hybrid": ("train.grad_clip_per_group=false", "train.hybrid_weights.rule=raw",
+                      "train.hybrid_weights.shares=sum", "train.hybrid_weights.clip=[0.05,0.95]",
+                      "train.hybrid_weights.warmup_steps=10")}
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
@@ -179,7 +192,7 @@ def run(name: str, seed: int, args, data: pathlib.Path, core: int | None = None)
     folder = pathlib.Path(args.work).resolve() / slug(name) / f"seed{seed}"
     summary = folder / "summary.json"
     command = [sys.executable, "-m", "hyjax.train", f"methods/{method}", *budget(args, data, folder),
-               f"train.seed={seed}", f"data.shuffle_seed={seed}", *extra]
+               *ASSUMED.get(method, ()), f"train.seed={seed}", f"data.shuffle_seed={seed}", *extra]
     recorded = (folder / "command.txt").read_text().split("\n")[0] if (folder / "command.txt").is_file() else None
     finished = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
     if not (args.resume and finished and recorded == shlex.join(command[1:])):
