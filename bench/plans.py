@@ -2,7 +2,7 @@
 BOFT and the hybrid (and, at 8B, the ZO + FO hybrid and Hybrid-LoRA), compiled for the TPU topology on
 this CPU machine (`python -m hyjax.plan`, libtpu), with each step's roofline time bound.
 
-    python bench/plans.py [--only 405b] [--methods boft,hybrid --update] [--out bench/results/plans]
+    python bench/plans.py [--only 405b] [--methods boft,hybrid --update [--resume]] [--out bench/results/plans]
 
 Writes `plans.json` (the golden file tests/test_plan.py compares against) and `plans.md`. Each row is
 the same `jax.jit` step `python -m hyjax.train` runs, with bfloat16 weights, full rematerialisation,
@@ -16,6 +16,7 @@ import argparse
 import json
 import pathlib
 import platform
+import subprocess
 import tempfile
 
 import jax
@@ -79,21 +80,38 @@ def main() -> None:
     parser.add_argument("--methods", help="just these methods (comma-separated)")
     parser.add_argument("--update", action="store_true",
                         help="replace these rows in the existing results, keeping the others")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --update: keep the rows already planned with this commit's code (an interrupted "
+                             "sitting goes on where it stopped)")
     parser.add_argument("--out", default="bench/results/plans")
     args = parser.parse_args()
+    if args.resume and not args.update:
+        parser.error("--resume goes with --update (without it every row is planned again)")
     out = pathlib.Path(args.out)
-    rows = []
-    for model, config, topology, _ in planned_rows(args.only, args.methods and args.methods.split(",")):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if args.update else []
+    for model, config, topology, method in planned_rows(args.only, args.methods and args.methods.split(",")):
+        done = next((r for r in rows if _key(r) == (model, method, topology)), None)
+        if args.resume and done is not None and done.get("commit") == commit:
+            print(f"{model} {method} on {topology}: kept (planned with {commit})", flush=True)
+            continue
         result = plan(config(), topology)
-        rows.append({"model": model, **result.to_json()})
+        row = {"model": model, **result.to_json(), "commit": commit}
+        rows = [r for r in rows if _key(r) != _key(row)] + [row]
         print(result.report(), flush=True)
-    if args.update:
-        key = lambda r: (r["model"], r["method"], r["topology"])  # noqa: E731
-        new = {key(r): r for r in rows}
-        old = json.loads(out.with_suffix(".json").read_text())["rows"]
-        rows = [new.pop(key(r), r) for r in old] + list(new.values())
-        order = [(model, method, topology) for model, _, topology, method in planned_rows(None, None)]
-        rows.sort(key=lambda r: order.index(key(r)) if key(r) in order else len(order))
+        write(rows, out)  # after every row: hours of compiling are never lost
+    write(rows, out)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def _key(row: dict) -> tuple[str, str, str]:
+    return row["model"], row["method"], row["topology"]
+
+
+def write(rows: list[dict], out: pathlib.Path) -> None:
+    """`plans.json` and `plans.md` of `rows`, in the order of `planned_rows`."""
+    order = [(model, method, topology) for model, _, topology, method in planned_rows(None, None)]
+    rows = sorted(rows, key=lambda r: order.index(_key(r)) if _key(r) in order else len(order))
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "jax": jax.__version__, "compiled_on": "CPU host, libtpu topology"}
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
@@ -145,7 +163,6 @@ def main() -> None:
                   f"{b['like']} |" for b in r.get("largest_buffers", [])[:5]]
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -118,3 +118,44 @@ def test_grpo_reference_policy_is_counted_per_chip(method):
                                       (run.shardings.state.trainable, run.shardings.state.base)) == (
             copies * trained * itemsize), overrides
 
+
+
+def _abstract_plan(config, selection=None):
+    from hyjax.training.run_plan import plan_run, run_layout
+
+    return plan_run(config, config.model.preset_config(), run_layout(config.mesh), total_steps=10,
+                    selection=selection)
+
+
+def test_hybrid_lora_is_planned_at_its_largest_modules():
+    """Without gradients the plan trains fully the budget's count of modules, the largest first: on
+    LLaMA 3.1 8B (7 projections x 32 layers; 10% -> 22 modules) the 22 largest are MLP projections of
+    4096 x 14336, never k_proj's 4096 x 1024 (grouped-query attention)."""
+    config = row_config("models/llama3.1-8b.yaml", "hybrid_lora", ["model.path=/checkpoint"])
+    run = _abstract_plan(config)
+    chosen = [m for m in run.selection.modules if m.chosen]
+    assert len(chosen) == 22 and {m.params for m in chosen} == {4096 * 14336}
+    assert all(m.path.startswith("layers/mlp/") for m in chosen)
+    assert min(m.params for m in chosen) >= max(m.params for m in run.selection.modules if not m.chosen)
+    full = run.trainable_counts["total"] - _abstract_plan(row_config(
+        "models/llama3.1-8b.yaml", "hybrid_lora", ["model.path=/checkpoint", "method.hybrid_lora.fraction=0"])
+    ).trainable_counts["total"]
+    assert full == 22 * 4096 * 14336  # each chosen module's weight (LoRA's factors stay stacked for every layer)
+
+
+def test_hybrid_lora_is_planned_with_a_runs_saved_choice(tmp_path, capsys):
+    """`--selection` plans the modules a run chose (its module_selection.json), here 3 k_proj layers."""
+    config = row_config("models/llama3.1-8b.yaml", "hybrid_lora", ["model.path=/checkpoint"])
+    worst = _abstract_plan(config).selection
+    saved = worst.to_json()
+    for module in saved["modules"]:
+        module["chosen"] = module["path"] == "layers/attn/k_proj" and module["layer"] < 3
+    run = _abstract_plan(config, worst.from_json(saved))
+    assert run.trainable_counts["total"] - _abstract_plan(config).trainable_counts["total"] == (
+        3 * 4096 * 1024 - 22 * 4096 * 14336)
+    (tmp_path / "bad.json").write_text("{\"score\": 1}")
+    assert main(["quickstart", "--topology", "v5p:2x2x1", "--selection", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json has no 'modules': give a run's module_selection.json" in capsys.readouterr().err
+    with pytest.raises(PlanError, match="method 'lora' makes no start-up choice"):
+        plan(row_config("models/smollm2-135m.yaml", "lora", ["model.path=/checkpoint"]), "v5p:2x2x1",
+             selection=saved)

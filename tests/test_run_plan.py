@@ -107,14 +107,15 @@ def test_runs_saved_with_four_dimensional_boft_blocks_are_refused_by_name(tmp_pa
     assert "form" not in lora  # LoRA's runs are unaffected
 
 
-@pytest.mark.parametrize("method", ["lora", "hybrid"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_the_trainer_and_the_planner_compile_the_same_step(workplace, monkeypatch, method):
     monkeypatch.chdir(workplace)
     config = load_config(None, [*RUN_OVERRIDES, f"method.name={method}", "train.steps=4",
                                 f"logging.output_dir=same_{method}"])
     layout = run_layout(config.mesh)
     setup = prepare_run(config, layout=layout, log=lambda text: None)  # the trainer's path, real weights
-    planned = plan_run(config, setup.model_config, layout, total_steps=4)  # the planner's, shapes only
+    planned = plan_run(config, setup.model_config, layout, total_steps=4,  # the planner's, shapes only
+                       selection=setup.selection)  # Hybrid-LoRA's modules as the run chose them
     _, _, batch = planned.abstract_arguments()
     trained = setup.plan.train_step().lower(setup.initial_state(), setup.frozen, batch)
     compiled_plan = planned.train_step().lower(*planned.abstract_arguments())

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a config file or name and/or dotted overrides, as for python -m hyjax.train")
     parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:8x8x8, v5p:4x4x4, v6e:16x16")
     parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    parser.add_argument("--selection", metavar="FILE",
+                        help="a run's module_selection.json (Hybrid-LoRA): plan the modules it chose "
+                             "(default: the budget filled with the largest modules)")
     args = parser.parse_intermixed_args(argv)
 
     # deferred: --help and argument errors answer before JAX and the model code load
@@ -29,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         parse_topology(args.topology)  # before anything is loaded
+        selection = read_selection(args.selection) if args.selection else None
         name, overrides = split_arguments(args.items, None)
-        result = plan(load_config(name, overrides), args.topology)
+        result = plan(load_config(name, overrides), args.topology, selection=selection)
     except (PlanError, ConfigError, ShardingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -39,6 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(result.to_json(), f, indent=2)
     return 0 if result.fits else 1
+
+
+def read_selection(path: str) -> dict:
+    """The JSON of a run's start-up choice; ValueError naming the file when it cannot be read."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--selection {path}: cannot read it as JSON ({err}); give a run's "
+                         "module_selection.json") from err
+    if not isinstance(data, dict) or "modules" not in data:
+        raise ValueError(f"--selection {path} has no 'modules': give a run's module_selection.json")
+    return data
 
 
 if __name__ == "__main__":

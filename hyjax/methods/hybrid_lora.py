@@ -15,8 +15,8 @@ r the LoRA rank:
 `select_modules` trains the top-scored modules fully within a budget (a share of the modules or a
 number of parameters); `Selection` records the scores and the choice for the log and the checkpoint,
 so a resumed run keeps its modules (and the state's structure) whatever the data order or mesh. The
-planner has no gradients; `planned_selection` assumes the budget's count of modules, taken in path
-order, which is what the memory of a step depends on.
+planner has no gradients: `planned_selection` fills the budget with the largest modules (or the planner
+reads a run's `module_selection.json`).
 """
 
 from __future__ import annotations
@@ -247,16 +247,19 @@ class HybridLoRA(Method):
         return Selection.build(scores, sizes, chosen, budget.score, rank)
 
     def planned_selection(self, config, model_config) -> Selection:
-        """A selection of the budget's size without gradients: equal scores, so modules are taken in
-        path order."""
+        """The budget filled at its worst case for memory, without gradients: each module scored by its
+        size, so the largest modules (the MLP projections, under grouped-query attention several times
+        k_proj's size) are trained fully first. Under `fraction` no choice of as many modules trains more;
+        under `max_params` a choice trains at most the budget, which this fills largest-first."""
         lora = super().adapter_spec(config, model_config)
         adapted = jax.eval_shape(lambda p: apply(lora, p, jax.random.key(0)), abstract_params(model_config))
         sizes = {path: math.prod(leaf.base.shape[-2:]) for path, leaf in iter_paths(adapted)
                  if isinstance(leaf, AdaptedWeight)}
-        scores = {path: np.ones(model_config.num_layers if stacked_axes(path) else 1) for path in sizes}
+        scores = {path: np.full(model_config.num_layers if stacked_axes(path) else 1, float(size))
+                  for path, size in sizes.items()}
         budget = config.method.hybrid_lora
         chosen = select_modules(scores, sizes, fraction=budget.fraction, max_params=budget.max_params)
-        return Selection.build(scores, sizes, chosen, "planned", self.score_rank(config.method))
+        return Selection.build(scores, sizes, chosen, "largest", self.score_rank(config.method))
 
     def selection_from_json(self, data: dict) -> Selection:
         return Selection.from_json(data)

@@ -30,6 +30,7 @@ from jax.experimental import topologies
 
 from hyjax.config import ConfigError, RunConfig
 from hyjax.model import abstract_params, count_params
+from hyjax.methods import method_of
 from hyjax.training.buffers import largest_buffers, shard_shapes
 from hyjax.training.hlo_cost import Cost, program_cost
 from hyjax.training.optimizer import path_string
@@ -109,6 +110,7 @@ class Plan:
     roofline: dict[str, float]  # per chip per step: flops, hbm_bytes, compute_s, memory_s, step_s, flop_utilization
     largest_arrays: list[dict[str, Any]]
     largest_buffers: list[dict[str, Any]]  # `hyjax.training.buffers.Buffer.to_json()` of the compiled step
+    selection: str | None = None  # what the method's start-up choice was taken to be (Hybrid-LoRA's modules)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,7 +122,8 @@ class Plan:
             f"{self.preset} {self.method} on {self.topology} ({self.chips} chips, mesh {mesh})",
             f"  batch {self.batch['global_batch']} x {self.batch['seq']} tokens ({self.batch['accumulation']} "
             f"micro-batches of {self.batch['micro_batch']}); {self.parameters / 1e9:.2f}B parameters, "
-            f"{self.trainable_parameters:,} trainable",
+            f"{self.trainable_parameters:,} trainable"
+            + (f" ({self.selection})" if self.selection else ""),
             f"  per chip: arguments {m['arguments']:.2f} GiB + temporaries {m['temporaries']:.2f} GiB + outputs "
             f"{m['outputs']:.2f} GiB - donated {m['aliased']:.2f} GiB"
             + (f" + GRPO's reference policy {m['reference']:.2f} GiB" if m.get("reference") else "")
@@ -145,14 +148,24 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
-    """Compiles `config`'s training step for `topology` and measures it (see the module docstring)."""
+def plan(config: RunConfig, topology: str, largest: int = 8, selection: dict | None = None) -> Plan:
+    """Compiles `config`'s training step for `topology` and measures it (see the module docstring).
+
+    `selection`: the method's start-up choice as a run saved it (Hybrid-LoRA's `module_selection.json`);
+    None plans the method's worst case (`Method.planned_selection`: the budget filled with the largest
+    modules)."""
     generation, chips = parse_topology(topology)
+    method = method_of(config)
+    if selection is not None and method.SELECTION_KEY is None:
+        raise PlanError(f"method {method.name!r} makes no start-up choice: drop the selection file")
     model_config = config.model.preset_config()
     if model_config is None:
         raise ConfigError("the planner needs model.preset (the architecture); model.path is never read")
     layout = run_layout(config.mesh, topology_devices(topology))
-    run = plan_run(config, model_config, layout, total_steps=config.train.steps or 1000)
+    chosen = None if selection is None else method.selection_from_json(selection)
+    run = plan_run(config, model_config, layout, total_steps=config.train.steps or 1000, selection=chosen)
+    described = None if method.SELECTION_KEY is None else (
+        "its saved start-up choice" if chosen is not None else "its start-up choice at its largest")
     state, frozen, batch = run.abstract_arguments()
     start = time.perf_counter()
     with dispatch.compile_for("tpu"):  # the kernels a TPU run picks (impl="auto": Pallas), not this host's
@@ -184,7 +197,7 @@ def plan(config: RunConfig, topology: str, largest: int = 8) -> Plan:
         largest_arrays=_largest({"state": state, "frozen": frozen},
                                 {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest),
         pallas_calls=hlo.count("custom_call_target=\"tpu_custom_call\""),
-        largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)])
+        largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)], selection=described)
 
 
 def reference_policy_bytes(config: RunConfig, trained, shardings) -> int:
