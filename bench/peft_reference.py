@@ -7,7 +7,7 @@ compare our methods with at the same budget, data order and scoring.
   AdamW with the hyjax run's learning rate, schedule and clipping,
   each batch left-padded to its longest row as a PEFT user's collator does; loss on the answer tokens.
 * `score_classification(config, folder)`: accuracy and answer loss of a Hugging Face model folder on
-  `config`'s held-out rows with the evaluation a hyjax run uses (`hyjax.likelihood`, one prompt pass,
+  `config`'s held-out rows with the evaluation a hyjax run uses (`hyjax.evaluation.likelihood`, one prompt pass,
   the two verbalized labels), and which rows it got right.
 """
 
@@ -69,7 +69,7 @@ def hf_copy(config, folder: pathlib.Path) -> pathlib.Path:
 def train_peft_lora(hf_folder: pathlib.Path, steps: list, pad_id: int, *, train, seed: int, threads: int,
                     rank: int = 8, alpha: float = 16.0):
     """Trains PEFT LoRA on `steps` (from `job_rows`) with the learning rate, schedule and AdamW settings of
-    `train` (a hyjax `train` section; its schedule is `hyjax.optim.learning_rate_schedule`'s); returns
+    `train` (a hyjax `train` section; its schedule is `hyjax.optim.schedule.learning_rate_schedule`'s); returns
     `(peft model, per-step losses, seconds)`. A step's time runs from building its batch to the loss on
     the host."""
     import peft
@@ -114,10 +114,10 @@ def train_peft_lora(hf_folder: pathlib.Path, steps: list, pad_id: int, *, train,
 
 
 def score_classification(config, folder: pathlib.Path):
-    """`hyjax.data.EvalResult` of the Hugging Face model in `folder` on `config`'s held-out rows
+    """`hyjax.evaluation.EvalResult` of the Hugging Face model in `folder` on `config`'s held-out rows
     (`data.eval_path`, at most `eval.num_examples`), scored as a hyjax run's evaluation scores them."""
-    from hyjax.data import classification_accuracy, held_out_rows
-    from hyjax.likelihood import candidate_log_likelihoods
+    from hyjax.data import held_out_rows
+    from hyjax.evaluation import candidate_log_likelihoods, classification_accuracy
     from hyjax.weights import load_checkpoint
 
     tokenizer = load_run_tokenizer(config)

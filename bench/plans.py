@@ -120,7 +120,9 @@ def write(rows: list[dict], out: pathlib.Path) -> None:
              "Per-chip memory from XLA's `memory_analysis()` of the compiled step (arguments + temporaries + "
              "outputs - donated), against 95 GiB of v5p HBM, with the kernels a TPU run picks (`impl=auto`: "
              "Pallas for BOFT and the unitary adapter); bfloat16 weights, remat full, AdamW, sequences of "
-             "2048 tokens (the CI row: 256).", "",
+             "2048 tokens (the CI row: 256). Hybrid-LoRA is planned at its largest: its budget (10% of the modules) "
+             "filled with the largest modules, the MLP projections (`python -m hyjax.plan --selection "
+             "module_selection.json` plans the modules a run chose).", "",
              "| model | method | topology | mesh (data x fsdp x tensor) | batch (micro) | trainable | arguments GiB "
              "| temporaries GiB | total GiB/chip | vs full | fits | Pallas calls | compile s |",
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]

@@ -16,13 +16,12 @@ from hyjax.data import (
     MalformedDataError,
     PromptStyle,
     build_examples,
-    classification_accuracy,
     gsm8k,
     load_rows,
-    math_exact_match,
     pad_batch,
     sst2,
 )
+from hyjax.evaluation import classification_accuracy, math_exact_match
 from hyjax.tokenization import HFTokenizer, builtin_chat_template
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -361,8 +360,8 @@ def test_sst2_accuracy_with_a_tiny_model_scores_each_answer_by_its_log_likelihoo
     import jax
 
     from hyjax import model as M
-    from hyjax.data import answer_log_likelihood, masked_log_likelihood
-    from hyjax.likelihood import candidate_log_likelihoods
+    from hyjax.data import masked_log_likelihood
+    from hyjax.evaluation import answer_log_likelihood, candidate_log_likelihoods
 
     tok = tiny_tokenizer()
     config = M.LlamaConfig(

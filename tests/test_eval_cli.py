@@ -10,7 +10,7 @@ import pytest
 from hyjax.cli.eval import main
 from hyjax.config import load_config
 from hyjax.training import train
-from hyjax.training.evaluation import generation_cost
+from hyjax.evaluation.held_out import generation_cost
 
 from test_train_run import tiny_run_overrides
 
@@ -48,7 +48,7 @@ def test_evaluation_scores_the_merged_model(finished_run, capsys, monkeypatch):
     import jax
 
     from hyjax import adapters
-    from hyjax.training import evaluation
+    from hyjax.evaluation import held_out as evaluation
 
     scored_trees = []
 

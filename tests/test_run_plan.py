@@ -76,8 +76,8 @@ def test_a_run_saved_by_older_code_restores_and_resumes(workplace, monkeypatch, 
     ours = [r for r in step_metrics(output) if r["step"] > 2]
     rtol = 5e-3 if name in SINGULAR_STARTS else 1e-6
     for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in RECORDED["methods"][name][2:]],
-                                   rtol=rtol, err_msg=f"{key} after resuming, saved with {RECORDED['run_commits'][name]}")
+        np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in RECORDED["methods"][name][2:]], rtol=rtol,
+                                   err_msg=f"{key} after resuming, saved with {RECORDED['run_commits'][name]}")
 
 
 def test_a_hybrid_run_saved_with_the_earlier_weight_mix_is_refused_and_left_untouched(workplace, monkeypatch):

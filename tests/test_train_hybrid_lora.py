@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from hyjax import adapters, checkpoint
+from hyjax import adapters
 from hyjax import model as M
 from hyjax.weights import load_hf_checkpoint
 from hyjax.config import load_config
-from hyjax.training import train
+from hyjax.training import restore, train
 from hyjax.training.optimizer import path_string
 from test_train_run import _losses, tiny_run_overrides
 
@@ -39,7 +39,7 @@ def test_the_choice_is_within_budget_saved_and_shown(hybrid_lora_run):
     assert len(selection.modules) == TARGETS and len(chosen) == 1  # floor(10% of 14), at least one
     assert chosen[0].score == max(m.score for m in selection.modules)
     assert json.loads((output / "module_selection.json").read_text()) == selection.to_json()
-    assert checkpoint.restore(output).meta["module_selection"] == selection.to_json()
+    assert restore(output).meta["module_selection"] == selection.to_json()
     assert f"1 of {TARGETS} modules trained fully" in log and chosen[0].path in log
 
 

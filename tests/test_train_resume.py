@@ -14,10 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from hyjax import checkpoint
 from hyjax.config import load_config
 from hyjax.optim import current_lambdas
-from hyjax.training import train
+from hyjax.training import restore, train
 from test_train_run import _losses, tiny_run_overrides
 
 STEPS = 40
@@ -54,7 +53,7 @@ def _wait_for_checkpoint_and_step(process, output, step, timeout=240):
 def _assert_same_run(output, reference):
     losses, result, _ = reference
     assert _losses(output) == losses  # bitwise: JSON keeps every float exactly
-    final = checkpoint.restore(output)
+    final = restore(output)
     assert final.step == STEPS
     for a, b in zip(jax.tree.leaves(result.state.trainable), jax.tree.leaves(final.state.trainable)):
         np.testing.assert_array_equal(a, b)
@@ -96,6 +95,6 @@ def test_a_checkpoint_saved_without_starting_values_draws_them_again(uninterrupt
     shutil.rmtree(kept)
     for digest in kept.parent.glob("hyjax_digest.*"):
         digest.unlink()
-    restored = checkpoint.restore(tmp_path)
+    restored = restore(tmp_path)
     for a, b in zip(jax.tree.leaves(result.adapted), jax.tree.leaves(restored.adapted)):
         np.testing.assert_array_equal(a, b)

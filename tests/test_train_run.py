@@ -1,5 +1,5 @@
 """`hyjax.training.train` end to end on a tiny LLaMA with the real SmolLM2 tokenizer: what a run leaves
-behind, step semantics (accumulation), evaluation, export, and `hyjax.checkpoint.restore`."""
+behind, step semantics (accumulation), evaluation, export, and `hyjax.training.restore`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from hyjax import checkpoint
 from hyjax.config import load_config
-from hyjax.training import train
+from hyjax.training import restore, train
 from hyjax.weights import load_checkpoint
 
 
@@ -70,11 +69,11 @@ def test_a_run_leaves_metrics_checkpoints_plots_exports_and_a_summary(lora_run):
 
 def test_restore_gives_back_the_final_adapters(lora_run):
     output, result = lora_run
-    restored = checkpoint.restore(output)
+    restored = restore(output)
     assert restored.step == 6 and restored.config.method.name == "lora"
     for ours, theirs in zip(jax.tree.leaves(result.state.trainable), jax.tree.leaves(restored.state.trainable)):
         np.testing.assert_array_equal(ours, theirs)
-    earlier = checkpoint.restore(output / "checkpoints", step=4)
+    earlier = restore(output / "checkpoints", step=4)
     assert earlier.step == 4 and int(earlier.state.step) == 4
 
 

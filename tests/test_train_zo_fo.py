@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from hyjax import adapters, checkpoint
+from hyjax import adapters
 from hyjax.weights import load_hf_checkpoint
 from hyjax.config import load_config
-from hyjax.training import train
+from hyjax.training import restore, train
 from test_train_run import _losses, tiny_run_overrides
 
 ZO_FO = ["method.name=zo_fo", "method.zo_fo.learning_rate=1e-3", "method.zo_fo.directions=2", "method.lora.rank=4",
@@ -59,7 +59,7 @@ def test_a_resumed_run_continues_exactly(zo_fo_run, tiny_checkpoint, sentiment_d
     for a, b in zip(jax.tree.leaves((resumed.state.base, resumed.state.trainable)),
                     jax.tree.leaves((reference.state.base, reference.state.trainable))):
         np.testing.assert_array_equal(a, b)
-    restored = checkpoint.restore(run)
+    restored = restore(run)
     for a, b in zip(jax.tree.leaves(restored.adapted), jax.tree.leaves(resumed.adapted)):
         np.testing.assert_array_equal(a, b)
 

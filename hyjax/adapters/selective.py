@@ -12,7 +12,7 @@ so the model converts the node first (`hyjax.model.linear.scan_ready`) into its 
 `LoRAWeight` on `base.at[chosen].set(full)` whose `b` is zeroed on the chosen layers. Gradients then
 reach `full` through the scatter, and `a`, `b` of chosen layers get exactly zero gradient.
 
-Which modules to choose: `hyjax.adapters.module_scores`. `selective_spec` turns a choice into an
+Which modules to choose: `hyjax.methods.hybrid_lora.module_scores`. `selective_spec` turns a choice into an
 `AdapterSpec`: LoRA where nothing is chosen, full fine-tuning where everything is, this node between.
 """
 

@@ -49,7 +49,7 @@ def evaluate(args) -> dict:
     from hyjax.data import held_out_rows
     from hyjax.hub import resolve_model
     from hyjax.tokenization import load_tokenizer
-    from hyjax.training.evaluation import HeldOutEvaluation
+    from hyjax.evaluation.held_out import HeldOutEvaluation
     from hyjax.training.restore import restore
     from hyjax.training.step import answer_nll_sum
     from hyjax.weights import load_checkpoint

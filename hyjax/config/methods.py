@@ -58,7 +58,7 @@ class HybridSection:
 @dataclasses.dataclass(frozen=True)
 class ZerothOrderSection:
     """The ZO + FO hybrid: base weights trained by two-point SPSA (MeZO), an adapter by backprop, at
-    the same point each step (see hyjax.training.zeroth_order)."""
+    the same point each step (see hyjax.optim.zeroth_order)."""
 
     adapter: str = "lora"  # the first-order adapter: lora | oft | boft | unitary (its own sub-section)
     learning_rate: float = 1e-6  # peak learning rate of the SPSA updates (train.learning_rate: the adapter's)
@@ -84,7 +84,7 @@ class ZerothOrderSection:
 class HybridLoRASection:
     """Hybrid-LoRA: a scoring pass over the pretrained model picks the target modules (one projection
     of one layer each) to fine-tune fully; the rest get LoRA (method.lora). See
-    hyjax.adapters.module_scores."""
+    hyjax.methods.hybrid_lora.module_scores."""
 
     fraction: float = 0.1  # share of the target modules fully fine-tuned (rounded down, at least one)
     max_params: int | None = None  # instead of fraction: fully fine-tuned parameters at most (best modules that fit)

@@ -17,7 +17,6 @@ from hyjax.data.batching import (
     truncate,
 )
 from hyjax.data.classification import TEXT_COLUMNS, Classification, sst2
-from hyjax.data.scoring import EvalResult, answer_log_likelihood, classification_accuracy, math_exact_match
 from hyjax.data.examples import Example, PromptStyle, build_examples
 from hyjax.data.instructions import Instructions
 from hyjax.data.iterator import BatchIterator, epoch_order
@@ -40,9 +39,9 @@ from hyjax.data.split import train_eval_split
 __all__ = [
     "BATCH_KEYS", "FORMATS", "TASKS", "TEXT_COLUMNS", "DataConfig", "PreparedData", "check_held_out", "evaluation_set",
     "held_out_rows", "make_task", "prepare", "BadRow", "BadRowLimit", "BatchIterator", "Classification",
-    "DataReport", "EvalResult", "answer_log_likelihood", "Example", "Instructions", "MalformedDataError",
-    "MalformedRow", "MathWordProblems", "PromptStyle", "Rows", "build_examples", "classification_accuracy",
+    "DataReport", "Example", "Instructions", "MalformedDataError",
+    "MalformedRow", "MathWordProblems", "PromptStyle", "Rows", "build_examples",
     "epoch_order", "extract_final_answer", "gsm8k", "infer_format", "load_rows", "loss_positions", "loss_slots",
-    "masked_cross_entropy", "masked_log_likelihood", "math_exact_match", "normalize_number", "pack_rows",
+    "masked_cross_entropy", "masked_log_likelihood", "normalize_number", "pack_rows",
     "packed_batch", "pad_batch", "pick_column", "round_up", "sst2", "train_eval_split", "training_rows", "truncate",
 ]

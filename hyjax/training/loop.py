@@ -40,7 +40,7 @@ from hyjax.training.callbacks import (
     StopSignals,
 )
 from hyjax.training.checkpointing import RunCheckpointer
-from hyjax.training.evaluation import Evaluator
+from hyjax.evaluation.held_out import Evaluator
 from hyjax.training.export import export_run
 from hyjax.training.restore import saved_selection
 from hyjax.training.run_plan import run_layout

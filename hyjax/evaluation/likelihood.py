@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyjax.data.scoring import Group
+from hyjax.evaluation.scoring import Group
 from hyjax.model.config import LlamaConfig
 from hyjax.model.llama import KVCache
 from hyjax.model.params import Params, decode

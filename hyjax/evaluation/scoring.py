@@ -59,7 +59,7 @@ def answer_log_likelihood(
 ) -> Callable[[Sequence[Group]], list[list[float]]]:
     """A `score` for `classification_accuracy` that runs every candidate as an example of its own:
     log p(answer | prompt) by `batch_log_likelihood` of padded batches, with logits at the answer
-    positions only. (`hyjax.likelihood.candidate_log_likelihoods` reads each prompt once instead.)
+    positions only. (`hyjax.evaluation.likelihood.candidate_log_likelihoods` reads each prompt once instead.)
 
     Args:
       logits_fn: `(tokens, positions, segment_ids, logit_positions) -> logits [B, K, V]`, for example
@@ -100,7 +100,7 @@ def classification_accuracy(
       task: the classification task (its verbalizer gives the candidate answers).
       tokenizer: the model's tokenizer.
       score: maps every usable row's `(prompt ids, [answer ids of each candidate])` to the candidates'
-        log-probabilities given the prompt (`hyjax.likelihood.candidate_log_likelihoods` for the model;
+        log-probabilities given the prompt (`hyjax.evaluation.likelihood.candidate_log_likelihoods` for the model;
         it batches as it likes).
     """
     task = _resolved(task, rows)

@@ -2,7 +2,7 @@
 (classification accuracy by answer log-likelihood, math exact match by greedy generation), and a few
 generated samples to read.
 
-Classification reads each prompt once (`hyjax.likelihood`), and its loss comes from the same scores
+Classification reads each prompt once (`hyjax.evaluation.likelihood`), and its loss comes from the same scores
 (the right answer's log-likelihood); other tasks' loss runs the eval step over padded batches."""
 
 from __future__ import annotations
@@ -15,16 +15,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hyjax import adapters
-from hyjax.data import (
-    BatchIterator,
-    Classification,
-    MathWordProblems,
-    build_examples,
-    classification_accuracy,
-    math_exact_match,
-)
+from hyjax.data import BatchIterator, Classification, MathWordProblems, build_examples
 from hyjax.data.report import BadRowLimit, MalformedRow
-from hyjax.likelihood import candidate_log_likelihoods
+from hyjax.evaluation.likelihood import candidate_log_likelihoods
+from hyjax.evaluation.scoring import classification_accuracy, math_exact_match
 from hyjax.sampling import SamplingConfig, generate
 
 
