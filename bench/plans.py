@@ -22,7 +22,7 @@ import tempfile
 import jax
 
 from hyjax.config import load_config
-from hyjax.training.planner import plan
+from hyjax.planning.planner import plan
 
 # (name, model yaml, topology, mesh and batch overrides): FSDP over most chips, tensor parallel inside.
 SCALES = {
@@ -137,7 +137,7 @@ def write(rows: list[dict], out: pathlib.Path) -> None:
                      f"{r.get('pallas_calls', '')} | {r['compile_seconds']:.0f} |")
     lines += ["", "## Step time bound (roofline)", "",
               "Per chip per step, from the compiled step's own HLO with every loop iteration counted "
-              "(`hyjax.training.hlo_cost`: XLA's `cost_analysis()` counts a scanned layer once): its FLOPs at v5p's "
+              "(`hyjax.planning.cost`: XLA's `cost_analysis()` counts a scanned layer once): its FLOPs at v5p's "
               "459 TFLOP/s bfloat16 peak and its HBM traffic (tile-padded arrays read and written) at 2,765 GB/s, "
               "whichever is longer. A lower bound: it assumes perfect overlap and ignores collectives' links; "
               "Pallas kernels' FLOPs are not counted (their traffic is). FLOPs busy: compute time / bound.", "",
@@ -153,7 +153,7 @@ def write(rows: list[dict], out: pathlib.Path) -> None:
                      f"{t['compute_s'] * 1e3:.0f} | {t['memory_s'] * 1e3:.0f} | {t['step_s'] * 1e3:.0f} | {ratio} | "
                      f"{t['flop_utilization']:.0%} |")
     lines += ["", "## Largest arrays of the 405B steps", "",
-              "Per chip, with TPU tile padding (`hyjax.training.buffers`: distinct arrays of the optimized HLO by "
+              "Per chip, with TPU tile padding (`hyjax.planning.buffers`: distinct arrays of the optimized HLO by "
               "shape and origin, not XLA's buffer assignment); `like`: the step argument whose shard has that shape.",
               ""]
     for r in rows:

@@ -11,7 +11,7 @@ import pytest
 
 from hyjax.config import load_config
 from hyjax.cli.plan import main
-from hyjax.training.planner import PlanError, parse_topology, plan
+from hyjax.planning.planner import PlanError, parse_topology, plan
 from hyjax.sharding import ShardingError
 
 PROJECT = pathlib.Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_grpo_reference_policy_is_counted_per_chip(method):
     import jax
     import jax.numpy as jnp
 
-    from hyjax.training.planner import reference_policy_bytes
+    from hyjax.planning.planner import reference_policy_bytes
     from hyjax.training.run_plan import plan_run, run_layout
 
     grpo = ["train.objective=grpo", "data.task=math", "grpo.beta=0.04", "model.path=/checkpoint"]

@@ -1,7 +1,7 @@
 """`python -m hyjax.plan [CONFIG] [key=value ...] --topology v5p:8x8x8`: will this run fit a TPU pod?
 
 Compiles the run's training step for the topology on this machine, without a TPU, and reports
-per-chip memory against HBM (hyjax.training.planner). Exits 0 when it fits, 1 when it does not, 2 on
+per-chip memory against HBM (hyjax.planning.planner). Exits 0 when it fits, 1 when it does not, 2 on
 bad input.
 """
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     # deferred: --help and argument errors answer before JAX and the model code load
     from hyjax.config import ConfigError, load_config
     from hyjax.sharding import ShardingError
-    from hyjax.training.planner import PlanError, parse_topology, plan
+    from hyjax.planning.planner import PlanError, parse_topology, plan
 
     try:
         parse_topology(args.topology)  # before anything is loaded

@@ -5,10 +5,10 @@ runs) ahead of time for a named TPU topology on this machine, without a TPU: lib
 (`jax.experimental.topologies`), every input is abstract (`jax.ShapeDtypeStruct` with its sharding),
 and no weight is read. Reports per-chip memory (arguments, temporaries, GRPO's reference policy, total
 against HBM), FLOPs per step (the model FLOPs of the MFU convention), whether it fits, how the largest
-arguments are split, the largest arrays the compiled step computes, with their TPU tile padding and the
-operation behind each (`hyjax.training.buffers`), and a roofline time bound from the compiled step's own FLOPs and HBM
-traffic with every loop iteration counted (`hyjax.training.hlo_cost`; XLA's `cost_analysis()` counts a
-scanned layer once) against the chip's peak and bandwidth.
+arguments are split, the largest arrays the compiled step computes, with their TPU tile padding and
+the operation behind each (`hyjax.planning.buffers`), and a roofline time bound from the compiled
+step's own FLOPs and HBM traffic with every loop iteration counted (`hyjax.planning.cost`; XLA's
+`cost_analysis()` counts a scanned layer once) against the chip's peak and bandwidth.
 
 The architecture comes from `model.preset`; `model.path` is never read. A GRPO run's update is planned
 as the supervised step over the same batch shape (the same forward and backward; its few extra [batch,
@@ -31,8 +31,8 @@ from jax.experimental import topologies
 from hyjax.config import ConfigError, RunConfig
 from hyjax.model import abstract_params, count_params
 from hyjax.methods import method_of
-from hyjax.training.buffers import largest_buffers, shard_shapes
-from hyjax.training.hlo_cost import Cost, program_cost
+from hyjax.planning.buffers import largest_buffers, shard_shapes
+from hyjax.planning.cost import Cost, program_cost
 from hyjax.training.optimizer import path_string
 from hyjax.training.run_plan import plan_run, run_layout
 from pallas_kernels import dispatch
@@ -109,7 +109,7 @@ class Plan:
     pallas_calls: int  # Pallas kernel calls in the compiled step (forward and backward; 0: XLA only)
     roofline: dict[str, float]  # per chip per step: flops, hbm_bytes, compute_s, memory_s, step_s, flop_utilization
     largest_arrays: list[dict[str, Any]]
-    largest_buffers: list[dict[str, Any]]  # `hyjax.training.buffers.Buffer.to_json()` of the compiled step
+    largest_buffers: list[dict[str, Any]]  # `hyjax.planning.buffers.Buffer.to_json()` of the compiled step
     selection: str | None = None  # what the method's start-up choice was taken to be (Hybrid-LoRA's modules)
 
     def to_json(self) -> dict:

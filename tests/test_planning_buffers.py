@@ -1,4 +1,4 @@
-"""`hyjax.training.buffers`: the largest arrays of a compiled step, with TPU tile padding."""
+"""`hyjax.planning.buffers`: the largest arrays of a compiled step, with TPU tile padding."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hyjax.training.buffers import largest_buffers, padded_bytes
+from hyjax.planning.buffers import largest_buffers
+from hyjax.planning.hlo import padded_bytes
 
 
 @pytest.mark.parametrize("dtype, shape, layout, expected", [

@@ -14,7 +14,7 @@ Per instruction, as XLA's own analysis counts them:
     counted apart. Custom calls (Pallas kernels) are opaque: their traffic is counted, their FLOPs
     are not, and `Cost.custom_calls` says how many ran.
   * Bytes: every array read and written by an instruction of a non-fused computation, with the TPU tile
-    padding of its layout (`hyjax.training.buffers.padded_bytes`); a fusion operand that is only sliced
+    padding of its layout (`hyjax.planning.hlo.hbm_bytes`); a fusion operand that is only sliced
     inside (a layer's weights taken from the stacked weights) counts its slices, and an in-place
     `dynamic-update-slice` counts the update, not the whole buffer.
 
@@ -30,14 +30,7 @@ import re
 
 import numpy as np
 
-from hyjax.training.buffers import padded_bytes
-
-_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-_NAME = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
-_ARRAY = re.compile(r"(\w+)\[([\d,]*)\](?:\{([^}]*)\})?")
-_OPERAND = re.compile(r"%([\w.\-]+)")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%[\w.\-]+)")
-_MEMORY_SPACE = re.compile(r"S\([1-9]\d*\)")
+from hyjax.planning.hlo import Instruction, Module
 
 # Instructions that move no data of their own (names for buffers made elsewhere, markers).
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id",
@@ -67,25 +60,6 @@ class Cost:
         return Cost(self.flops * times, self.transcendentals * times, self.bytes * times, self.custom_calls * times)
 
 
-@dataclasses.dataclass(frozen=True)
-class Instruction:
-    name: str
-    opcode: str
-    arrays: tuple[tuple[str, tuple[int, ...], str], ...]  # (dtype, dims, layout) of its result (tuple: each)
-    arguments: str  # what its parentheses hold: operands, a parameter's index, a constant's value
-    operands: tuple[str, ...]
-    attributes: str  # everything after the operand list
-    called: dict  # kind (calls, to_apply, body, condition, branch_computations) -> computation names
-
-    @property
-    def bytes(self) -> int:
-        return sum(_array_bytes(dtype, dims, layout) for dtype, dims, layout in self.arrays)
-
-    @property
-    def elements(self) -> int:
-        return sum(math.prod(dims) for _, dims, _ in self.arrays)
-
-
 def program_cost(hlo_text: str) -> Cost:
     """The per-device cost of the optimized HLO module `hlo_text` (`compiled.as_text()`), loops unrolled."""
     return _Program(hlo_text).cost()
@@ -93,26 +67,8 @@ def program_cost(hlo_text: str) -> Cost:
 
 class _Program:
     def __init__(self, hlo_text: str):
-        self.computations: dict[str, dict[str, Instruction]] = {}
-        self.roots: dict[str, str] = {}
-        self.entry = None
-        current = None
-        for line in hlo_text.splitlines():
-            header = _HEADER.match(line)
-            if header and not line.startswith(" "):
-                current = header.group(1)
-                self.computations[current] = {}
-                if line.startswith("ENTRY"):
-                    self.entry = current
-            elif line == "}":
-                current = None
-            elif current is not None and _NAME.match(line):
-                instruction = _parse(line)
-                self.computations[current][instruction.name] = instruction
-                if line.lstrip().startswith("ROOT "):
-                    self.roots[current] = instruction.name
-        if self.entry is None:
-            raise ValueError("no ENTRY computation in the HLO text")
+        module = Module.parse(hlo_text)
+        self.computations, self.roots, self.entry = module.computations, module.roots, module.entry
 
     def cost(self) -> Cost:
         return self._computation(self.entry)
@@ -220,50 +176,6 @@ class _Program:
             if constant is not None and constant.opcode == "constant":
                 return int(constant.arguments)
         raise ValueError(f"cannot read the trip count of loop condition {condition}")
-
-
-def _parse(line: str) -> Instruction:
-    """One instruction line: `%name = SHAPE opcode(ARGUMENTS), attributes`."""
-    head = _NAME.match(line)
-    rest = line[head.end():]
-    if rest.startswith("("):  # a tuple shape, which holds parentheses of its own
-        end = _closing(rest, 0)
-        shape, rest = rest[:end + 1], rest[end + 2:]
-    else:
-        shape, rest = rest.split(" ", 1)
-    opcode = rest[:rest.index("(")]
-    end = _closing(rest, len(opcode))
-    arguments, attributes = rest[len(opcode) + 1:end], rest[end + 1:]
-    called = {kind: tuple(_OPERAND.findall(value)) for kind, value in _CALLED.findall(attributes)}
-    return Instruction(name=head.group(1), opcode=opcode,
-                       arrays=tuple((d, tuple(int(x) for x in dims.split(",") if x), layout or "")
-                                    for d, dims, layout in _ARRAY.findall(shape)),
-                       arguments=arguments, operands=tuple(_OPERAND.findall(arguments)), attributes=attributes,
-                       called=called)
-
-
-def _closing(text: str, start: int) -> int:
-    """Index of the parenthesis closing the one at `text[start]`."""
-    depth = 0
-    for index in range(start, len(text)):
-        if text[index] == "(":
-            depth += 1
-        elif text[index] == ")":
-            depth -= 1
-            if depth == 0:
-                return index
-    raise ValueError(f"unbalanced parentheses in HLO: {text[:200]}")
-
-
-def _array_bytes(dtype: str, dims: tuple[int, ...], layout: str) -> int:
-    """HBM bytes of an array: 0 for one placed in another memory space (`S(n)` in its layout: TPU's
-    on-chip memories), which moves no HBM traffic."""
-    if _MEMORY_SPACE.search(layout):
-        return 0
-    try:
-        return padded_bytes(dtype, dims, layout)
-    except KeyError:  # token[], opaque types and the like
-        return 0
 
 
 def _dims(scope: dict[str, Instruction], name: str) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""`hyjax.training.hlo_cost`: the compiled step's FLOPs and HBM traffic with every loop iteration counted,
+"""`hyjax.planning.cost`: the compiled step's FLOPs and HBM traffic with every loop iteration counted,
 checked against XLA's own `cost_analysis()`, which is exact on a program without loops (every layer
 unrolled) and counts a loop body once."""
 
@@ -11,8 +11,8 @@ import pytest
 from hyjax.config import load_config
 from hyjax.model import LlamaConfig
 from hyjax.training import plan_run, run_layout
-from hyjax.training.hlo_cost import program_cost
-from hyjax.training.planner import CHIPS, roofline, topology_devices
+from hyjax.planning.cost import program_cost
+from hyjax.planning.planner import CHIPS, roofline, topology_devices
 
 MODEL = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                     num_kv_heads=2)
