@@ -9,6 +9,7 @@ import pytest
 
 from hyjax.cli.eval import main
 from hyjax.config import load_config
+from hyjax.data import extract_final_answer
 from hyjax.training import train
 from hyjax.evaluation.held_out import generation_cost
 
@@ -83,13 +84,15 @@ def test_math_is_scored_by_exact_match_and_answer_loss(tiny_checkpoint, tmp_path
     problems.write_text("".join(json.dumps({"question": f"What is {a} plus {a}?", "answer": f"#### {2 * a}"}) + "\n"
                                 for a in range(1, 6)))
     result, printed = _evaluate(capsys, tiny_checkpoint, "data.task=math", "data.chat=false", "eval.max_new_tokens=3",
-                                "eval.generation_samples=1", "--data", problems, "--json", "-")
+                                "eval.generation_samples=5", "--data", problems, "--json", "-")
     assert result["examples"] == 5 and set(result["metrics"]) == {"exact_match", "answer_format", "loss", "perplexity",
                                                                   "generated_tokens", "decode_steps"}
     assert result["metrics"]["exact_match"] == 0.0 and result["metrics"]["loss"] > 0
     assert 0 < result["metrics"]["generated_tokens"] <= 3 and 1 <= result["metrics"]["decode_steps"] <= 3 * 5
-    assert 0.0 <= result["metrics"]["answer_format"] <= 1.0 and "answer_format" in printed
-    assert len(result["samples"]) == 1 and "exact_match" in printed
+    answered = [extract_final_answer(sample["generated"]) is not None for sample in result["samples"]]
+    assert len(answered) == 5  # every problem's generation shown: answer_format is the share with a final number
+    assert result["metrics"]["answer_format"] == pytest.approx(sum(answered) / 5) and "answer_format" in printed
+    assert result["correct_rows"] == "00000" and "exact_match" in printed
 
 
 def test_generation_cost_counts_each_batch_until_its_longest_answer_stops():

@@ -101,7 +101,12 @@ def test_math_runs_report_exact_match(tiny_checkpoint, sentiment_data, tmp_path)
                                    "data.task=math", "data.max_length=64", "train.steps=2")
     result = train(load_config(None, overrides), log=lambda text: None)
     after = result.eval_after
-    assert 0.0 <= after["eval/exact_match"] <= 1.0 and after["eval/examples"] == 4
+    assert after["eval/examples"] == 4
+    evaluation = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                  if "eval_correct_rows" in line][-1]
+    rows = evaluation["eval_correct_rows"]  # one 0/1 per problem: the exact match is their mean
+    assert len(rows) == 4 and set(rows) <= {"0", "1"}
+    assert after["eval/exact_match"] == evaluation["eval/exact_match"] == rows.count("1") / 4
     assert len(after["samples"]) == 1 and "####" in after["samples"][0]["reference"]
 
 

@@ -3,6 +3,7 @@ lambda heatmap."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -37,51 +38,85 @@ def smoothing_window(n_steps: int) -> int:
     return max(1, n_steps // 20, min(5, n_steps // 4))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSeries:
+    """What a step curve draws: one value per step (a resumed run's redone steps: the last record), its
+    smoothing over `window` steps (None when the run is too short to smooth), and the held-out metric at
+    each evaluation."""
+
+    steps: np.ndarray
+    values: np.ndarray
+    smoothed: np.ndarray | None
+    window: int
+    eval_steps: np.ndarray
+    eval_values: np.ndarray
+
+
+def step_series(records: list[dict], key: str, eval_key: str) -> StepSeries:
+    """The `StepSeries` of `key` (the training records) and `eval_key` (the evaluations) of metrics.jsonl's
+    records."""
+    by_step = {r["step"]: r[key] for r in records if key in r}  # a resumed run's redone steps: the last
+    evaluations = sorted({r["step"]: r[eval_key] for r in records if eval_key in r}.items())
+    steps, values = (np.asarray(column, float) for column in zip(*sorted(by_step.items()))) if by_step else (
+        np.zeros(0), np.zeros(0))
+    window = smoothing_window(len(steps))
+    eval_steps, eval_values = (np.asarray(column, float) for column in zip(*evaluations)) if evaluations else (
+        np.zeros(0), np.zeros(0))
+    return StepSeries(steps, values, smoothed(values, window) if window > 1 else None, window, eval_steps,
+                      eval_values)
+
+
 def loss_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     """Training loss at every step (raw, and smoothed over `smoothing_window` steps) and the held-out
     loss at each evaluation (step 0: before training), as a PNG."""
-    return _step_curve(records, path, "loss", "eval/loss", what="train loss", held_out="held-out loss",
-                       ylabel="answer-token cross-entropy", color="tab:blue")
+    return _save(step_figure(step_series(records, "loss", "eval/loss"), what="train loss", held_out="held-out loss",
+                             ylabel="answer-token cross-entropy", color="tab:blue"), path)
 
 
 def reward_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     """GRPO: the mean reward of each step's completions (raw, and smoothed over `smoothing_window` steps)
     and the held-out exact match at each evaluation (step 0: before training), as a PNG."""
-    return _step_curve(records, path, "reward", "eval/exact_match", what="mean reward",
-                       held_out="held-out exact match (greedy)", ylabel="reward / exact match", color="tab:green")
+    return _save(step_figure(step_series(records, "reward", "eval/exact_match"), what="mean reward",
+                             held_out="held-out exact match (greedy)", ylabel="reward / exact match",
+                             color="tab:green"), path)
 
 
-def _step_curve(records: list[dict], path, key: str, eval_key: str, *, what: str, held_out: str, ylabel: str,
-                color: str) -> pathlib.Path:
-    """`key` at every step, raw and smoothed, and `eval_key` at each evaluation as dotted points."""
+def step_figure(series: StepSeries, *, what: str, held_out: str, ylabel: str, color: str):
+    """A matplotlib figure of `series`: each step's value, its smoothing, and the evaluations as dotted
+    points (lines in that order, those that exist)."""
     plt = _pyplot()
-    by_step = {r["step"]: r[key] for r in records if key in r}  # a resumed run's redone steps: the last
-    evaluations = sorted({r["step"]: r[eval_key] for r in records if eval_key in r}.items())
     fig, ax = plt.subplots(figsize=(7, 4))
-    if by_step:
-        steps, values = zip(*sorted(by_step.items()))
-        window = smoothing_window(len(steps))
-        ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8, label=f"{what} (each step)")
-        if window > 1:
-            ax.plot(steps, smoothed(np.asarray(values, float), window), color=color, linewidth=1.6,
-                    label=f"{what} (smoothed, {window} steps)")
-    if evaluations:
-        ax.plot(*zip(*evaluations), "o:", color="tab:orange", label=f"{held_out} (at each evaluation)")
+    if len(series.steps):
+        ax.plot(series.steps, series.values, color=color, alpha=0.3, linewidth=0.8, label=f"{what} (each step)")
+        if series.smoothed is not None:
+            ax.plot(series.steps, series.smoothed, color=color, linewidth=1.6,
+                    label=f"{what} (smoothed, {series.window} steps)")
+    if len(series.eval_steps):
+        ax.plot(series.eval_steps, series.eval_values, "o:", color="tab:orange",
+                label=f"{held_out} (at each evaluation)")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return fig
+
+
+def lambda_grid(lambdas: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """The heatmap's rows (target weights, sorted) and its grid `[weights, layers]` of lambda."""
+    names = sorted(lambdas)
+    return names, np.stack([np.atleast_1d(np.asarray(lambdas[name], np.float32)).reshape(-1) for name in names])
 
 
 def lambda_heatmap(lambdas: dict[str, np.ndarray], path: str | pathlib.Path) -> pathlib.Path:
     """lambda (the BOFT branch's share) per target weight (rows) and layer (columns) as a PNG."""
+    return _save(lambda_figure(lambdas), path)
+
+
+def lambda_figure(lambdas: dict[str, np.ndarray]):
+    """The matplotlib figure of `lambda_heatmap`: `lambda_grid` drawn as an image."""
     plt = _pyplot()
-    names = sorted(lambdas)
-    grid = np.stack([np.atleast_1d(np.asarray(lambdas[name], np.float32)).reshape(-1) for name in names])
+    names, grid = lambda_grid(lambdas)
     fig, ax = plt.subplots(figsize=(max(6, grid.shape[1] * 0.3 + 3), 0.4 * len(names) + 1.5))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_yticks(range(len(names)), [name.replace("layers/", "") for name in names])
@@ -89,6 +124,10 @@ def lambda_heatmap(lambdas: dict[str, np.ndarray], path: str | pathlib.Path) -> 
     ax.set_title("hybrid lambda (BOFT share; LoRA-GA gets 1 - lambda)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return pathlib.Path(path)
