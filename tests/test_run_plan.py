@@ -15,10 +15,14 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import write_sentiment_tsv
+from hyjax.cli.eval import main as evaluate_main
 from hyjax.config import load_config
+from hyjax.data import prepare
 from hyjax.methods.registry import METHODS
 from hyjax.training import plan_run, prepare_run, restore, run_layout, train
 from hyjax.adapters.hybrid import WEIGHT_MIX_FORM
+from hyjax.training import distributed
 from hyjax.training.checkpointing import CheckpointMismatchError, check_form
 from hyjax.training.setup import fingerprint
 
@@ -78,6 +82,61 @@ def test_a_run_saved_by_older_code_restores_and_resumes(workplace, monkeypatch, 
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in RECORDED["methods"][name][2:]], rtol=rtol,
                                    err_msg=f"{key} after resuming, saved with {RECORDED['run_commits'][name]}")
+
+
+@pytest.fixture(scope="module")
+def model_alone(workplace, tmp_path_factory) -> pathlib.Path:
+    """A folder holding the recorded runs' model and no data file: a run restored here cannot read its
+    training file."""
+    folder = tmp_path_factory.mktemp("model_alone")
+    (folder / "model").symlink_to(workplace / "model")
+    return folder
+
+
+def _next_step_loss(run, workplace: pathlib.Path) -> float:
+    """The loss the restored state's next training step reports, on the batch the saved data position
+    gives next (read from the training file in `workplace`)."""
+    config = run.config
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workplace)
+        data = prepare(config.data, run.tokenizer, global_batch_size=config.train.global_batch_size,
+                       process_index=0, process_count=1, position=run.meta["data_position"])
+    batch = distributed.global_batch(next(data.train), run.setup.plan.shardings.batch, config.train.grad_accum_steps,
+                                     config.train.global_batch_size)
+    _, metrics = run.setup.plan.train_step()(run.state, run.frozen, batch)
+    return float(metrics["loss"])
+
+
+@pytest.mark.parametrize("name", SAVED_RUNS)
+def test_a_saved_run_restores_from_its_folder_and_model_alone(workplace, model_alone, monkeypatch, name):
+    """Without the training file: the model and state are built from the checkpoint (the method's
+    start-up choice and starting values as saved, no start-up gradient), and their next step's loss on
+    the batch the run would have taken next is the recorded step 3's."""
+    monkeypatch.chdir(model_alone)
+    output = model_alone / f"run_{name}"
+    shutil.copytree(FIXTURES / "runs" / name, output)
+    assert not (model_alone / "train.tsv").exists() and not (model_alone / "arith.jsonl").exists()
+    restored = restore(output)
+    assert restored.step == 2 and restored.setup.data is None
+    if name == GRPO:  # its loss depends on the completions sampled: its resume is tested with tests/test_train_grpo.py
+        return
+    rtol = 5e-3 if name in SINGULAR_STARTS else 1e-6
+    assert _next_step_loss(restored, workplace) == pytest.approx(RECORDED["methods"][name][2]["loss"], rel=rtol)
+
+
+def test_a_saved_run_is_evaluated_from_its_folder_its_model_and_a_dev_file(model_alone, monkeypatch, capsys):
+    """`python -m hyjax.eval RUN --data dev.tsv` with the run's training file gone."""
+    monkeypatch.chdir(model_alone)
+    shutil.copytree(FIXTURES / "runs" / "hybrid_lora", model_alone / "evaluated")
+    write_sentiment_tsv(model_alone / "dev.tsv", 12, seed=5)
+    assert evaluate_main(["evaluated", "--data", "dev.tsv", "eval.generation_samples=0", "--json", "-"]) == 0, (
+        capsys.readouterr().err)
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("\n{") + 1:])
+    assert result["model"] == "evaluated (step 2, hybrid_lora)" and result["examples"] == 12
+    rows = result["correct_rows"]
+    assert len(rows) == 12 and result["metrics"]["accuracy"] == rows.count("1") / 12
+    assert result["metrics"]["loss"] == pytest.approx(np.log(result["metrics"]["perplexity"]), rel=1e-5)
 
 
 def test_a_hybrid_run_saved_with_the_earlier_weight_mix_is_refused_and_left_untouched(workplace, monkeypatch):

@@ -14,6 +14,7 @@ from hyjax.training.callbacks import (
     Callback,
     Checkpoints,
     MetricsLogging,
+    ProgressBar,
     NonFiniteError,
     PeriodicEvaluation,
     SkippedSteps,
@@ -148,3 +149,9 @@ def test_a_stop_signal_is_requested_and_the_previous_handlers_come_back():
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.stop_requested() == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_progress_bar_shows_the_loss_or_for_grpo_the_reward_and_the_sampling_speed():
+    assert ProgressBar.postfix(event(3, learning_rate=2e-4)) == {"loss": "1.0000", "lr": "2.00e-04", "tok_s": "200"}
+    grpo = event(3, learning_rate=2e-4, reward=0.4375, completion_tokens=7.25, sampling_tokens_per_second=1234.5)
+    assert ProgressBar.postfix(grpo) == {"reward": "0.438", "completion": "7.2 tok", "sample_tok_s": "1,234"}

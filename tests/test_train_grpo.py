@@ -65,6 +65,33 @@ def test_a_grpo_run_resumes_as_if_uninterrupted(tiny_checkpoint, arithmetic, tmp
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
 
 
+def test_a_grpo_run_restored_and_resumed_past_an_epoch_of_its_prompts_equals_the_uninterrupted_one(
+        tiny_checkpoint, arithmetic, tmp_path):
+    """6 training prompts, 2 a step: an epoch is 3 steps. A run stopped after step 2 restores (through
+    `hyjax.training.restore`, which reads no data) to the uninterrupted run's step 2, and resumed to step
+    5, into its second epoch, samples, rewards and trains as the uninterrupted run did."""
+    few = write_arithmetic_jsonl(tmp_path / "few.jsonl", 8, seed=1, difficulty=1)
+    common = [f"data.path={few}", "data.eval_count=2", "eval.before_training=false"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(load_config(None, grpo_overrides(tiny_checkpoint, few, whole, *common, "train.steps=5")),
+          log=lambda text: None)
+    train(load_config(None, grpo_overrides(tiny_checkpoint, few, part, *common, "train.steps=2")),
+          log=lambda text: None)
+    restored, reference = restore(part), restore(whole, step=2)
+    assert restored.step == 2 and restored.meta["data_position"] == reference.meta["data_position"]
+    for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(reference.state)):
+        np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
+    train(load_config(None, grpo_overrides(tiny_checkpoint, few, part, *common, "train.steps=5")),
+          log=lambda text: None)
+    ours, theirs = ({r["step"]: r for r in _records(run) if "reward" in r} for run in (part, whole))
+    assert sorted(ours) == sorted(theirs) == [1, 2, 3, 4, 5]
+    for step in (3, 4, 5):
+        for key in ("loss", "reward", "kl", "completion_tokens"):
+            assert ours[step][key] == theirs[step][key], (step, key)
+    for a, b in zip(jax.tree.leaves(restore(part).state.trainable), jax.tree.leaves(restore(whole).state.trainable)):
+        np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
+
+
 def test_two_processes_train_as_one(tiny_checkpoint, arithmetic, tmp_path, monkeypatch):
     """Each process samples every completion from keys of (step, prompt, sample) and trains on its share
     of the rows: 2 processes draw the completions of 1 process at every step (the same rewards and

@@ -50,10 +50,10 @@ class RunConfig:
                 f"export.peft_adapter=true, but method.name={self.method.name!r} cannot be written in PEFT's "
                 "format (only lora, and oft/boft with neumann_terms=0); set export.peft_adapter=false "
                 "(export.merged_model=true writes the merged model)")
-        if self.export.gguf_lora and self.method.name != "lora":
+        if self.export.gguf_lora and not method.gguf_lora_exportable(self.method):
             raise ConfigError(
-                f"export.gguf_lora=true, but method.name={self.method.name!r} is not plain LoRA, the only method a "
-                "GGUF LoRA file holds; set export.gguf_lora=false (export.gguf=f16 writes the merged model as GGUF)")
+                f"export.gguf_lora=true, but method.name={self.method.name!r} cannot be written as a GGUF LoRA file "
+                "(plain LoRA can); set export.gguf_lora=false (export.gguf=f16 writes the merged model as GGUF)")
         if self.train.objective == "grpo":
             self._check_grpo(method)
         if method.from_gradients(self.method) and self.model.path is None:

@@ -53,6 +53,11 @@ class Method:
         """Whether Hugging Face PEFT can hold its adapters (else the run exports the merged model)."""
         return False
 
+    def gguf_lora_exportable(self, section) -> bool:
+        """Whether a GGUF LoRA file (llama.cpp's `--lora`) can hold its adapters: plain low-rank factors
+        on the base weights, nothing else trained."""
+        return False
+
     def form(self, section) -> str | None:
         """The form of its forward pass, when that has changed since runs were first saved with it
         (recorded in run fingerprints, so a run saved with another form is refused); None otherwise."""

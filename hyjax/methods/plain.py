@@ -32,6 +32,9 @@ class LoRA(Method):
     def peft_exportable(self, section) -> bool:
         return True
 
+    def gguf_lora_exportable(self, section) -> bool:
+        return True
+
 
 class LoRAGA(Method):
     """LoRA-GA (method.lora_ga)."""

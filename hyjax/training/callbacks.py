@@ -99,15 +99,25 @@ class SkippedSteps(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar with the loss, learning rate and tokens per second."""
+    """A tqdm bar with what moves: the loss, learning rate and tokens per second; for GRPO (a step whose
+    metrics hold a reward) the mean reward, the completions' length and the tokens sampled per second."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = reporting.progress_bar(total, initial, enabled)
 
     def on_step(self, event: StepEnd) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{event.metrics['loss']:.4f}", lr=f"{event.metrics['learning_rate']:.2e}",
-                             tok_s=f"{event.tokens / event.seconds:,.0f}")
+        self.bar.set_postfix(self.postfix(event))
+
+    @staticmethod
+    def postfix(event: StepEnd) -> dict[str, str]:
+        """The bar's fields after `event`."""
+        m = event.metrics
+        if "reward" in m:
+            return {"reward": f"{m['reward']:.3f}", "completion": f"{m['completion_tokens']:.1f} tok",
+                    "sample_tok_s": f"{m['sampling_tokens_per_second']:,.0f}"}
+        return {"loss": f"{m['loss']:.4f}", "lr": f"{m['learning_rate']:.2e}",
+                "tok_s": f"{event.tokens / event.seconds:,.0f}"}
 
     def close(self) -> None:
         self.bar.close()
@@ -115,8 +125,8 @@ class ProgressBar(Callback):
 
 class MetricsLogging(Callback):
     """Every `every` steps (and the last): the step's metrics, throughput and, with `lambdas`, the
-    hybrid's lambda of every layer of every weight with their mean and spread, into the run's `MetricsLog`; every other step its loss alone, so
-    the loss curve has every step."""
+    hybrid's lambda of every layer of every weight with their mean and spread, into the run's
+    `MetricsLog`; every other step its loss alone, so the loss curve has every step."""
 
     def __init__(self, metrics_log: reporting.MetricsLog, every: int, lambdas: bool):
         self.metrics_log, self.every, self.lambdas = metrics_log, every, lambdas

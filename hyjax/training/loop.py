@@ -203,10 +203,11 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
 
 
 def _record_run(setup: RunSetup, main_process: bool) -> dict:
-    """What every checkpoint's metadata carries besides the step's own: the resolved config and the
-    method's start-up choice; process 0 also writes them beside the checkpoints."""
+    """What every checkpoint's metadata carries besides the step's own: the resolved config, the run's
+    length in steps and the method's start-up choice (all `restore` needs besides the model); process 0
+    also writes the config and the choice beside the checkpoints."""
     config = setup.config
-    record = {"config": config.to_dict()}
+    record = {"config": config.to_dict(), "total_steps": setup.total_steps}
     if main_process:
         config.save(f"{config.logging.output_dir}/config.yaml")
     if setup.selection is not None:

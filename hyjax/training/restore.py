@@ -22,7 +22,7 @@ from hyjax.model.config import LlamaConfig
 from hyjax.tokenization import Tokenizer
 from hyjax.training.checkpointing import CheckpointDamagedError, RunCheckpointer, check_form
 from hyjax.training.run_plan import run_layout
-from hyjax.training.setup import RunSetup, fingerprint, prepare_run
+from hyjax.training.setup import RunSetup, fingerprint, prepare_run, setup_from_checkpoint
 from hyjax.training.step import TrainState
 
 
@@ -63,10 +63,12 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     """The run checkpointed in `path` at `step` (default: the newest intact one, passing over damaged
     newer ones with a warning), laid out on this machine's devices.
 
-    Rebuilds the run from the config stored in the checkpoint (so the model checkpoint and the data
-    files it names must still be there), with the method's start-up choices as the checkpoint kept them
+    Rebuilds the run from the config stored in the checkpoint and the model it names (which must still be
+    there; the data files need not be), with the method's start-up choices as the checkpoint kept them
     (LoRA-GA's and the hybrid's initial factors, Hybrid-LoRA's modules), then restores adapters,
-    optimizer state, step, rng and zeroth-order-trained base weights into it. Each
+    optimizer state, step, rng and zeroth-order-trained base weights into it. Only a checkpoint saved by
+    an earlier version that lacks what it needs (the starting values, or the run's length when it was
+    set in epochs) reads the training data again, to rebuild them. Each
     array is read straight into its sharding on `mesh` (sizes like the config's mesh section, e.g.
     `{"fsdp": 4, "tensor": 2}`; default: data parallel over every device), whatever mesh saved it.
     Raises `CheckpointDamagedError` when the checkpoint asked for (or every one) has damaged files.
@@ -87,9 +89,15 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     config = build(RunConfig, meta["config"])
     check_form(folder, step, meta.get("fingerprint", {}), fingerprint(config))
     config = dataclasses.replace(config, mesh=MeshSection(**{"data": -1, **(mesh or {})}))
-    setup = prepare_run(config, layout=run_layout(config.mesh), data_position=meta["data_position"],
-                        selection=saved_selection(config, meta),
-                        read_start=functools.partial(checkpointer.restore_start, step), log=lambda text: None)
+    layout, selection = run_layout(config.mesh), saved_selection(config, meta)
+    read_start = functools.partial(checkpointer.restore_start, step)
+    total_steps = meta.get("total_steps", config.train.steps)
+    setup = None if total_steps is None else setup_from_checkpoint(
+        config, layout=layout, total_steps=total_steps, selection=selection, read_start=read_start)
+    if setup is None:
+        supervised = config.train.objective != "grpo"  # GRPO's position counts prompts, not training batches
+        setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if supervised else None,
+                            selection=selection, read_start=read_start, log=lambda text: None)
     state, meta = checkpointer.restore(step, setup.initial_state())
     checkpointer.close()
     return RestoredRun(config=config, setup=setup, state=state, frozen=setup.frozen, step=step, meta=meta)

@@ -115,7 +115,7 @@ class RunSetup:
     trainable: Any  # initial trainable parameters (None once `train` has built its state from them)
     frozen: dict  # everything else of the adapted tree (less `base`)
     base: dict | None  # the base weights trained zeroth-order (zo_fo; None otherwise, and once in a state)
-    data: PreparedData
+    data: PreparedData | None  # None for a run restored from its checkpoint alone (`setup_from_checkpoint`)
     eval_rows: Rows | None  # held-out rows, at most eval.num_examples (None: no evaluation)
     eval_task: Any  # the task format resolved against the held-out rows' columns
     rows: tuple[int, int]  # (index, count) of this process's part of each batch
@@ -254,15 +254,18 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
     recorded it (JSON), used instead of choosing again; `read_start`, which reads the adapters' starting
     values from the checkpoint into `plan.abstract_start()` (None when it has none), used instead of
     drawing them again from a new gradient estimate."""
-    check_batch_split(config, layout)
-    rows = layout.process_rows(config.train.micro_batch)
-    model_config, params, tokenizer, path = load_model(config, layout)
-    config.check_model(model_config)
-    data = prepare(config.data, tokenizer, global_batch_size=config.train.global_batch_size,
-                   process_index=rows[0], process_count=rows[1], position=data_position)
+    rows, (model_config, params, tokenizer, path) = _rows_and_model(config, layout)
+    if config.train.objective == "grpo":  # a step takes global_batch_size / group_size prompts, every process all
+        prompts = config.train.global_batch_size // config.grpo.group_size
+        data = prepare(config.data, tokenizer, global_batch_size=prompts, process_index=0, process_count=1,
+                       position=data_position)
+    else:
+        data = prepare(config.data, tokenizer, global_batch_size=config.train.global_batch_size,
+                       process_index=rows[0], process_count=rows[1], position=data_position)
     if data.train.steps_per_epoch(0) == 0:
         raise ConfigError(f"{len(data.train.examples)} training examples make no full batch of "
-                          f"train.global_batch_size={config.train.global_batch_size}; lower it or add data")
+                          f"{data.train.global_batch_size} (train.global_batch_size="
+                          f"{config.train.global_batch_size}); lower it or add data")
     log(f"data: {data.report.summary()}")
     eval_rows, eval_task = evaluation_set(config.data, data.eval_rows, config.eval.num_examples) or (None, None)
     if eval_rows is not None:
@@ -283,11 +286,45 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
             log(f"{method.name}: the checkpoint keeps no starting values (saved by an earlier version): drawn "
                 "again from the start-up gradient, which gives the saved model only on the mesh that saved it")
             gradients = _startup_gradients(config, model_config, params, data, layout, tokenizer, log)
+    trainable, frozen, base = _adapted_parts(config, plan, params, gradients)
+    return RunSetup(plan=plan, model_path=path, tokenizer=tokenizer, trainable=trainable, frozen=frozen, base=base,
+                    data=data, eval_rows=eval_rows, eval_task=eval_task, rows=rows)
+
+
+def setup_from_checkpoint(config: RunConfig, *, layout: Layout, total_steps: int, selection: Any,
+                          read_start: Callable[[dict], dict | None]) -> RunSetup | None:
+    """A saved run's setup from the model and its checkpoint alone, without the data pipeline or a
+    start-up gradient: the method's start-up choice as the checkpoint recorded it (`selection`, JSON) and
+    the adapters' starting values read by `read_start` (see `prepare_run`). `data`, `eval_rows` and
+    `eval_task` are None. None when the checkpoint lacks starting values its method drew from a start-up
+    gradient (saved by an earlier version): only `prepare_run` can draw them again, from the data."""
+    rows, (model_config, params, tokenizer, path) = _rows_and_model(config, layout)
+    method = method_of(config)
+    plan = plan_run(config, model_config, layout, total_steps,
+                    None if selection is None else method.selection_from_json(selection))
+    gradients = read_start(plan.abstract_start()) if plan.abstract_start() else None
+    if plan.abstract_start() and gradients is None:
+        return None
+    trainable, frozen, base = _adapted_parts(config, plan, params, gradients)
+    return RunSetup(plan=plan, model_path=path, tokenizer=tokenizer, trainable=trainable, frozen=frozen, base=base,
+                    data=None, eval_rows=None, eval_task=None, rows=rows)
+
+
+def _rows_and_model(config: RunConfig, layout: Layout):
+    """`((index, count) of this process's rows, load_model(...))`, after checking that the batch splits
+    over the mesh and that the model suits the config."""
+    check_batch_split(config, layout)
+    rows = layout.process_rows(config.train.micro_batch)
+    loaded = load_model(config, layout)
+    config.check_model(loaded[0])
+    return rows, loaded
+
+
+def _adapted_parts(config: RunConfig, plan: RunPlan, params: dict, gradients: dict | None) -> tuple[Any, dict, Any]:
+    """`(trainable, frozen, base)` of the adapted tree of `params` on the plan's devices."""
     # Op by op rather than one jitted program: XLA:CPU can deadlock on a program with many independent
     # collectives over fake devices (the randomized SVDs of LoRA-GA on FSDP-split gradients did).
     adapted = adapters.apply(plan.spec, params, jax.random.key(config.train.seed), gradients=gradients)
     del params, gradients
     plan.check_adapted(adapted)
-    trainable, frozen, base = plan.split(jax.device_put(adapted, plan.adapted_shardings))
-    return RunSetup(plan=plan, model_path=path, tokenizer=tokenizer, trainable=trainable, frozen=frozen, base=base,
-                    data=data, eval_rows=eval_rows, eval_task=eval_task, rows=rows)
+    return plan.split(jax.device_put(adapted, plan.adapted_shardings))
