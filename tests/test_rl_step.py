@@ -13,7 +13,8 @@ from hyjax.config import load_config
 from hyjax.data.arithmetic import arithmetic_problems, write_arithmetic_jsonl
 from hyjax.rl import grpo_loss
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
-from hyjax.rl.step import GRPOObjective, grpo_step, token_log_probs
+from hyjax.rl.step import GRPOObjective, token_log_probs
+from hyjax.training.grpo import grpo_step
 from hyjax.sampling import SamplingConfig
 from hyjax.training.run_plan import run_layout
 from hyjax.training.setup import prepare_run

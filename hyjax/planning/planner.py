@@ -202,7 +202,7 @@ def plan(config: RunConfig, topology: str, largest: int = 8, selection: dict | N
 
 def reference_policy_bytes(config: RunConfig, trained, shardings) -> int:
     """Per-chip bytes of GRPO's reference policy: a copy of what a run trains (`trained`: the trainable
-    values and zo_fo's base weights) at step 0, split as they are (`hyjax.rl.training.ReferencePolicy`),
+    values and zo_fo's base weights) at step 0, split as they are (`hyjax.training.grpo.ReferencePolicy`),
     which the compiled step does not see; 0 for other objectives and with `grpo.beta: 0`. (The hybrid's
     step-0 lambdas, a few numbers per layer, are not counted.)"""
     if config.train.objective != "grpo" or config.grpo.beta == 0:

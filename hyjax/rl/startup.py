@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from hyjax.rl.objective import grpo_loss
+from hyjax.rl.prompts import PromptBatches
 from hyjax.rl.rewards import resolve_reward
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
 from hyjax.rl.step import token_log_probs
@@ -52,8 +53,6 @@ def policy_gradient_batches(config, model_config, params: dict, tokenizer, n_gro
     """The rollout batches, one group of `grpo.group_size` completions each, that the start-up gradient
     averages over: those of `n_groups` training prompts (an order of their own, drawn from
     `data.shuffle_seed + 1`) whose rewards differ. Raises `ValueError` when none do."""
-    from hyjax.rl.training import PromptBatches  # deferred: hyjax.rl.training builds on hyjax.training
-
     grpo, data = config.grpo, config.data
     indices, prompt_ids, chosen = next(PromptBatches.of_run(config, tokenizer, count=n_groups,
                                                             seed=data.shuffle_seed + 1))

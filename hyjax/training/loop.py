@@ -27,6 +27,7 @@ from hyjax.adapters.targets import iter_paths
 from hyjax.config import ConfigError, RunConfig
 from hyjax.model import abstract_params, count_params
 from hyjax.optim import current_lambdas
+from hyjax.rl.prompts import PromptBatches
 from hyjax.sharding import describe
 from hyjax.training import distributed, plots, reporting
 from hyjax.training.callbacks import (
@@ -42,6 +43,7 @@ from hyjax.training.callbacks import (
 from hyjax.training.checkpointing import RunCheckpointer
 from hyjax.evaluation.held_out import Evaluator
 from hyjax.training.export import export_run
+from hyjax.training.grpo import GRPOStep, ReferencePolicy
 from hyjax.training.restore import saved_selection
 from hyjax.training.run_plan import run_layout
 from hyjax.training.setup import RunSetup, comparable_fingerprint, fingerprint, preflight, prepare_run
@@ -114,8 +116,6 @@ def _global_batches(setup: RunSetup) -> Iterator[tuple[dict, int]]:
 def grpo_parts(setup: RunSetup, state: TrainState, position: dict | None):
     """GRPO's step for `fit`, its batches (the prompts of each step) and their position (for checkpoints);
     call with the fresh `state`, before restoring: the model at step 0 is the reference policy."""
-    from hyjax.rl.training import GRPOStep, PromptBatches, ReferencePolicy  # deferred: hyjax.rl builds on this
-
     config = setup.config
     prompts = PromptBatches.of_run(config, setup.tokenizer, seed=config.data.shuffle_seed, position=position,
                                    count=config.train.global_batch_size // config.grpo.group_size)

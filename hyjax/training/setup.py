@@ -23,6 +23,7 @@ from hyjax.data import BatchIterator, PreparedData, Rows, check_held_out, evalua
 from hyjax.methods import METHODS, method_of
 from hyjax.model import init_params
 from hyjax.model.config import LlamaConfig
+from hyjax.rl.startup import policy_gradient_sources
 from hyjax.sharding import Layout, put_local
 from hyjax.hub import parse_dataset, parse_model, resolve_model
 from hyjax.tokenization import Tokenizer, load_tokenizer
@@ -231,8 +232,6 @@ def _startup_gradients(config: RunConfig, model_config: LlamaConfig, params: dic
     n_batches, batch_size = method.gradient_batches(config.method)
     targets = method.adapter_spec(config, model_config)
     if config.train.objective == "grpo":
-        from hyjax.rl.startup import policy_gradient_sources  # deferred: hyjax.rl builds on hyjax.training
-
         log(f"{method.name}: sampling {n_batches} groups of {config.grpo.group_size} completions for the start-up "
             "gradient of GRPO's objective")
         batches, loss_fn, taught = policy_gradient_sources(config, model_config, params, tokenizer, n_batches)

@@ -84,17 +84,30 @@ class AnswerLoss:
         return total / jnp.maximum(count, 1.0)
 
 
-def make_batch_loss(model_config, lambdas: bool):
-    """`loss(trainable, frozen, opt_state, batch, key)`: the step's mean answer-token loss by forward
-    passes alone over `[accumulation, micro_batch, T]` arrays (micro-batch i with dropout key
-    `fold_in(key, i)`, as the gradient's)."""
+def answer_sums(model_config):
+    """The supervised objective's micro-batch sums: `sums(params, micro) -> (numerator, denominator,
+    metric numerators, metric sums)` with the answer tokens' summed negative log-likelihood over their
+    count (`answer_nll_sum`) and the count reported as `answer_tokens`."""
+
+    def sums(params, micro):
+        nll, tokens = answer_nll_sum(model_config, params, micro)
+        return nll, tokens, {}, {"answer_tokens": tokens}
+
+    return sums
+
+
+def forward_loss(micro_sums, lambdas: bool):
+    """`loss(trainable, frozen, opt_state, batch, key)`: an objective's loss of a whole
+    `[accumulation, micro_batch, ...]` batch by forward passes alone (micro-batch i with dropout key
+    `fold_in(key, i)`, as the gradient's): its numerators and denominators summed over micro-batches,
+    then divided (for the ZO + FO hybrid's SPSA estimates)."""
 
     def batch_loss(trainable, frozen, opt_state, batch, key):
         def add(carry, inputs):
-            index, micro_batch = inputs
+            index, micro = inputs
             params = forward_params(trainable, frozen, opt_state, jax.random.fold_in(key, index), lambdas)
-            nll, tokens = answer_nll_sum(model_config, params, micro_batch)
-            return (carry[0] + nll, carry[1] + tokens), None
+            numerator, denominator, _, _ = micro_sums(params, micro)
+            return (carry[0] + numerator, carry[1] + denominator), None
 
         accumulation = batch["tokens"].shape[0]
         (total, count), _ = jax.lax.scan(add, (jnp.float32(0), jnp.float32(0)), (jnp.arange(accumulation), batch))
@@ -103,47 +116,68 @@ def make_batch_loss(model_config, lambdas: bool):
     return batch_loss
 
 
-def first_order_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                     lambdas: bool):
-    """`step(state, frozen, batch, key) -> (state, metrics)`: gradients of the trainable leaves
-    accumulated in float32 over the micro-batches (micro-batch i with dropout key `fold_in(key, i)`)
-    and one optimizer update.
+def make_batch_loss(model_config, lambdas: bool):
+    """The step's mean answer-token loss by forward passes alone (`forward_loss` of `answer_sums`)."""
+    return forward_loss(answer_sums(model_config), lambdas)
 
-    Metrics: loss, grad_norm (before clipping), learning_rate, answer_tokens, and `skipped` (1 when
-    the gradient was not finite and the update was skipped)."""
 
-    def micro_loss(trainable, frozen, opt_state, batch, key):
-        return answer_nll_sum(model_config, forward_params(trainable, frozen, opt_state, key, lambdas), batch)
+def accumulated_update(micro_sums, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                       lambdas: bool, *, counts_step: bool = True):
+    """`step(state, frozen, batch, key) -> (state, metrics)`: one optimizer update of any objective.
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    `micro_sums(params, micro) -> (numerator, denominator, metric numerators, metric sums)` is the
+    objective's micro-batch loss: the batch's loss is sum(numerators) / sum(denominators) over its
+    micro-batches, so accumulating gives exactly the whole batch's gradient. Gradients of the trainable
+    leaves are accumulated in float32 over the micro-batches (micro-batch i with dropout key
+    `fold_in(key, i)`), divided by the summed denominator, cast to each parameter's dtype, clipped and
+    applied by `optimizer`. `counts_step=False` leaves `state.step` to the caller (GRPO counts sampled
+    batches, each of which may get several updates).
+
+    Metrics: loss, each metric numerator over the summed denominator, each metric sum, grad_norm
+    (before clipping), learning_rate, and `skipped` (1 when the gradient was not finite and the update
+    was skipped)."""
+
+    def loss_of(trainable, frozen, opt_state, micro, key):
+        numerator, denominator, means, sums = micro_sums(forward_params(trainable, frozen, opt_state, key, lambdas),
+                                                         micro)
+        return numerator, (denominator, means, sums)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step(state: TrainState, frozen: dict, batch: dict, key: jax.Array):
         def accumulate(carry, inputs):
-            grads, total, count = carry
-            index, micro_batch = inputs
-            (nll, tokens), micro_grads = grad_fn(state.trainable, frozen, state.opt_state, micro_batch,
-                                                 jax.random.fold_in(key, index))
-            return (jax.tree.map(jnp.add, grads, micro_grads), total + nll, count + tokens), None
+            index, micro = inputs
+            micro_values, micro_grads = grad_fn(state.trainable, frozen, state.opt_state, micro,
+                                                jax.random.fold_in(key, index))
+            grads, values = carry
+            return (jax.tree.map(jnp.add, grads, micro_grads), jax.tree.map(jnp.add, values, micro_values)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)  # accumulate in float32
+        first = jax.tree.map(lambda x: x[0], batch)
+        shapes = jax.eval_shape(loss_of, state.trainable, frozen, state.opt_state, first, key)
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable),  # accumulate in float32
+                 jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes))
         accumulation = batch["tokens"].shape[0]
-        (grads, total, count), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accumulation), batch))
-        count = jnp.maximum(count, 1.0)
+        (grads, (total, (denominator, means, sums))), _ = jax.lax.scan(accumulate, zeros,
+                                                                       (jnp.arange(accumulation), batch))
+        denominator = jnp.maximum(denominator, 1.0)
         # The optimizer sees gradients in each parameter's own dtype (its state has that dtype too).
-        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.trainable)
+        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {
-            "loss": total / count,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
-            "answer_tokens": count,
-            "skipped": jnp.logical_not(opt_state.last_finite).astype(jnp.int32),
-        }
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+        metrics = {"loss": total / denominator, **{name: value / denominator for name, value in means.items()},
+                   **sums, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
+                   "skipped": jnp.logical_not(opt_state.last_finite).astype(jnp.int32)}
+        state = state.replace(trainable=trainable, opt_state=opt_state)
+        return (state.replace(step=state.step + 1) if counts_step else state), metrics
 
     return step
+
+
+def first_order_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                     lambdas: bool):
+    """The supervised update: `accumulated_update` of the answer tokens' loss (`answer_sums`); its
+    metrics add `answer_tokens`."""
+    return accumulated_update(answer_sums(model_config), optimizer, schedule, lambdas)
 
 
 def seeded(step):

@@ -1,5 +1,7 @@
-"""GRPO inside `python -m hyjax.train` (`train.objective: grpo`): the prompts of each step and the step
-itself (sample, reward, `num_iterations` updates), as `hyjax.training.loop.fit` runs them.
+"""GRPO inside `python -m hyjax.train` (`train.objective: grpo`): its step (sample the prompts'
+completions, reward them, `num_iterations` updates of `accumulated_update` on GRPO's loss), as
+`hyjax.training.loop.fit` runs it; the prompts come from `hyjax.rl.prompts`, the objective's
+arithmetic from `hyjax.rl`.
 
 Every process samples every completion of a step (keys from (step, prompt, sample), the same values
 anywhere) and trains on its share of the rows, so a run of any number of processes, and a resumed run,
@@ -13,80 +15,41 @@ Hybrid-LoRA's fully trained modules a copy of what they train; the planner count
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from hyjax import adapters
 from hyjax.adapters.hybrid import set_lambdas
-from hyjax.data import make_task, training_rows
-from hyjax.data.iterator import epoch_order
-from hyjax.data.report import MalformedRow
 from hyjax.optim import current_lambdas
 from hyjax.optim.zeroth_order import join_base, zeroth_order_step
 from hyjax.rl.rewards import resolve_reward
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
-from hyjax.rl.step import GRPOObjective, grpo_batch_loss, grpo_step, token_log_probs
+from hyjax.rl.step import GRPOObjective, grpo_sums, token_log_probs
 from hyjax.sampling import SamplingConfig
 from hyjax.sharding import activation_sharding
 from hyjax.training import distributed
-from hyjax.training.step import TrainState
+from hyjax.training.step import TrainState, accumulated_update, forward_loss
 
 
-class PromptBatches:
-    """The prompts of each step: `count` rows of the training file a step, in an order drawn per epoch
-    from `seed` (the same on every process), as `(row indices, prompt token ids, rows)`. `position`
-    (epoch, step) is what a checkpoint keeps to resume."""
+def grpo_batch_loss(model_config, lambdas: bool, objective: GRPOObjective):
+    """`loss(trainable, frozen, opt_state, batch, key)`: the GRPO loss of a rollout batch by forward passes
+    alone, for the ZO + FO hybrid's SPSA estimates (`hyjax.optim.zeroth_order.zeroth_order_step`)."""
+    return forward_loss(grpo_sums(model_config, objective), lambdas)
 
-    def __init__(self, rows: Sequence[Mapping[str, Any]], task, tokenizer, *, count: int, seed: int,
-                 max_prompt_tokens: int, position: Mapping[str, int] | None = None):
-        self.rows, self.prompts = [], []
-        for row in rows:
-            try:
-                prompt = task.example(row, tokenizer).prompt_ids
-            except MalformedRow:
-                continue  # counted and limited when the data was prepared
-            if len(prompt) <= max_prompt_tokens:
-                self.rows.append(row)
-                self.prompts.append(list(prompt))
-        if len(self.rows) < count:
-            raise ValueError(f"{len(self.rows)} questions of the training file fit data.max_length with "
-                             f"grpo.max_new_tokens to spare, fewer than the {count} a step needs; raise "
-                             "data.max_length, lower grpo.max_new_tokens or add data")
-        self.count, self.seed = count, seed
-        self.epoch, self.step = (position["epoch"], position["step"]) if position else (0, 0)
 
-    @classmethod
-    def of_run(cls, config, tokenizer, *, count: int, seed: int,
-               position: Mapping[str, int] | None = None) -> "PromptBatches":
-        """The prompts of `config`'s training file, those that fit `data.max_length` with
-        `grpo.max_new_tokens` to spare."""
-        rows = training_rows(config.data)
-        task = make_task(config.data).resolve(rows.column_names, rows.path)
-        return cls(rows, task, tokenizer, count=count, seed=seed, position=position,
-                   max_prompt_tokens=config.data.max_length - config.grpo.max_new_tokens)
+def grpo_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, lambdas: bool,
+              objective: GRPOObjective):
+    """`step(state, frozen, batch, key) -> (state, metrics)`: one optimizer update on a rollout batch
+    (`accumulated_update` of `grpo_sums`; `state.step`, counting sampled batches, is left to the caller:
+    a batch may get several updates).
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.rows) // self.count
-
-    @property
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "prompts": len(self.rows)}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[list[int], list[list[int]], list[Mapping[str, Any]]]:
-        if self.step >= self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        order = epoch_order(len(self.rows), self.seed, self.epoch)
-        chosen = [int(i) for i in order[self.step * self.count:(self.step + 1) * self.count]]
-        self.step += 1
-        return chosen, [self.prompts[i] for i in chosen], [self.rows[i] for i in chosen]
+    Metrics: loss, kl (with `ref_log_probs` in the batch), clip_fraction, ratio (mean importance ratio:
+    1 on a batch's first update), grad_norm, learning_rate, completion_tokens, skipped."""
+    return accumulated_update(grpo_sums(model_config, objective), optimizer, schedule, lambdas, counts_step=False)
 
 
 class ReferencePolicy(NamedTuple):
