@@ -8,9 +8,11 @@ The loss of a step is the mean cross-entropy over every answer token of the glob
 so accumulating over micro-batches, or splitting the batch over devices and processes, computes the
 same quantity as one pass over the whole batch (only the summation order differs).
 
-The step is built from parts: `first_order_step` (gradients of the trainable leaves, the optimizer
-update), optionally wrapped by `hyjax.optim.zeroth_order.zeroth_order_step` (the ZO + FO hybrid:
-SPSA on the base weights at the same point), and `seeded`, which gives each step its randomness.
+Every objective's update is `accumulated_update` of its micro-batch sums (numerator and denominator of
+its loss, as above): the supervised step is `first_order_step` (`answer_sums`), GRPO's is
+`hyjax.training.grpo.grpo_step`. A run's step is that update, optionally wrapped by
+`hyjax.optim.zeroth_order.zeroth_order_step` (the ZO + FO hybrid: SPSA on the base weights at the same
+point, on `forward_loss` of the same sums), and `seeded`, which gives each step its randomness.
 """
 
 from __future__ import annotations
