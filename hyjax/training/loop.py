@@ -134,7 +134,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     checkpointer, resume_step = open_checkpoints(config, log)
     meta = checkpointer.read_meta(resume_step) if resume_step is not None else None
     grpo = config.train.objective == "grpo"
-    setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta and not grpo else None,
+    setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if meta else None,
                         selection=saved_selection(config, meta) if meta else None,
                         read_start=partial(checkpointer.restore_start, resume_step) if meta else None, log=log)
     plan = setup.plan

@@ -95,9 +95,8 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     setup = None if total_steps is None else setup_from_checkpoint(
         config, layout=layout, total_steps=total_steps, selection=selection, read_start=read_start)
     if setup is None:
-        supervised = config.train.objective != "grpo"  # GRPO's position counts prompts, not training batches
-        setup = prepare_run(config, layout=layout, data_position=meta["data_position"] if supervised else None,
-                            selection=selection, read_start=read_start, log=lambda text: None)
+        setup = prepare_run(config, layout=layout, data_position=meta["data_position"], selection=selection,
+                            read_start=read_start, log=lambda text: None)
     state, meta = checkpointer.restore(step, setup.initial_state())
     checkpointer.close()
     return RestoredRun(config=config, setup=setup, state=state, frozen=setup.frozen, step=step, meta=meta)

@@ -256,8 +256,8 @@ def prepare_run(config: RunConfig, *, layout: Layout, data_position: dict | None
     rows, (model_config, params, tokenizer, path) = _rows_and_model(config, layout)
     if config.train.objective == "grpo":  # a step takes global_batch_size / group_size prompts, every process all
         prompts = config.train.global_batch_size // config.grpo.group_size
-        data = prepare(config.data, tokenizer, global_batch_size=prompts, process_index=0, process_count=1,
-                       position=data_position)
+        # GRPO's saved position counts its prompts (hyjax.rl.prompts resumes from it), not these batches
+        data = prepare(config.data, tokenizer, global_batch_size=prompts, process_index=0, process_count=1)
     else:
         data = prepare(config.data, tokenizer, global_batch_size=config.train.global_batch_size,
                        process_index=rows[0], process_count=rows[1], position=data_position)
@@ -301,8 +301,9 @@ def setup_from_checkpoint(config: RunConfig, *, layout: Layout, total_steps: int
     method = method_of(config)
     plan = plan_run(config, model_config, layout, total_steps,
                     None if selection is None else method.selection_from_json(selection))
-    gradients = read_start(plan.abstract_start()) if plan.abstract_start() else None
-    if plan.abstract_start() and gradients is None:
+    start = plan.abstract_start()
+    gradients = read_start(start) if start else None
+    if start and gradients is None:
         return None
     trainable, frozen, base = _adapted_parts(config, plan, params, gradients)
     return RunSetup(plan=plan, model_path=path, tokenizer=tokenizer, trainable=trainable, frozen=frozen, base=base,
