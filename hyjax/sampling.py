@@ -98,7 +98,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "copies"))
-def _generate(config: LlamaConfig, params: Params, tokens, valid, stop_ids, row_keys, temperature, top_p,
+def sample_tokens(config: LlamaConfig, params: Params, tokens, valid, stop_ids, row_keys, temperature, top_p,
               max_new_tokens: int, copies: int = 1):
     """`(new tokens, their sampling log-probabilities)`, each `[prompts * copies, max_new_tokens]` (after a
     row's first stop token: stop tokens, log-probability 0). Each prompt is prefilled once and its cache
@@ -162,7 +162,7 @@ def generate_with_log_probs(config: LlamaConfig, params: Params, prompts: Sequen
     if len(row_keys) != len(prompts) * copies:
         raise ValueError(f"{len(row_keys)} keys for {len(prompts)} prompts x {copies} copies: give one key per row")
     tokens, valid = left_pad(prompts, stop_ids[0] if pad_id is None else pad_id)
-    out, log_probs = _generate(config, params, jnp.asarray(tokens), jnp.asarray(valid),
+    out, log_probs = sample_tokens(config, params, jnp.asarray(tokens), jnp.asarray(valid),
                                jnp.asarray(stop_ids, jnp.int32), row_keys, jnp.float32(sampling.temperature),
                                jnp.float32(sampling.top_p), max_new_tokens=sampling.max_new_tokens, copies=copies)
     results, row_log_probs = [], []

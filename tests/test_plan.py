@@ -96,6 +96,26 @@ def test_multi_slice_mesh_spans_slices_with_the_data_axis(libtpu):
         build_mesh(data=-1, fsdp=2, slices=4, devices=devices)
 
 
+def test_a_grpo_plan_counts_its_sampling_beside_its_own_update(libtpu):
+    """A GRPO run's plan compiles GRPO's update and its sampler: the sampler's KV cache for every
+    completion (prompt + new tokens) is counted, and the total holds the larger of the two stages."""
+    import jax.numpy as jnp
+
+    _, model_yaml, topology, _, row = CI_ROW
+    config = row_config(model_yaml, "lora", [*row, "train.objective=grpo", "data.task=math", "grpo.group_size=4",
+                                             "grpo.max_new_tokens=64"])
+    result = plan(config, topology)
+    model = config.model.preset_config()
+    completions, slots = 8, 256  # global batch 8; a prompt of 256 - 64 tokens and 64 new ones
+    cache = 2 * model.num_layers * completions * slots * model.num_kv_heads * model.head_dim * jnp.dtype(
+        model.jnp_dtype).itemsize
+    m, gib = result.memory_gib, 1024.0 ** 3
+    assert m["sampling"] * gib >= cache / result.chips  # at least each chip's share of the KV cache
+    update = m["temporaries"] + m["outputs"] - m["aliased"]
+    assert m["total"] == pytest.approx(m["arguments"] + max(update, m["sampling"]) + m["reference"])
+    assert m["reference"] > 0 and "GRPO's sampling" in result.report()
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "zo_fo"])
 def test_grpo_reference_policy_is_counted_per_chip(method):
     """GRPO keeps what a run trains, at step 0, as its reference policy: the plan adds one copy of it per
@@ -111,7 +131,7 @@ def test_grpo_reference_policy_is_counted_per_chip(method):
     for overrides, copies in ((grpo, 1), ([*grpo, "grpo.beta=0"], 0), (["model.path=/checkpoint"], 0)):
         config = row_config("models/smollm2-135m.yaml", method, overrides)
         run = plan_run(config, config.model.preset_config(), run_layout(config.mesh), total_steps=10)
-        state, _, _ = run.abstract_arguments()
+        state = run.abstract_arguments()[0]
         itemsize = jnp.dtype(config.model.param_dtype).itemsize
         trained = run.trainable_counts["total"] + sum(leaf.size for leaf in jax.tree.leaves(state.base))
         assert reference_policy_bytes(config, (state.trainable, state.base),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hyjax.methods import hybrid_report
 from hyjax.training import plots
 
 
@@ -56,9 +57,9 @@ def test_a_short_run_is_drawn_unsmoothed_and_a_run_without_evaluations_without_p
 
 def test_the_lambda_heatmap_draws_each_weight_a_row_and_each_layer_a_column():
     lambdas = {"layers/mlp/up_proj": np.array([0.2, 0.4]), "layers/attn/q_proj": np.array([0.5, 0.9])}
-    names, grid = plots.lambda_grid(lambdas)
+    names, grid = hybrid_report.lambda_grid(lambdas)
     assert names == ["layers/attn/q_proj", "layers/mlp/up_proj"]
-    fig = plots.lambda_figure(lambdas)
+    fig = hybrid_report.lambda_figure(lambdas)
     (image,) = fig.axes[0].images
     np.testing.assert_allclose(image.get_array(), [[0.5, 0.9], [0.2, 0.4]])
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["attn/q_proj", "mlp/up_proj"]

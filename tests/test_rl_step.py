@@ -14,11 +14,10 @@ from hyjax.data.arithmetic import arithmetic_problems, write_arithmetic_jsonl
 from hyjax.rl import grpo_loss
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
 from hyjax.rl.step import GRPOObjective, token_log_probs
-from hyjax.training.grpo import grpo_step
 from hyjax.sampling import SamplingConfig
 from hyjax.training.run_plan import run_layout
 from hyjax.training.setup import prepare_run
-from hyjax.training.step import forward_params
+from hyjax.training.step import forward_params, objective_update
 
 GROUP, PROMPTS, LENGTH = 4, 2, 96
 
@@ -40,7 +39,7 @@ def lora_rollout(tiny_checkpoint, tmp_path_factory):
         f"logging.output_dir={folder / 'run'}"])
     setup = prepare_run(config, layout=run_layout(config.mesh), log=lambda text: None)
     state = setup.initial_state()
-    params = forward_params(state.trainable, setup.frozen, state.opt_state, None, False)
+    params = forward_params(state.trainable, setup.frozen, state.opt_state, None, None)
     rows = arithmetic_problems(PROMPTS, seed=0, difficulty=1)
     prompts = [setup.tokenizer.encode(f"Question: {row['question']}\nAnswer:", add_bos=True) for row in rows]
     keys = completion_keys(jax.random.key(0), 0, [5, 9], GROUP)
@@ -75,11 +74,11 @@ def test_two_updates_of_a_rollout_batch(lora_rollout, aggregation):
     model_config = setup.plan.model_config
     batch = dict(batch, ref_log_probs=batch["old_log_probs"])
     objective = GRPOObjective(temperature=1.0, beta=0.1, clip_low=0.2, clip_high=0.2, aggregation=aggregation)
-    step = jax.jit(grpo_step(model_config, setup.plan.optimizer, setup.plan.schedule, False, objective))
+    step = jax.jit(objective_update(objective, model_config, setup.plan.optimizer, setup.plan.schedule))
     stacked = jax.tree.map(lambda x: jnp.asarray(x).reshape(2, x.shape[0] // 2, *x.shape[1:]), batch)
 
     def whole_batch_loss(trainable):
-        p = forward_params(trainable, setup.frozen, state.opt_state, None, False)
+        p = forward_params(trainable, setup.frozen, state.opt_state, None, None)
         arrays = {k: jnp.asarray(v) for k, v in batch.items()}
         log_probs = token_log_probs(model_config, p, arrays, 1.0)
         return grpo_loss(log_probs, arrays["old_log_probs"], jnp.asarray(rollout.advantages), arrays["loss_mask"],

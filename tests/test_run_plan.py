@@ -24,6 +24,7 @@ from hyjax.training import plan_run, prepare_run, restore, run_layout, train
 from hyjax.adapters.hybrid import WEIGHT_MIX_FORM
 from hyjax.training import distributed
 from hyjax.training.checkpointing import CheckpointMismatchError, check_form
+from hyjax.training.run_plan import BATCH_DTYPES
 from hyjax.training.setup import fingerprint
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -166,17 +167,19 @@ def test_runs_saved_with_four_dimensional_boft_blocks_are_refused_by_name(tmp_pa
     assert "form" not in lora  # LoRA's runs are unaffected
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [*sorted(METHODS), GRPO])
 def test_the_trainer_and_the_planner_compile_the_same_step(workplace, monkeypatch, method):
+    """For every method, and for GRPO's update (`GRPOStep` runs the plan's `train_step` on rollout batches)."""
     monkeypatch.chdir(workplace)
-    config = load_config(None, [*RUN_OVERRIDES, f"method.name={method}", "train.steps=4",
-                                f"logging.output_dir=same_{method}"])
+    config = load_config(None, overrides(method, f"same_{method}", 4))
     layout = run_layout(config.mesh)
     setup = prepare_run(config, layout=layout, log=lambda text: None)  # the trainer's path, real weights
     planned = plan_run(config, setup.model_config, layout, total_steps=4,  # the planner's, shapes only
                        selection=setup.selection)  # Hybrid-LoRA's modules as the run chose them
-    _, _, batch = planned.abstract_arguments()
-    trained = setup.plan.train_step().lower(setup.initial_state(), setup.frozen, batch)
+    _, _, batch, *key = planned.abstract_arguments()
+    if method == GRPO:
+        assert sorted(batch) == sorted([*BATCH_DTYPES, "old_log_probs", "advantages", "ref_log_probs"]) and key
+    trained = setup.plan.train_step().lower(setup.initial_state(), setup.frozen, batch, *key)
     compiled_plan = planned.train_step().lower(*planned.abstract_arguments())
     assert trained.as_text() == compiled_plan.as_text()
     ours, theirs = trained.compile().memory_analysis(), compiled_plan.compile().memory_analysis()

@@ -90,7 +90,7 @@ def test_skipped_steps_are_counted_reset_by_a_good_step_and_stop_the_run_at_the_
 
 def test_metrics_are_logged_whole_every_few_steps_and_at_the_end_and_the_loss_at_every_step(tmp_path):
     log = MetricsLog(tmp_path, tensorboard=False, resume_step=None)
-    logging = MetricsLogging(log, every=3, lambdas=False)
+    logging = MetricsLogging(log, every=3)
     for step in range(1, 8):
         logging.on_step(event(step, total=7, grad_norm=0.25 * step))
     records = read_metrics(tmp_path / "metrics.jsonl")

@@ -204,7 +204,7 @@ def test_bfloat16_full_fine_tuning_step_keeps_parameter_dtypes():
     tokens = jax.random.randint(jax.random.key(2), (2, 2, 8), 0, 64)
     batch = {"tokens": tokens, "targets": tokens, "loss_mask": jnp.ones((2, 2, 8)), "positions": jnp.broadcast_to(
         jnp.arange(8), (2, 2, 8)), "segment_ids": jnp.ones((2, 2, 8), jnp.int32)}
-    new, metrics = jax.jit(make_train_step(config, optimizer, schedule, lambdas=False))(state, frozen, batch)
+    new, metrics = jax.jit(make_train_step(config, optimizer, schedule))(state, frozen, batch)
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
     assert {leaf.dtype for leaf in jax.tree.leaves(new.trainable)} == {jnp.dtype(jnp.bfloat16)}
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.trainable, state.trainable)

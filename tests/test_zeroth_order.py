@@ -152,7 +152,7 @@ def _step_temporaries(num_layers: int, zeroth_order) -> tuple[int, int]:
     batch = {key: jax.ShapeDtypeStruct((1, 2, 16), jnp.int32) for key in ("tokens", "targets", "segment_ids",
                                                                          "positions")}
     batch["loss_mask"] = jax.ShapeDtypeStruct((1, 2, 16), jnp.bool_)
-    step = make_train_step(config, optimizer, optax.constant_schedule(1e-3), False, zeroth_order)
+    step = make_train_step(config, optimizer, optax.constant_schedule(1e-3), None, zeroth_order)
     memory = jax.jit(step, donate_argnums=0).lower(state, frozen, batch).compile().memory_analysis()
     return memory.temp_size_in_bytes, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 

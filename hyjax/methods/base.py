@@ -2,8 +2,10 @@
 
 The rest of hyjax asks the run's method (`hyjax.methods.method_of(config)`) instead of comparing its
 name: which adapter it puts on the targets, whether it starts from gradients of the pretrained model,
-what it adds to the optimizer, whether it trains base weights by zeroth-order updates, what it
-chooses at start-up and records in the checkpoint (Hybrid-LoRA's modules), and how it exports.
+what it adds to the optimizer (and optimizer groups of its own), what state its forward pass reads
+from the optimizer (the hybrid's lambdas), which weights it trains itself beside the optimizer (zo_fo's
+base weights, by SPSA), what it logs and plots, what it chooses at start-up and records in the
+checkpoint (Hybrid-LoRA's modules), and how it exports.
 
 The hooks take the whole `RunConfig` (`config`) or its `method` section (`section`); the defaults fit
 a plain adapter method (LoRA, BOFT, ...): override what differs.
@@ -11,11 +13,27 @@ a plain adapter method (LoRA, BOFT, ...): override what differs.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import optax
 
 from hyjax.adapters import AdapterSpec
+
+
+class OwnWeights(Protocol):
+    """Weights a method trains itself beside the optimizer, held in `TrainState.base` (zo_fo's base
+    weights, moved by SPSA: `hyjax.optim.zeroth_order.ZerothOrder`)."""
+
+    def split(self, frozen: dict) -> tuple[Any, dict]:
+        """`(own, rest)`: its weights taken out of the frozen tree (of arrays, shapes or axes)."""
+
+    def join(self, own: Any, rest: dict) -> dict:
+        """The inverse of `split`."""
+
+    def wrap(self, update: Callable, batch_loss: Callable) -> Callable:
+        """The run's `update(state, frozen, batch, key) -> (state, metrics)` extended to train its weights,
+        given the objective's loss by forward passes alone, `batch_loss(trainable, frozen, opt_state,
+        batch, key)` (`hyjax.training.step.forward_loss`)."""
 
 
 class Method:
@@ -28,9 +46,6 @@ class Method:
     # the hybrid initialise from it, Hybrid-LoRA scores its modules with it); `from_gradients` may
     # depend on the method's settings.
     starts_from_gradients: ClassVar[bool] = False
-    # Its per-layer mixing weights live in the optimizer state and are set into the tree before each
-    # forward (the hybrid's lambdas).
-    lambdas: ClassVar[bool] = False
 
     def adapter_config(self, section) -> Any:
         """The `hyjax.adapters` config of its adapter (e.g. `LoRAConfig(rank=16)`)."""
@@ -71,9 +86,41 @@ class Method:
         the whole run."""
         return [grouped]
 
-    def zeroth_order(self, config, total_steps: int):
-        """The `hyjax.optim.zeroth_order.ZerothOrder` of the base weights it trains by SPSA, or None."""
+    def optimizer_groups(self, config, schedule: optax.Schedule) -> dict[str, optax.GradientTransformation]:
+        """Optimizer groups of its own beside the learning-rate groups, by label (the unitary adapter's
+        Cayley steps): each takes the trainable subtrees `group_of` labels so, instead of the base optimizer."""
+        return {}
+
+    def group_of(self, section, node) -> str | None:
+        """The label (a key of `optimizer_groups`) of a trainable subtree that one of its own groups
+        updates, every leaf under it; None for the rest (the learning-rate groups)."""
         return None
+
+    # ------------------------------------------------------------------ state beside the trainable tree
+
+    def forward_state(self, opt_state) -> Any:
+        """What its forward pass reads from the optimizer state beside the trainable tree (the hybrid's
+        lambdas), or None: the step sets it into the tree by `with_forward_state` before each forward,
+        the reference policy of GRPO keeps a copy of it, and logging and plots read it."""
+        return None
+
+    def with_forward_state(self, params: dict, forward_state: Any) -> dict:
+        """The adapted tree `params` with `forward_state` set into it."""
+        return params
+
+    def own_weights(self, config, total_steps: int) -> OwnWeights | None:
+        """The weights it trains itself, outside the optimizer (zo_fo's base weights, by SPSA), or None."""
+        return None
+
+    def logged(self, forward_state) -> dict[str, Any]:
+        """What the metrics log records of its state every `logging.every_steps` (the hybrid's lambda of
+        every layer), as JSON-ready values."""
+        return {}
+
+    def figures(self, forward_state, output_dir: str) -> dict[str, str]:
+        """End-of-run figures of its state written under `output_dir`, by name (the hybrid's lambda
+        heatmap)."""
+        return {}
 
     # ------------------------------------------------------------------ start-up choices
 

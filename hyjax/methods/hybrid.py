@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from hyjax.adapters import HybridConfig
 from hyjax.adapters.boft import FLAT_BLOCKS_FORM
-from hyjax.adapters.hybrid import WEIGHT_MIX_FORM
+from hyjax.adapters.hybrid import WEIGHT_MIX_FORM, set_lambdas
 from hyjax.methods.base import Method
-from hyjax.optim import hybrid_weights
+from hyjax.methods.hybrid_report import lambda_heatmap, lambda_metrics
+from hyjax.optim import current_lambdas, hybrid_weights
 from hyjax.optim.hybrid_weights import STATE_FORM
 
 
@@ -17,7 +18,6 @@ class Hybrid(Method):
 
     name = "hybrid"
     sections = ("boft", "lora_ga", "lora", "hybrid")
-    lambdas = True
 
     def adapter_config(self, section) -> HybridConfig:
         return HybridConfig(boft=section.boft, lora_ga=section.lora_ga, lora=section.lora, mix=section.hybrid.mix,
@@ -46,3 +46,17 @@ class Hybrid(Method):
         if mix == "update":
             return [hybrid_weights(**options, inner=grouped)]
         return [hybrid_weights(**options), grouped]
+
+    def forward_state(self, opt_state):
+        """The per-layer lambdas, which `hybrid_weights` keeps in the optimizer state."""
+        return current_lambdas(opt_state)
+
+    def with_forward_state(self, params, forward_state):
+        return set_lambdas(params, forward_state)
+
+    def logged(self, forward_state):
+        """lambda of every layer of every hybrid weight, with its mean and spread over the layers."""
+        return lambda_metrics(forward_state)
+
+    def figures(self, forward_state, output_dir):
+        return {"lambda_heatmap": str(lambda_heatmap(forward_state, f"{output_dir}/lambda_heatmap.png"))}

@@ -7,7 +7,9 @@ import dataclasses
 
 from hyjax.adapters import BOFTConfig, FullConfig, UnitaryConfig
 from hyjax.adapters.boft import FLAT_BLOCKS_FORM
+from hyjax.adapters.unitary_full import Orthogonal
 from hyjax.methods.base import Method
+from hyjax.optim.stiefel import cayley_retraction
 from hyjax.optim.unit_norm import unit_norm_projection
 
 
@@ -91,3 +93,10 @@ class Unitary(Method):
 
     def optimizer(self, config, grouped, total_updates):
         return [grouped, unit_norm_projection()]  # reflection vectors back to unit norm after each step
+
+    def optimizer_groups(self, config, schedule):
+        """Full-capacity matrices (`Orthogonal`) move by Cayley steps on the orthogonal group."""
+        return {"orthogonal": cayley_retraction(schedule)}
+
+    def group_of(self, section, node):
+        return "orthogonal" if isinstance(node, Orthogonal) else None

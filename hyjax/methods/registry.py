@@ -1,8 +1,8 @@
 """The registry of fine-tuning methods: one `Method` per `method.name`.
 
-Adding a method: an adapter module under hyjax/adapters/, one entry here (a `Method` subclass
-overriding what differs from a plain adapter method), configs/methods/<name>.yaml and its block in
-configs/base.yaml.
+Adding a method: an adapter module under hyjax/adapters/, a `Method` subclass overriding what differs
+from a plain adapter method (hyjax/methods/), its line here (or `register(method)` from your own
+code) and configs/methods/<name>.yaml.
 """
 
 from __future__ import annotations
@@ -13,8 +13,19 @@ from hyjax.methods.hybrid_lora import HybridLoRA
 from hyjax.methods.plain import BOFT, OFT, Full, LoRA, LoRAGA, Unitary
 from hyjax.methods.zo_fo import ZerothOrderFirstOrder
 
-METHODS: dict[str, Method] = {method.name: method for method in (
-    Full(), LoRA(), LoRAGA(), OFT(), BOFT(), Unitary(), Hybrid(), HybridLoRA(), ZerothOrderFirstOrder())}
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Makes `method` a `method.name` of every config built from now on (its name must be new)."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is registered already ({METHODS[method.name]!r})")
+    METHODS[method.name] = method
+    return method
+
+
+for _method in (Full(), LoRA(), LoRAGA(), OFT(), BOFT(), Unitary(), Hybrid(), HybridLoRA(), ZerothOrderFirstOrder()):
+    register(_method)
 
 
 def method_of(config) -> Method:

@@ -32,7 +32,13 @@ class ZerothOrderFirstOrder(Method):
     def form(self, section) -> str | None:
         return self._adapter_method(section).form(section)
 
-    def zeroth_order(self, config, total_steps: int) -> ZerothOrder:
+    def optimizer_groups(self, config, schedule):
+        return self._adapter_method(config.method).optimizer_groups(config, schedule)
+
+    def group_of(self, section, node):
+        return self._adapter_method(section).group_of(section, node)
+
+    def own_weights(self, config, total_steps: int) -> ZerothOrder:
         """The SPSA part; its learning rate follows `train`'s schedule (warmup, decay) scaled to
         `method.zo_fo.learning_rate`."""
         section = config.method.zo_fo

@@ -16,9 +16,10 @@ perturbs consistently without communicating. The zeroth-order part therefore nee
 working copy of them (each perturbation, and at the end the updated weights, are written into it in
 place; stacked weights one layer at a time) and forward passes: no gradients, no optimizer state.
 
-The zeroth-order weights live in `TrainState.base` (checkpointed with the run); `split` takes them out
-of the frozen tree (an adapted weight gives its `base`, a plain weight itself) and `join_base` puts
-them back. `zeroth_order_step` wraps a first-order training step into the hybrid's step.
+The zeroth-order weights live in `TrainState.base` (checkpointed with the run): `ZerothOrder` is the
+method's `hyjax.methods.OwnWeights`. `split` takes them out of the frozen tree (an adapted weight gives
+its `base`, a plain weight itself) and `join` puts them back; `wrap` (`zeroth_order_step`) extends a
+first-order training step into the hybrid's step.
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ class ZerothOrder:
             raise ValueError(f"the zeroth-order targets {list(self.targets)} match no frozen weight; available: "
                              f"{[path for path, _ in iter_paths(frozen)]}")
         return nest(taken), rest
+
+    def join(self, base: dict, rest: dict) -> dict:
+        """The inverse of `split` (`join_base`)."""
+        return join_base(base, rest)
+
+    def wrap(self, first_order, batch_loss):
+        """The ZO + FO hybrid's step around a first-order step (`zeroth_order_step`)."""
+        return zeroth_order_step(first_order, batch_loss, self)
 
 
 def join_base(base: dict | None, rest: dict) -> dict:

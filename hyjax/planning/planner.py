@@ -10,9 +10,12 @@ the operation behind each (`hyjax.planning.buffers`), and a roofline time bound 
 step's own FLOPs and HBM traffic with every loop iteration counted (`hyjax.planning.cost`; XLA's
 `cost_analysis()` counts a scanned layer once) against the chip's peak and bandwidth.
 
-The architecture comes from `model.preset`; `model.path` is never read. A GRPO run's update is planned
-as the supervised step over the same batch shape (the same forward and backward; its few extra [batch,
-seq] arrays are not counted, nor the sampler's KV cache).
+The architecture comes from `model.preset`; `model.path` is never read. A GRPO run's plan compiles its
+own update (GRPO's objective on a rollout batch: `RunPlan.train_step`) and its sampling stage (the
+sampler of `hyjax.sampling.sample_tokens` for `global_batch_size / group_size` prompts of the longest
+prompt `data.max_length - grpo.max_new_tokens` allows, each continued `group_size` times: its KV cache,
+logits and completions, counted as the sampler's temporaries and outputs while the state is held), and
+counts the reference policy.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from hyjax.model import abstract_params, count_params
 from hyjax.methods import method_of
 from hyjax.planning.buffers import largest_buffers, shard_shapes
 from hyjax.planning.cost import Cost, program_cost
+from hyjax.sampling import sample_tokens
 from hyjax.training.optimizer import path_string
 from hyjax.training.run_plan import plan_run, run_layout
 from pallas_kernels import dispatch
@@ -101,7 +105,8 @@ class Plan:
     batch: dict[str, int]  # global_batch, micro_batch, accumulation, seq
     parameters: int
     trainable_parameters: int
-    memory_gib: dict[str, float]  # per chip: arguments, outputs, temporaries, aliased, reference (GRPO), total
+    # per chip: arguments, outputs, temporaries, aliased, reference and sampling (GRPO), total
+    memory_gib: dict[str, float]
     hbm_gib: float
     fits: bool
     model_flops_per_chip: float  # 6 x parameters x tokens / chips: the MFU convention
@@ -118,14 +123,17 @@ class Plan:
     def report(self) -> str:
         m, r = self.memory_gib, self.roofline
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        update = m["temporaries"] + m["outputs"] - m["aliased"]
         lines = [
             f"{self.preset} {self.method} on {self.topology} ({self.chips} chips, mesh {mesh})",
             f"  batch {self.batch['global_batch']} x {self.batch['seq']} tokens ({self.batch['accumulation']} "
             f"micro-batches of {self.batch['micro_batch']}); {self.parameters / 1e9:.2f}B parameters, "
             f"{self.trainable_parameters:,} trainable"
             + (f" ({self.selection})" if self.selection else ""),
-            f"  per chip: arguments {m['arguments']:.2f} GiB + temporaries {m['temporaries']:.2f} GiB + outputs "
-            f"{m['outputs']:.2f} GiB - donated {m['aliased']:.2f} GiB"
+            f"  per chip: arguments {m['arguments']:.2f} GiB + " + (
+                f"the larger of the update's {update:.2f} GiB and GRPO's sampling {m['sampling']:.2f} GiB"
+                if m.get("sampling") else f"temporaries {m['temporaries']:.2f} GiB + outputs {m['outputs']:.2f} GiB "
+                f"- donated {m['aliased']:.2f} GiB")
             + (f" + GRPO's reference policy {m['reference']:.2f} GiB" if m.get("reference") else "")
             + f" = {m['total']:.2f} GiB of {self.hbm_gib:.0f} GiB HBM: {'fits' if self.fits else 'DOES NOT FIT'}",
             f"  {self.model_flops_per_chip / 1e12:.2f} model TFLOP per chip per step (6 x parameters x tokens); "
@@ -166,10 +174,12 @@ def plan(config: RunConfig, topology: str, largest: int = 8, selection: dict | N
     run = plan_run(config, model_config, layout, total_steps=config.train.steps or 1000, selection=chosen)
     described = None if method.SELECTION_KEY is None else (
         "its saved start-up choice" if chosen is not None else "its start-up choice at its largest")
-    state, frozen, batch = run.abstract_arguments()
+    arguments = run.abstract_arguments()
+    state, frozen = arguments[:2]
     start = time.perf_counter()
     with dispatch.compile_for("tpu"):  # the kernels a TPU run picks (impl="auto": Pallas), not this host's
-        compiled = run.train_step().lower(state, frozen, batch).compile()
+        compiled = run.train_step().lower(*arguments).compile()
+        sampling = sampling_bytes(run, state, frozen) if config.train.objective == "grpo" else 0
     seconds = time.perf_counter() - start
     hlo = compiled.as_text()
     arguments = shard_shapes({"state": state, "frozen": frozen}, {"state": run.shardings.state,
@@ -180,8 +190,10 @@ def plan(config: RunConfig, topology: str, largest: int = 8, selection: dict | N
              "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
     sizes["reference"] = reference_policy_bytes(config, (state.trainable, state.base),
                                                 (run.shardings.state.trainable, run.shardings.state.base))
-    sizes["total"] = (sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
-                      + sizes["reference"])
+    sizes["sampling"] = sampling
+    update = sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
+    # the sampler runs between updates: the state and frozen weights are held through both
+    sizes["total"] = sizes["arguments"] + max(update, sampling) + sizes["reference"]
     hbm = CHIPS[generation].hbm_gib
     parameters = count_params(abstract_params(model_config))
     train, seq = config.train, config.data.max_length
@@ -198,6 +210,36 @@ def plan(config: RunConfig, topology: str, largest: int = 8, selection: dict | N
                                 {"state": run.shardings.state, "frozen": run.shardings.frozen}, largest),
         pallas_calls=hlo.count("custom_call_target=\"tpu_custom_call\""),
         largest_buffers=[b.to_json() for b in largest_buffers(hlo, largest, arguments)], selection=described)
+
+
+def sampling_bytes(run, state, frozen) -> int:
+    """Per-chip bytes GRPO's sampling stage adds while the state is held: the sampler's temporaries
+    (KV cache of every completion, logits) and outputs (completions, their log-probabilities), compiled
+    for the run's devices with the policy's parameters as the trainer hands them
+    (`RunPlan.params`), for `global_batch_size / group_size` prompts of `data.max_length -
+    grpo.max_new_tokens` tokens continued `group_size` times."""
+    config = run.config
+    grpo, layout = config.grpo, run.layout
+    prompts = config.train.global_batch_size // grpo.group_size
+    prompt_len = config.data.max_length - grpo.max_new_tokens
+    if prompt_len < 1:
+        raise PlanError(f"grpo.max_new_tokens={grpo.max_new_tokens} leaves no room for a prompt in "
+                        f"data.max_length={config.data.max_length}")
+    replicated = layout.replicated
+
+    def policy_sample(state, frozen, tokens, valid, stop_ids, keys):
+        return sample_tokens(run.model_config, run.params(state, frozen), tokens, valid, stop_ids, keys,
+                             jnp.float32(grpo.temperature), jnp.float32(grpo.top_p),
+                             max_new_tokens=grpo.max_new_tokens, copies=grpo.group_size)
+
+    shape = jax.ShapeDtypeStruct
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), prompts * grpo.group_size))
+    compiled = jax.jit(policy_sample).lower(
+        state, frozen, shape((prompts, prompt_len), jnp.int32, sharding=replicated),
+        shape((prompts, prompt_len), jnp.bool_, sharding=replicated), shape((1,), jnp.int32, sharding=replicated),
+        shape(keys.shape, keys.dtype, sharding=replicated)).compile()
+    memory = compiled.memory_analysis()
+    return memory.temp_size_in_bytes + memory.output_size_in_bytes
 
 
 def reference_policy_bytes(config: RunConfig, trained, shardings) -> int:

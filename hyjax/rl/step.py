@@ -1,6 +1,6 @@
 """GRPO's loss of a rollout batch through the run's adapted model: the clipped-ratio loss
 (`hyjax.rl.objective`) as micro-batch sums, which `hyjax.training.step.accumulated_update` turns into
-one optimizer update (`hyjax.training.grpo.grpo_step`).
+one optimizer update (`hyjax.training.step.objective_update` of `GRPOObjective`).
 
 A rollout batch (`hyjax.rl.rollout.rollout_batch`, stacked `[accumulation, micro_batch, T]`) holds the
 prompt + completion tokens with the loss mask on completion tokens, `old_log_probs` (the sampler's, at
@@ -12,6 +12,7 @@ micro-batches (`aggregate_sums`), so the accumulated gradient is exactly the who
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,17 @@ class GRPOObjective:
     clip_low: float = 0.2
     clip_high: float = 0.2
     aggregation: str = "sequence_mean"
+    counts_step: ClassVar[bool] = False  # the run's step counts sampled batches; each may get several updates
+
+    @property
+    def batch_fields(self) -> dict[str, Any]:
+        """A rollout batch's arrays beyond the supervised ones, `[accumulation, micro_batch, T]` each."""
+        fields = {"old_log_probs": jnp.float32, "advantages": jnp.float32}
+        return {**fields, "ref_log_probs": jnp.float32} if self.beta > 0 else fields
+
+    def micro_sums(self, model_config):
+        """`grpo_sums` of these settings."""
+        return grpo_sums(model_config, self)
 
     def __post_init__(self):
         if not self.temperature > 0:

@@ -12,7 +12,7 @@ import dataclasses
 import signal
 from typing import Any, Callable
 
-from hyjax.optim import current_lambdas
+from hyjax.methods import Method
 from hyjax.training import reporting
 from hyjax.training.checkpointing import RunCheckpointer
 from hyjax.training.step import TrainState
@@ -124,20 +124,20 @@ class ProgressBar(Callback):
 
 
 class MetricsLogging(Callback):
-    """Every `every` steps (and the last): the step's metrics, throughput and, with `lambdas`, the
-    hybrid's lambda of every layer of every weight with their mean and spread, into the run's
+    """Every `every` steps (and the last): the step's metrics, throughput and what the method logs of
+    its state (`Method.logged`: the hybrid's lambda of every layer of every weight), into the run's
     `MetricsLog`; every other step its loss alone, so the loss curve has every step."""
 
-    def __init__(self, metrics_log: reporting.MetricsLog, every: int, lambdas: bool):
-        self.metrics_log, self.every, self.lambdas = metrics_log, every, lambdas
+    def __init__(self, metrics_log: reporting.MetricsLog, every: int, method: Method | None = None):
+        self.metrics_log, self.every, self.method = metrics_log, every, method
 
     def on_step(self, event: StepEnd) -> None:
         if event.step % self.every and not event.final:
             self.metrics_log.write(event.step, {"loss": event.metrics["loss"]})
             return
         record = {**event.metrics, "tokens_per_second": event.tokens / event.seconds, "step_seconds": event.seconds}
-        if self.lambdas:
-            record.update(reporting.lambda_metrics(current_lambdas(event.state.opt_state)))
+        if self.method is not None:
+            record.update(self.method.logged(self.method.forward_state(event.state.opt_state)))
         self.metrics_log.write(event.step, record)
 
 

@@ -1,8 +1,8 @@
 """`RunCheckpointer`: Orbax checkpoints of a training run, and the check that a folder belongs to it.
 
 One checkpoint per saved step, in `<dir>/<step>/`, with two or three items:
-  * `state`: the `TrainState` pytree (trainable adapters, optimizer state with the hybrid lambdas,
-    step, rng), written by every process through tensorstore;
+  * `state`: the `TrainState` pytree (trainable adapters, optimizer state with the method's state in
+    it, step, rng, the method's own weights), written by every process through tensorstore;
   * `meta`: JSON with the run's fingerprint (model and method), resolved config, data position and the
     metrics of the step;
   * `start` (LoRA-GA and the hybrid): the frozen values the adapters drew from data at start-up
@@ -172,9 +172,23 @@ class RunCheckpointer:
         return started
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """`(state, meta)` of checkpoint `step`, with `abstract_state`'s structure, dtypes and shardings."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        """`(state, meta)` of checkpoint `step`, with `abstract_state`'s structure, dtypes and shardings.
+
+        A checkpoint of older code may hold state this code no longer builds (the empty optimizer group
+        for full-capacity unitary matrices that every method carried before methods owned their
+        groups): every array of `abstract_state` is then read from it and the rest left on disk. A
+        checkpoint that lacks any of them raises Orbax's error naming the difference."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except ValueError as mismatch:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                    abstract_state)
+            state = ocp.PyTreeCheckpointer().restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                abstract, partial_restore=True, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+            if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(state)):
+                raise mismatch  # the checkpoint lacks part of the state: not a run this code can resume
+            return state, self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         return restored.state, restored.meta
 
     def restore_start(self, step: int, abstract_start: Any) -> Any:

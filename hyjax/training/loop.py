@@ -8,8 +8,8 @@ exports and the summary.
 
 A run stopped by SIGTERM (TPU VM preemption) or Ctrl-C saves a checkpoint of the last finished step
 and returns cleanly; running the same command again resumes from it exactly: the restored state
-(adapters, optimizer state and lambdas, step, rng) and data position make every later step identical
-to an uninterrupted run's.
+(adapters, optimizer state with the method's state in it, step, rng, the method's own weights) and data
+position make every later step identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from hyjax.adapters.targets import iter_paths
 from hyjax.config import ConfigError, RunConfig
 from hyjax.model import abstract_params, count_params
-from hyjax.optim import current_lambdas
 from hyjax.rl.prompts import PromptBatches
 from hyjax.sharding import describe
 from hyjax.training import distributed, plots, reporting
@@ -63,7 +61,7 @@ class RunResult:
 
     @property
     def adapted(self) -> dict:
-        """The adapted parameter tree at the end (hybrid lambdas set)."""
+        """The adapted parameter tree at the end (the method's forward state set)."""
         return self.setup.plan.params(self.state, self.frozen)
 
 
@@ -156,8 +154,8 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     start_step = int(state.step)
     trainable = setup.trainable_counts["total"]
     share = trainable / count_params(abstract_params(setup.model_config))
-    zeroth_order = f", and {count_params(state.base):,} base weights by SPSA" if state.base is not None else ""
-    log(f"{config.method.name}: {trainable:,} trainable parameters ({share:.3%} of the model){zeroth_order}; "
+    own = f", and {count_params(state.base):,} weights it trains itself" if state.base is not None else ""
+    log(f"{config.method.name}: {trainable:,} trainable parameters ({share:.3%} of the model){own}; "
         f"{setup.total_steps} steps of {config.train.global_batch_size} sequences")
 
     evaluator = Evaluator(setup)
@@ -175,7 +173,7 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
     checkpoints = Checkpoints(checkpointer, config.checkpoint.every_steps, data_position, record, setup.start)
     periodic = PeriodicEvaluation(config.eval.every_steps if evaluator.enabled else 0,
                                   lambda state, step: evaluate(state, step, f"step {step}"))
-    metrics = MetricsLogging(metrics_log, config.logging.every_steps, plan.method.lambdas)
+    metrics = MetricsLogging(metrics_log, config.logging.every_steps, plan.method)
     try:  # whatever stops the loop, checkpoints already started are finished, never abandoned
         with StopSignals() as signals:
             state, interrupted = fit(step_fn, state, frozen, batches,
@@ -248,9 +246,8 @@ def _finish(result: RunResult, adapted_on_host, steps_done: int, start_step: int
         files["reward_curve"] = str(plots.reward_curve(records, f"{output}/reward_curve.png"))
     elif any("loss" in r for r in records):
         files["loss_curve"] = str(plots.loss_curve(records, f"{output}/loss_curve.png"))
-    if setup.plan.method.lambdas:
-        lambdas = {path: np.asarray(value) for path, value in iter_paths(current_lambdas(result.state.opt_state))}
-        files["lambda_heatmap"] = str(plots.lambda_heatmap(lambdas, f"{output}/lambda_heatmap.png"))
+    method = setup.plan.method
+    files.update(method.figures(jax.device_get(method.forward_state(result.state.opt_state)), output))
     if setup.selection is not None:
         files[setup.plan.method.SELECTION_KEY] = f"{output}/{selection_file(setup)}"
     if adapted_on_host is not None:
@@ -261,7 +258,7 @@ def _finish(result: RunResult, adapted_on_host, steps_done: int, start_step: int
         "steps": f"{steps_done} of {setup.total_steps}" + (f" (resumed at {start_step})" if start_step else ""),
         "skipped_steps": skipped,
         "trainable_parameters": setup.trainable_counts["total"],
-        **({"zeroth_order_parameters": count_params(result.state.base)} if result.state.base is not None else {}),
+        **({"own_weight_parameters": count_params(result.state.base)} if result.state.base is not None else {}),
         "wall_time_seconds": time.perf_counter() - wall_start,
         "peak_host_memory_mib": reporting.peak_host_memory_mib(),
     }

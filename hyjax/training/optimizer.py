@@ -8,9 +8,10 @@ The chain, outermost first:
       chain(clip_by_global_norm,             # train.grad_clip_norm (one norm over every group)
             <the method's part>))            # Method.optimizer around the groups:
                                              #   multi_transform(groups): one base optimizer per
-                                             #   lr_multipliers group (0: frozen), Cayley steps on
-                                             #   full-capacity unitary matrices, each group clipped
-                                             #   by its own norm first with train.grad_clip_per_group;
+                                             #   lr_multipliers group (0: frozen) and the method's
+                                             #   own groups (Method.optimizer_groups: the unitary's
+                                             #   Cayley steps), each group clipped by its own norm
+                                             #   first with train.grad_clip_per_group;
                                              #   hybrid: hybrid_weights(...) first (sets lambda from the
                                              #   gradient norms); unitary: unit_norm_projection() after
 """
@@ -23,11 +24,9 @@ from typing import Any
 import jax
 import optax
 
-from hyjax.adapters.unitary_full import Orthogonal
-from hyjax.methods import method_of
+from hyjax.methods import Method, method_of
 from hyjax.optim.optimizers import base_optimizer
 from hyjax.optim.schedule import learning_rate_schedule
-from hyjax.optim.stiefel import cayley_retraction
 
 # apply_if_finite never lets non-finite updates through by itself; the loop stops the run after
 # `train.max_skipped_steps` consecutive skips instead.
@@ -45,49 +44,53 @@ def path_string(key_path) -> str:
     return "/".join(parts)
 
 
-def group_labels(trainable: Any, lr_multipliers) -> Any:
-    """The optimizer group of every trainable leaf: `"orthogonal"` for full-capacity unitary matrices,
-    else `"group<i>"` for the first `lr_multipliers` pattern that matches its path, else `"default"`."""
+def group_labels(trainable: Any, lr_multipliers, method: Method | None = None, section=None) -> Any:
+    """The optimizer group of every trainable leaf: the method's own group for the subtrees it claims
+    (`Method.group_of`, every leaf under such a subtree), else `"group<i>"` for the first
+    `lr_multipliers` pattern that matches its path, else `"default"`."""
     patterns = [re.compile(pattern) for pattern, _ in lr_multipliers]
 
-    def label(key_path, leaf):
+    def own(node) -> str | None:
+        return None if method is None else method.group_of(section, node)
+
+    def label(key_path, node):
+        group = own(node)
+        if group is not None:
+            return jax.tree.map(lambda _: group, node)
         path = path_string(key_path)
         for i, pattern in enumerate(patterns):
             if pattern.search(path):
                 return f"group{i}"
         return "default"
 
-    def node_label(key_path, node):
-        if isinstance(node, Orthogonal):
-            return jax.tree.map(lambda _: "orthogonal", node)
-        return label(key_path, node)
-
-    return jax.tree_util.tree_map_with_path(node_label, trainable, is_leaf=lambda n: isinstance(n, Orthogonal))
+    return jax.tree_util.tree_map_with_path(label, trainable, is_leaf=lambda node: own(node) is not None)
 
 
-def _grouped(train, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """One base optimizer per learning-rate group (multiplier 0: frozen) and Cayley steps for
-    `Orthogonal` matrices, by `group_labels`; with `train.grad_clip_per_group` each group's gradient is
-    first clipped to `train.grad_clip_norm` by its own norm.
+def _grouped(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """One base optimizer per learning-rate group (multiplier 0: frozen) and the method's own groups
+    (`Method.optimizer_groups`), by `group_labels`; with `train.grad_clip_per_group` each group's gradient
+    is first clipped to `train.grad_clip_norm` by its own norm.
 
     Why per group: under one global norm the largest group sets every group's scale. The hybrid's LoRA-GA
     branch, whose gradient is 5-10x its BOFT branch's, would scale BOFT's steps by its own fluctuations,
     which BOFT alone never sees. Clipping inside the groups also puts it after the hybrid's lambda rule
     (`Method.optimizer` wraps the groups), so the rule compares the branches' unclipped norms rather than
     two norms clipped to the same bound."""
+    train, method = config.train, method_of(config)
+
     def clipped(optimizer):
         if train.grad_clip_norm is None or not train.grad_clip_per_group:
             return optimizer
         return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), optimizer)
 
-    groups = {"default": clipped(base_optimizer(train, schedule)),
-              "orthogonal": clipped(cayley_retraction(schedule))}
+    groups = {"default": clipped(base_optimizer(train, schedule))}
+    groups.update({label: clipped(group) for label, group in method.optimizer_groups(config, schedule).items()})
     for i, (_, multiplier) in enumerate(train.lr_multipliers):
         if multiplier == 0:
             groups[f"group{i}"] = optax.set_to_zero()
         else:
             groups[f"group{i}"] = clipped(base_optimizer(train, lambda step, m=multiplier: m * schedule(step)))
-    return optax.multi_transform(groups, lambda tree: group_labels(tree, train.lr_multipliers))
+    return optax.multi_transform(groups, lambda tree: group_labels(tree, train.lr_multipliers, method, config.method))
 
 
 def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -103,5 +106,5 @@ def build_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformat
     chain = []
     if train.grad_clip_norm is not None and not train.grad_clip_per_group:
         chain.append(optax.clip_by_global_norm(train.grad_clip_norm))
-    chain += method_of(config).optimizer(config, _grouped(train, per_update), updates)
+    chain += method_of(config).optimizer(config, _grouped(config, per_update), updates)
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=_NEVER), schedule

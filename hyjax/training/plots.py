@@ -1,5 +1,5 @@
-"""End-of-run figures: the loss curve (GRPO runs: the reward curve), and for hybrid runs the per-layer
-lambda heatmap."""
+"""End-of-run figures: the loss curve (GRPO runs: the reward curve); a method's own figures come from
+`Method.figures`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,7 @@ import pathlib
 
 import numpy as np
 
-
-def _pyplot():
-    # deferred: matplotlib loads only when a plot is drawn, its headless backend chosen first
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from hyjax.figures import pyplot, save
 
 
 def smoothed(values: np.ndarray, window: int) -> np.ndarray:
@@ -69,14 +61,14 @@ def step_series(records: list[dict], key: str, eval_key: str) -> StepSeries:
 def loss_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     """Training loss at every step (raw, and smoothed over `smoothing_window` steps) and the held-out
     loss at each evaluation (step 0: before training), as a PNG."""
-    return _save(step_figure(step_series(records, "loss", "eval/loss"), what="train loss", held_out="held-out loss",
+    return save(step_figure(step_series(records, "loss", "eval/loss"), what="train loss", held_out="held-out loss",
                              ylabel="answer-token cross-entropy", color="tab:blue"), path)
 
 
 def reward_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
     """GRPO: the mean reward of each step's completions (raw, and smoothed over `smoothing_window` steps)
     and the held-out exact match at each evaluation (step 0: before training), as a PNG."""
-    return _save(step_figure(step_series(records, "reward", "eval/exact_match"), what="mean reward",
+    return save(step_figure(step_series(records, "reward", "eval/exact_match"), what="mean reward",
                              held_out="held-out exact match (greedy)", ylabel="reward / exact match",
                              color="tab:green"), path)
 
@@ -84,7 +76,7 @@ def reward_curve(records: list[dict], path: str | pathlib.Path) -> pathlib.Path:
 def step_figure(series: StepSeries, *, what: str, held_out: str, ylabel: str, color: str):
     """A matplotlib figure of `series`: each step's value, its smoothing, and the evaluations as dotted
     points (lines in that order, those that exist)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(series.steps):
         ax.plot(series.steps, series.values, color=color, alpha=0.3, linewidth=0.8, label=f"{what} (each step)")
@@ -100,34 +92,3 @@ def step_figure(series: StepSeries, *, what: str, held_out: str, ylabel: str, co
     ax.legend()
     fig.tight_layout()
     return fig
-
-
-def lambda_grid(lambdas: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
-    """The heatmap's rows (target weights, sorted) and its grid `[weights, layers]` of lambda."""
-    names = sorted(lambdas)
-    return names, np.stack([np.atleast_1d(np.asarray(lambdas[name], np.float32)).reshape(-1) for name in names])
-
-
-def lambda_heatmap(lambdas: dict[str, np.ndarray], path: str | pathlib.Path) -> pathlib.Path:
-    """lambda (the BOFT branch's share) per target weight (rows) and layer (columns) as a PNG."""
-    return _save(lambda_figure(lambdas), path)
-
-
-def lambda_figure(lambdas: dict[str, np.ndarray]):
-    """The matplotlib figure of `lambda_heatmap`: `lambda_grid` drawn as an image."""
-    plt = _pyplot()
-    names, grid = lambda_grid(lambdas)
-    fig, ax = plt.subplots(figsize=(max(6, grid.shape[1] * 0.3 + 3), 0.4 * len(names) + 1.5))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_yticks(range(len(names)), [name.replace("layers/", "") for name in names])
-    ax.set_xlabel("layer")
-    ax.set_title("hybrid lambda (BOFT share; LoRA-GA gets 1 - lambda)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
-
-
-def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
-    return pathlib.Path(path)

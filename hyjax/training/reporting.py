@@ -112,12 +112,3 @@ def format_summary(summary: dict[str, Any]) -> str:
             value = f"{value:.4g}"
         lines.append(f"  {key:<24} {value}")
     return "\n".join(lines)
-
-
-def lambda_metrics(lambdas: dict) -> dict[str, dict]:
-    """The hybrid's lambdas for the metrics: `lambda`, every layer's value per hybrid weight path (a list
-    in layer order, 4 decimals); `lambda_mean` and `lambda_std`, their mean and spread over the layers."""
-    values = {path: np.asarray(value, np.float64).reshape(-1) for path, value in iter_paths(lambdas)}
-    return {"lambda": {path: [round(float(v), 4) for v in layer] for path, layer in values.items()},
-            "lambda_mean": {path: float(layer.mean()) for path, layer in values.items()},
-            "lambda_std": {path: float(layer.std()) for path, layer in values.items()}}

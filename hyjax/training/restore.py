@@ -47,7 +47,7 @@ class RestoredRun:
 
     @property
     def adapted(self) -> dict:
-        """The adapted parameter tree at the checkpointed step (hybrid lambdas set, dropout off)."""
+        """The adapted parameter tree at the checkpointed step (the method's forward state set, dropout off)."""
         return self.setup.plan.params(self.state, self.frozen)
 
 
@@ -66,7 +66,7 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
     Rebuilds the run from the config stored in the checkpoint and the model it names (which must still be
     there; the data files need not be), with the method's start-up choices as the checkpoint kept them
     (LoRA-GA's and the hybrid's initial factors, Hybrid-LoRA's modules), then restores adapters,
-    optimizer state, step, rng and zeroth-order-trained base weights into it. Only a checkpoint saved by
+    optimizer state, step, rng and the method's own weights into it. Only a checkpoint saved by
     an earlier version that lacks what it needs (the starting values, or the run's length when it was
     set in epochs) reads the training data again, to rebuild them. Each
     array is read straight into its sharding on `mesh` (sizes like the config's mesh section, e.g.

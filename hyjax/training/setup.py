@@ -108,14 +108,14 @@ def comparable_fingerprint(fingerprint: dict) -> dict:
 @dataclasses.dataclass
 class RunSetup:
     """A run, ready to train: its plan, the model's tokenizer, the initial trainable / frozen /
-    zeroth-order parts on the devices, and the data."""
+    method's own weights on the devices, and the data."""
 
     plan: RunPlan
     model_path: pathlib.Path | None  # the checkpoint read (None: random weights)
     tokenizer: Tokenizer
     trainable: Any  # initial trainable parameters (None once `train` has built its state from them)
     frozen: dict  # everything else of the adapted tree (less `base`)
-    base: dict | None  # the base weights trained zeroth-order (zo_fo; None otherwise, and once in a state)
+    base: dict | None  # the method's own weights (Method.own_weights: zo_fo's; None otherwise, and once in a state)
     data: PreparedData | None  # None for a run restored from its checkpoint alone (`setup_from_checkpoint`)
     eval_rows: Rows | None  # held-out rows, at most eval.num_examples (None: no evaluation)
     eval_task: Any  # the task format resolved against the held-out rows' columns

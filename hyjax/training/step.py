@@ -8,18 +8,23 @@ The loss of a step is the mean cross-entropy over every answer token of the glob
 so accumulating over micro-batches, or splitting the batch over devices and processes, computes the
 same quantity as one pass over the whole batch (only the summation order differs).
 
-Every objective's update is `accumulated_update` of its micro-batch sums (numerator and denominator of
-its loss, as above): the supervised step is `first_order_step` (`answer_sums`), GRPO's is
-`hyjax.training.grpo.grpo_step`. A run's step is that update, optionally wrapped by
-`hyjax.optim.zeroth_order.zeroth_order_step` (the ZO + FO hybrid: SPSA on the base weights at the same
-point, on `forward_loss` of the same sums), and `seeded`, which gives each step its randomness.
+Every objective's update is `objective_update`: `accumulated_update` of the objective's micro-batch
+sums (numerator and denominator of its loss, as above; the supervised `AnswerObjective`'s are
+`answer_sums`, GRPO's `hyjax.rl.step.grpo_sums`), extended by the method's own weights when it has
+some (`Method.own_weights(...).wrap`: the ZO + FO hybrid's SPSA on the base weights at the same point,
+on `forward_loss` of the same sums). A supervised run's step is that update `seeded`, which gives each
+step its randomness (`make_train_step`; `hyjax.training.run_plan.RunPlan.train_step` jits it).
+
+The method sets what its forward reads from the optimizer state into the tree before every forward
+(`Method.forward_state`, `Method.with_forward_state`: the hybrid's per-layer mix); `method` None below is a
+method with no such state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,17 +32,16 @@ import optax
 from flax import struct
 
 from hyjax import adapters
-from hyjax.adapters.hybrid import set_lambdas
 from hyjax.data.loss import batch_log_likelihood
+from hyjax.methods import Method, OwnWeights
 from hyjax.model import apply as model_apply
-from hyjax.optim import current_lambdas
-from hyjax.optim.zeroth_order import ZerothOrder, join_base, zeroth_order_step
 
 
 class TrainState(struct.PyTreeNode):
     """Everything a step changes: the optimizer steps taken, the trainable adapter parameters, the
-    optimizer state (hybrid lambdas included), the run's base random key (raw uint32[2]) and, for the
-    ZO + FO hybrid, the base weights its zeroth-order updates train (None otherwise)."""
+    optimizer state (with the method's forward state, e.g. the hybrid's per-layer mix), the run's base random
+    key (raw uint32[2]) and the weights the method trains itself (`Method.own_weights`: the ZO + FO
+    hybrid's base weights; None otherwise)."""
 
     step: jax.Array
     trainable: Any
@@ -51,19 +55,22 @@ class TrainState(struct.PyTreeNode):
                    rng=jax.random.PRNGKey(seed), base=base)
 
 
-def forward_params(trainable, frozen, opt_state, key: jax.Array | None, lambdas: bool) -> dict:
+def forward_params(trainable, frozen, opt_state, key: jax.Array | None, method: Method | None) -> dict:
     """The adapted parameter tree the model runs with: trainable and frozen parts joined, fresh dropout
-    randomness (`key`; None: dropout off) and, with `lambdas` (the hybrid), the per-layer mixing
-    weights held in the optimizer state."""
+    randomness (`key`; None: dropout off) and the method's forward state taken from the optimizer
+    state (the hybrid's per-layer mix)."""
     params = adapters.with_rng(adapters.combine(trainable, frozen), key)
-    if lambdas:
-        params = set_lambdas(params, current_lambdas(opt_state))
+    if method is not None:
+        params = method.with_forward_state(params, method.forward_state(opt_state))
     return params
 
 
-def state_params(state: TrainState, frozen: dict, lambdas: bool) -> dict:
-    """The adapted parameter tree of a state, dropout off (for evaluation and export)."""
-    return forward_params(state.trainable, join_base(state.base, frozen), state.opt_state, None, lambdas)
+def state_params(state: TrainState, frozen: dict, method: Method | None, own_weights: OwnWeights | None) -> dict:
+    """The adapted parameter tree of a state, dropout off (for evaluation and export); `frozen` lacks
+    the method's own weights (`state.base`) when it has some."""
+    if own_weights is not None:
+        frozen = own_weights.join(state.base, frozen)
+    return forward_params(state.trainable, frozen, state.opt_state, None, method)
 
 
 def answer_nll_sum(model_config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -86,6 +93,20 @@ class AnswerLoss:
         return total / jnp.maximum(count, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class AnswerObjective:
+    """The supervised objective (`train.objective: sft`): the mean cross-entropy over the answer
+    tokens of each batch (`answer_sums`), one optimizer update per batch. An objective gives `plan_run`
+    its micro-batch sums, the arrays its batches hold beyond `BATCH_DTYPES`' and whether its update
+    counts the run's steps (GRPO's, `hyjax.rl.step.GRPOObjective`, counts sampled batches itself)."""
+
+    counts_step: ClassVar[bool] = True
+    batch_fields: ClassVar[dict[str, Any]] = {}
+
+    def micro_sums(self, model_config):
+        return answer_sums(model_config)
+
+
 def answer_sums(model_config):
     """The supervised objective's micro-batch sums: `sums(params, micro) -> (numerator, denominator,
     metric numerators, metric sums)` with the answer tokens' summed negative log-likelihood over their
@@ -98,7 +119,7 @@ def answer_sums(model_config):
     return sums
 
 
-def forward_loss(micro_sums, lambdas: bool):
+def forward_loss(micro_sums, method: Method | None):
     """`loss(trainable, frozen, opt_state, batch, key)`: an objective's loss of a whole
     `[accumulation, micro_batch, ...]` batch by forward passes alone (micro-batch i with dropout key
     `fold_in(key, i)`, as the gradient's): its numerators and denominators summed over micro-batches,
@@ -107,7 +128,7 @@ def forward_loss(micro_sums, lambdas: bool):
     def batch_loss(trainable, frozen, opt_state, batch, key):
         def add(carry, inputs):
             index, micro = inputs
-            params = forward_params(trainable, frozen, opt_state, jax.random.fold_in(key, index), lambdas)
+            params = forward_params(trainable, frozen, opt_state, jax.random.fold_in(key, index), method)
             numerator, denominator, _, _ = micro_sums(params, micro)
             return (carry[0] + numerator, carry[1] + denominator), None
 
@@ -118,13 +139,8 @@ def forward_loss(micro_sums, lambdas: bool):
     return batch_loss
 
 
-def make_batch_loss(model_config, lambdas: bool):
-    """The step's mean answer-token loss by forward passes alone (`forward_loss` of `answer_sums`)."""
-    return forward_loss(answer_sums(model_config), lambdas)
-
-
 def accumulated_update(micro_sums, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                       lambdas: bool, *, counts_step: bool = True):
+                       method: Method | None, *, counts_step: bool = True):
     """`step(state, frozen, batch, key) -> (state, metrics)`: one optimizer update of any objective.
 
     `micro_sums(params, micro) -> (numerator, denominator, metric numerators, metric sums)` is the
@@ -140,7 +156,7 @@ def accumulated_update(micro_sums, optimizer: optax.GradientTransformation, sche
     was skipped)."""
 
     def loss_of(trainable, frozen, opt_state, micro, key):
-        numerator, denominator, means, sums = micro_sums(forward_params(trainable, frozen, opt_state, key, lambdas),
+        numerator, denominator, means, sums = micro_sums(forward_params(trainable, frozen, opt_state, key, method),
                                                          micro)
         return numerator, (denominator, means, sums)
 
@@ -175,11 +191,17 @@ def accumulated_update(micro_sums, optimizer: optax.GradientTransformation, sche
     return step
 
 
-def first_order_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                     lambdas: bool):
-    """The supervised update: `accumulated_update` of the answer tokens' loss (`answer_sums`); its
-    metrics add `answer_tokens`."""
-    return accumulated_update(answer_sums(model_config), optimizer, schedule, lambdas)
+def objective_update(objective, model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                     method: Method | None = None, own_weights: OwnWeights | None = None):
+    """`update(state, frozen, batch, key) -> (state, metrics)`: one optimizer update of `objective`'s loss
+    (`accumulated_update` of its micro-batch sums), extended to the method's own weights when it has
+    some (`OwnWeights.wrap`, on the same loss by forward passes; then `state.base` holds them and
+    `frozen` the rest)."""
+    sums = objective.micro_sums(model_config)
+    update = accumulated_update(sums, optimizer, schedule, method, counts_step=objective.counts_step)
+    if own_weights is not None:
+        update = own_weights.wrap(update, forward_loss(sums, method))
+    return update
 
 
 def seeded(step):
@@ -193,22 +215,19 @@ def seeded(step):
 
 
 def make_train_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    lambdas: bool, zeroth_order: ZerothOrder | None = None):
-    """`step(state, frozen, batch) -> (state, metrics)`, not yet jitted: the first-order step, wrapped
-    by the ZO + FO hybrid's SPSA part when `zeroth_order` is given (then `state.base` holds the base
-    weights it trains and `frozen` the rest), with the step's randomness. `batch` holds
-    `[accumulation, micro_batch, T]` arrays (tokens, targets, loss_mask, segment_ids, positions)."""
-    step = first_order_step(model_config, optimizer, schedule, lambdas)
-    if zeroth_order is not None:
-        step = zeroth_order_step(step, make_batch_loss(model_config, lambdas), zeroth_order)
-    return seeded(step)
+                    method: Method | None = None, own_weights: OwnWeights | None = None):
+    """`step(state, frozen, batch) -> (state, metrics)`, not yet jitted: the supervised update
+    (`objective_update` of `AnswerObjective`; metrics add `answer_tokens`) with the step's randomness.
+    `batch` holds `[accumulation, micro_batch, T]` arrays (tokens, targets, loss_mask, segment_ids,
+    positions)."""
+    return seeded(objective_update(AnswerObjective(), model_config, optimizer, schedule, method, own_weights))
 
 
-def make_eval_step(model_config, lambdas: bool):
+def make_eval_step(model_config, method: Method | None = None, own_weights: OwnWeights | None = None):
     """`eval_step(state, frozen, batch) -> (sum of answer-token nll, answer tokens)` on `[B, T]` arrays,
     dropout off."""
 
     def eval_step(state: TrainState, frozen: dict, batch: dict):
-        return answer_nll_sum(model_config, state_params(state, frozen, lambdas), batch)
+        return answer_nll_sum(model_config, state_params(state, frozen, method, own_weights), batch)
 
     return eval_step
