@@ -1,10 +1,13 @@
-"""Compiled memory of one training step per adapter method on SmolLM2-135M, against full fine-tuning.
+"""Compiled memory of one training step per method on SmolLM2-135M, against full fine-tuning.
 
-    python bench/adapter_memory.py [--batch 8 --seq 128] [--out bench/results/adapter_memory]
+    python bench/adapter_memory.py [--batch 8 --seq 128 --remat none] [--out bench/results/adapter_memory]
 
-Compiles (never runs) `loss -> grads of the trainable leaves -> AdamW update` for each method with
-abstract inputs, and reads XLA's `memory_analysis()`: argument, output and temporary bytes of the
-step. Writes a markdown table and JSON.
+Each method as its YAML ships it (configs/methods/<name>.yaml), on this machine's devices: the run's own
+step (`plan_run(...).train_step()`, the program `python -m hyjax.train` executes, with its optimizer,
+gradient accumulation and the method's state), lowered with abstract arguments (`RunPlan.abstract_arguments`:
+no weight is read, batches `--seq` long with logits at every position) and compiled, never run. Reads
+XLA's `memory_analysis()`: argument, output, donated and temporary bytes of the step. Writes a markdown
+table and JSON.
 """
 
 from __future__ import annotations
@@ -15,52 +18,21 @@ import pathlib
 import platform
 
 import jax
-import jax.numpy as jnp
-import optax
 
-from hyjax import adapters as A
-from hyjax import model as M
+from hyjax.config import load_config
+from hyjax.methods import METHODS
+from hyjax.training import plan_run, run_layout
 
 
-def methods() -> dict[str, object]:
-    """The method configs compared, by display name."""
+def step_memory(method: str, batch: int, seq: int, remat: str) -> dict[str, int]:
+    """Bytes of the compiled training step of `method` (its shipped YAML) on abstract SmolLM2-135M weights."""
+    config = load_config(f"methods/{method}", [
+        "model.preset=smollm2-135m", "model.path=/checkpoint", f"model.remat={remat}", f"data.max_length={seq}",
+        f"train.global_batch_size={batch}", "train.micro_batch_size=null", "export.peft_adapter=false"])
+    plan = plan_run(config, config.model.preset_config(), run_layout(config.mesh), total_steps=100)
+    stats = plan.train_step().lower(*plan.abstract_arguments()).compile().memory_analysis()
     return {
-        "full": A.FullConfig(),
-        "lora r=8": A.LoRAConfig(rank=8),
-        "lora-ga r=8": A.LoRAGAConfig(rank=8),
-        "oft b=32": A.BOFTConfig(block_size=32, n_factors=1),
-        "boft b=8 m=2": A.BOFTConfig(block_size=8, n_factors=2),
-        "unitary": A.UnitaryConfig(),
-        "hybrid boft+lora-ga": A.HybridConfig(),
-    }
-
-
-def step_memory(config: M.LlamaConfig, method, batch: int, seq: int) -> dict[str, int]:
-    """Bytes of one compiled AdamW training step for `method` on abstract SmolLM2 weights."""
-    base = M.abstract_params(config)
-    spec = A.AdapterSpec.for_method(method)
-    gradients = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), base)
-    adapted = jax.eval_shape(lambda p, g: A.apply(spec, p, jax.random.key(0), gradients=g), base, gradients)
-    trainable, frozen = A.split_trainable(adapted)
-    optimizer = optax.adamw(1e-4)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-
-    def train_step(trainable, frozen, opt_state, tokens):
-        def loss_fn(trainable):
-            logits = M.apply(config, A.combine(trainable, frozen), tokens[:, :-1])
-            logp = jax.nn.log_softmax(logits)
-            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    compiled = jax.jit(train_step, donate_argnums=(0, 2)).lower(trainable, frozen, opt_state, tokens).compile()
-    stats = compiled.memory_analysis()
-    counts = A.count_trainable(adapted)
-    return {
-        "trainable_params": counts["total"],
+        "trainable_params": plan.trainable_counts["total"],
         "argument_bytes": stats.argument_size_in_bytes,
         "output_bytes": stats.output_size_in_bytes,
         "alias_bytes": stats.alias_size_in_bytes,
@@ -77,17 +49,17 @@ def main() -> None:
     parser.add_argument("--remat", default="none")
     parser.add_argument("--out", default="bench/results/adapter_memory")
     args = parser.parse_args()
-    config = M.preset("smollm2-135m", remat=args.remat)
     rows = {}
-    for name, method in methods().items():
-        rows[name] = step_memory(config, method, args.batch, args.seq)
-        print(name, rows[name], flush=True)
+    for method in METHODS:
+        rows[method] = step_memory(method, args.batch, args.seq, args.remat)
+        print(method, rows[method], flush=True)
     full = rows["full"]["total_bytes"]
     lines = [
-        f"# Compiled training-step memory, SmolLM2-135M, batch {args.batch} x {args.seq} tokens, AdamW, "
-        f"remat={args.remat}",
+        f"# Compiled training-step memory, SmolLM2-135M, batch {args.batch} x {args.seq} tokens, each method's "
+        f"YAML, remat={args.remat}",
         "",
-        f"jax {jax.__version__}, backend {jax.default_backend()}, {platform.machine()}. "
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {platform.machine()}. The run's own step "
+        "(`plan_run(...).train_step()`), compiled with abstract arguments. "
         f"Command: `python bench/adapter_memory.py --batch {args.batch} --seq {args.seq} --remat {args.remat}`.",
         "",
         "| method | trainable params | arguments MiB | temporaries MiB | total MiB | vs full |",
