@@ -1,6 +1,6 @@
 """Per-chip memory of LLaMA-3.1 8B / 70B / 405B training steps on v5p pods, for full fine-tuning, LoRA,
-BOFT and the hybrid (and, at 8B, the ZO + FO hybrid and Hybrid-LoRA), compiled for the TPU topology on
-this CPU machine (`python -m hyjax.plan`, libtpu), with each step's roofline time bound.
+BOFT and the hybrid (and, at 8B, the ZO + FO hybrid, Hybrid-LoRA and a GRPO run with LoRA), compiled for
+the TPU topology on this CPU machine (`python -m hyjax.plan`, libtpu), with each step's roofline time bound.
 
     python bench/plans.py [--only 405b] [--methods boft,hybrid --update [--resume]] [--out bench/results/plans]
 
@@ -42,6 +42,10 @@ SCALE_METHODS = {"8b": list(METHODS), "70b": ["full", "lora", "boft", "hybrid"],
                  "405b": ["full", "lora", "boft", "hybrid"]}
 COMMON = ["model.path=/checkpoint", "model.param_dtype=bfloat16", "model.dtype=bfloat16", "model.remat=full",
           "data.max_length=2048", "export.peft_adapter=false", "method.boft.block_size=16"]
+# A GRPO run at 8B (its own update on rollout batches of 2 prompts x 8 completions, its sampler, its
+# reference policy), LoRA on the 8B row's mesh and batch.
+GRPO_ROW = ("llama3.1-8b grpo", "8b", "lora", ["train.objective=grpo", "data.task=math", "grpo.group_size=8",
+                                              "grpo.max_new_tokens=512", "grpo.beta=0.04"])
 # The smallest row, recompiled by the default test suite (tests/test_plan.py) on every CI run.
 CI_ROW = ("smollm2-135m", "models/smollm2-135m.yaml", "v5p:2x2x1", "hybrid",
           ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.global_batch_size=8", "data.max_length=256",
@@ -71,6 +75,11 @@ def planned_rows(scales, methods):
         for method in SCALE_METHODS[scale]:
             rows.append((f"llama3.1-{scale}", lambda m=method, y=model_yaml, o=mesh: row_config(y, m, COMMON + o),
                          topology, method))
+        grpo_name, grpo_scale, grpo_method, grpo_overrides = GRPO_ROW
+        if scale == grpo_scale:
+            rows.append((grpo_name, lambda y=model_yaml, o=mesh: row_config(y, grpo_method,
+                                                                             COMMON + o + grpo_overrides),
+                         topology, grpo_method))
     return [row for row in rows if not methods or row[3] in methods]
 
 
@@ -122,7 +131,9 @@ def write(rows: list[dict], out: pathlib.Path) -> None:
              "Pallas for BOFT and the unitary adapter); bfloat16 weights, remat full, AdamW, sequences of "
              "2048 tokens (the CI row: 256). Hybrid-LoRA is planned at its largest: its budget (10% of the modules) "
              "filled with the largest modules, the MLP projections (`python -m hyjax.plan --selection "
-             "module_selection.json` plans the modules a run chose).", "",
+             "module_selection.json` plans the modules a run chose). The GRPO row compiles GRPO's own update and "
+             "its sampler (2 prompts of up to 1,536 tokens, 8 completions of 512 each: KV cache, logits, "
+             "completions); its total holds the larger of the two beside the state, plus the reference policy.", "",
              "| model | method | topology | mesh (data x fsdp x tensor) | batch (micro) | trainable | arguments GiB "
              "| temporaries GiB | total GiB/chip | vs full | fits | Pallas calls | compile s |",
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
