@@ -1,11 +1,12 @@
 """A method of one's own, added as the registry says (an adapter, a `Method`, one `register` call and a
-YAML), with state beside its trainable tree: it trains, logs and draws that state, checkpoints, and
-resumes exactly through the real job (`hyjax.training.train`), with no change to hyjax.
+YAML), with settings of its own and state beside its trainable tree: it trains, logs and draws that
+state, checkpoints, and resumes exactly through the real job (`hyjax.training.train`), with no change to
+hyjax.
 
 The method, `gated_lora`: LoRA whose update is multiplied by a per-layer gate. The gate is not trained
-by gradients: an Optax transform of the method keeps it in the optimizer state (ramping from 1/RAMP to 1
-over the first RAMP updates) and the method sets it into the adapted weights before every forward
-(`Method.forward_state` / `with_forward_state`), as the hybrid does with its lambdas.
+by gradients: an Optax transform of the method keeps it in the optimizer state (ramping from 1/ramp to 1
+over the first `ramp` updates, `method.settings.ramp`) and the method sets it into the adapted weights
+before every forward (`Method.forward_state` / `with_forward_state`), as the hybrid does with its lambdas.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import pytest
 
 from hyjax.adapters import LoRAConfig, LoRAWeight
 from hyjax.adapters.targets import map_paths
-from hyjax.config import load_config
+from hyjax.config import ConfigError, load_config
 from hyjax.figures import pyplot, save
 from hyjax.methods import METHODS, Method, register
 from hyjax.training import restore, train
 from test_train_run import _losses, tiny_run_overrides
 
-RAMP = 4  # updates over which the gate ramps to 1
+RAMP = 3  # updates over which the gate ramps to 1 (the test's YAML; the method's default is 4)
 
 
 # ------------------------------------------------------------------ the adapter
@@ -78,15 +79,26 @@ def _factor_paths(trainable, prefix=""):
     return found
 
 
-def gate_ramp() -> optax.GradientTransformation:
-    """Leaves the updates alone; moves every layer's gate to min(1, (updates + 1) / RAMP)."""
+@dataclasses.dataclass(frozen=True)
+class GateSettings:
+    """`method.settings` of gated_lora."""
+
+    ramp: int = 4  # updates over which the gate ramps to 1
+
+    def __post_init__(self):
+        if self.ramp < 1:
+            raise ValueError(f"ramp={self.ramp} must be at least 1")
+
+
+def gate_ramp(ramp: int) -> optax.GradientTransformation:
+    """Leaves the updates alone; moves every layer's gate to min(1, (updates + 1) / ramp)."""
 
     def init(params):
-        return GateState(jnp.zeros((), jnp.int32), {path: jnp.full(a.shape[:-2], 1.0 / RAMP, jnp.float32)
+        return GateState(jnp.zeros((), jnp.int32), {path: jnp.full(a.shape[:-2], 1.0 / ramp, jnp.float32)
                                                     for path, a in _factor_paths(params).items()})
 
     def update(updates, state, params=None):
-        gate = jnp.minimum(1.0, (state.count + 2).astype(jnp.float32) / RAMP)
+        gate = jnp.minimum(1.0, (state.count + 2).astype(jnp.float32) / ramp)
         return updates, GateState(state.count + 1, jax.tree.map(lambda g: jnp.full_like(g, gate), state.gates))
 
     return optax.GradientTransformation(init, update)
@@ -94,13 +106,14 @@ def gate_ramp() -> optax.GradientTransformation:
 
 class GatedLoRA(Method):
     name = "gated_lora"
-    sections = ("lora",)  # it reads method.lora's settings
+    sections = ("lora", "settings")  # it reads method.lora's settings and its own
+    settings_type = GateSettings
 
     def adapter_config(self, section):
         return GatedLoRAConfig(**dataclasses.asdict(section.lora))
 
     def optimizer(self, config, grouped, total_updates):
-        return [gate_ramp(), grouped]
+        return [gate_ramp(config.method.own_settings().ramp), grouped]
 
     def forward_state(self, opt_state):
         (state,) = [node for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, GateState))
@@ -124,7 +137,7 @@ class GatedLoRA(Method):
 def gated_lora(tmp_path):
     register(GatedLoRA())
     yaml = tmp_path / "gated_lora.yaml"
-    yaml.write_text("method:\n  name: gated_lora\n  lora: {rank: 2, alpha: 4.0}\n")
+    yaml.write_text(f"method:\n  name: gated_lora\n  lora: {{rank: 2, alpha: 4.0}}\n  settings: {{ramp: {RAMP}}}\n")
     yield yaml
     del METHODS["gated_lora"]
 
@@ -143,7 +156,7 @@ def test_a_registered_method_with_state_of_its_own_trains_checkpoints_and_resume
     records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["gate"]["layers/attn/q_proj"] for r in records if "gate" in r}
     layers = result.setup.model_config.num_layers
-    assert logged == {step: [min(1.0, (step + 1) / RAMP)] * layers for step in range(1, 7)}
+    assert logged == {step: [float(np.float32(min(1.0, (step + 1) / RAMP)))] * layers for step in range(1, 7)}
     assert (whole / "gate_heatmap.png").is_file() and result.summary["files"]["gate_heatmap"].endswith(".png")
     # the forward reads it: the adapted tree of the final state carries the gate (0 as the adapter built it),
     # and B moved (with the adapter's own gate of 0 it would get no gradient)
@@ -162,6 +175,17 @@ def test_a_registered_method_with_state_of_its_own_trains_checkpoints_and_resume
     assert final.step == 6
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(final.state)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_its_settings_are_checked_as_its_own_dataclass_says(gated_lora):
+    def settings(*overrides):
+        return load_config(gated_lora, ["export.peft_adapter=false", *overrides]).method.own_settings()
+
+    assert settings() == GateSettings(ramp=RAMP) and settings("method.settings.ramp=5") == GateSettings(ramp=5)
+    with pytest.raises(ConfigError, match="method.settings.ramp=0 must be at least 1"):
+        settings("method.settings.ramp=0")
+    with pytest.raises(ConfigError, match="unknown key 'method.settings.rmap'; did you mean 'method.settings.ramp'"):
+        settings("method.settings.rmap=2")
 
 
 def test_a_method_name_is_registered_once(gated_lora):

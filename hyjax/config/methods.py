@@ -5,16 +5,19 @@ fields, defaults and validation are the adapters'. The exception is `unitary`: `
 for its backend when built, which must not happen before `jax.distributed.initialize`, so the section
 mirrors its fields (a test keeps the two in step) and the method builds the real one.
 
-Adding a method: its entry in hyjax/methods/registry.py, a sub-section field here when it has
-hyperparameters of its own, configs/methods/<name>.yaml and its base.yaml block.
+Adding a method: its `Method` registered (hyjax/methods/registry.py, or `hyjax.methods.register`) and
+configs/methods/<name>.yaml. Its own hyperparameters go in `method.settings`, read as the dataclass it
+names (`Method.settings_type`); the sub-sections here are those of the methods hyjax ships.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from hyjax.adapters import BOFTConfig, LoRAConfig, LoRAGAConfig
 from hyjax.adapters.hybrid import LORA_STARTS, MIXES
+from hyjax.config.typed import ConfigError, build
 from hyjax.methods import METHODS, method_of
 from hyjax.methods.hybrid_lora import SCORES
 from hyjax.methods.zo_fo import ZerothOrderFirstOrder
@@ -119,6 +122,9 @@ class MethodSection:
     hybrid: HybridSection = HybridSection()
     hybrid_lora: HybridLoRASection = HybridLoRASection()
     zo_fo: ZerothOrderSection = ZerothOrderSection()
+    # A registered method's own hyperparameters, checked and built as its `Method.settings_type`
+    # (`own_settings`): a method added outside hyjax needs no section here.
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         one_of("name", self.name, list(METHODS))
@@ -126,7 +132,20 @@ class MethodSection:
             valid_regex(f"targets[{i}]", pattern)
         for i, pattern in enumerate(self.frozen):
             valid_regex(f"frozen[{i}]", pattern)
+        self.own_settings()
         method_of(self).check(self)
+
+    def own_settings(self):
+        """`settings` as the chosen method's `Method.settings_type` (its defaults for keys not given), or
+        None for a method without settings of its own. Raises `ConfigError` naming a wrong key or value."""
+        settings_type = method_of(self).settings_type
+        if settings_type is None:
+            if self.settings:
+                raise ConfigError(f"method.settings={self.settings} is given, but method.name={self.name!r} has no "
+                                  "settings of its own (its hyperparameters are in its sub-section, e.g. "
+                                  "method.lora); remove method.settings")
+            return None
+        return build(settings_type, self.settings, "method.settings")
 
     def adapter_config(self):
         """The `hyjax.adapters` config object of the chosen method (e.g. `LoRAConfig(rank=16)`)."""

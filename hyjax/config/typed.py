@@ -3,7 +3,8 @@
 `build(cls, tree)` checks every key against the dataclass fields (unknown keys name the closest valid
 ones), checks every value against the field's type, and constructs the (validating) dataclass. Types
 understood: bool, int, float (ints are accepted; never nan or infinite), str, None,
-unions (`int | None`), `tuple[X, ...]`, fixed tuples `tuple[X, Y]` (from YAML lists), nested dataclasses.
+unions (`int | None`), `tuple[X, ...]`, fixed tuples `tuple[X, Y]` (from YAML lists), nested dataclasses,
+and `dict[str, Any]`, a free mapping whose reader checks it (a registered method's `method.settings`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def check_path(cls, dotted: str, source: str = ""):
     prefix = ""
     tp = cls
     for key in dotted.split("."):
+        if _is_mapping(tp):  # a free mapping (a method's own settings): what it holds is checked by its reader
+            return Any
         if cls is None:
             raise ConfigError(f"{prefix!r} is a value, not a section, so {dotted!r} names nothing"
                               + (f" (in {source})" if source else ""))
@@ -117,6 +120,12 @@ def convert(tp, value, key: str):
         raise _type_error(key, tp, value)
     if tp is Any:
         return value
+    if _is_mapping(tp):
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} must be a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, str) and len(args) == 2 and args[1] is Ellipsis and args[0] is str:
@@ -151,6 +160,10 @@ def convert(tp, value, key: str):
             return None
         raise _type_error(key, tp, value)
     raise TypeError(f"config field {key} has a type the loader does not understand: {tp}")
+
+
+def _is_mapping(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
 
 
 def to_plain(obj):

@@ -46,6 +46,9 @@ class Method:
     # the hybrid initialise from it, Hybrid-LoRA scores its modules with it); `from_gradients` may
     # depend on the method's settings.
     starts_from_gradients: ClassVar[bool] = False
+    # Its own hyperparameters, given as `method.settings` and read as this dataclass
+    # (`section.own_settings()`); None: it has none. A method with settings lists "settings" in `sections`.
+    settings_type: ClassVar[type | None] = None
 
     def adapter_config(self, section) -> Any:
         """The `hyjax.adapters` config of its adapter (e.g. `LoRAConfig(rank=16)`)."""
