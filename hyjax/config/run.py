@@ -23,7 +23,7 @@ from hyjax.config.sections import (
 )
 from hyjax.config.typed import ConfigError, to_plain
 from hyjax.data import DataConfig
-from hyjax.methods import method_of
+from hyjax.methods import METHODS, method_of
 from hyjax.model.params import abstract_params
 
 
@@ -46,14 +46,17 @@ class RunConfig:
         # Checks that span sections; each message names the keys involved.
         method = method_of(self.method)
         if self.export.peft_adapter and not method.peft_exportable(self.method):
+            able = [name for name, other in METHODS.items() if other.peft_exportable(self.method)]
             raise ConfigError(
                 f"export.peft_adapter=true, but method.name={self.method.name!r} cannot be written in PEFT's "
-                "format (only lora, and oft/boft with neumann_terms=0); set export.peft_adapter=false "
+                f"format (with these settings: {', '.join(able)}); set export.peft_adapter=false "
                 "(export.merged_model=true writes the merged model)")
         if self.export.gguf_lora and not method.gguf_lora_exportable(self.method):
+            able = [name for name, other in METHODS.items() if other.gguf_lora_exportable(self.method)]
             raise ConfigError(
                 f"export.gguf_lora=true, but method.name={self.method.name!r} cannot be written as a GGUF LoRA file "
-                "(plain LoRA can); set export.gguf_lora=false (export.gguf=f16 writes the merged model as GGUF)")
+                f"({', '.join(able)} can); set export.gguf_lora=false (export.gguf=f16 writes the merged model as "
+                "GGUF)")
         if self.train.objective == "grpo":
             self._check_grpo(method)
         if method.from_gradients(self.method) and self.model.path is None:
