@@ -85,6 +85,8 @@ def _wrong_type(tp) -> str:
     """A YAML value that no field of type `tp` takes."""
     if _accepts(tp, tuple):
         return "{a: 1}"
+    if _accepts(tp, dict):
+        return "[1, 2]"
     if _accepts(tp, str) or _accepts(tp, bool):
         return "[1, 2]"
     if _accepts(tp, int) or _accepts(tp, float):
@@ -132,6 +134,7 @@ def config_cases() -> list[BadInput]:
         _override_case("mesh.fsdp", "3", "mesh larger than the devices"),
         _override_case("mesh.tensor", "2", "tensor axis without the devices"),
         _override_case("method.name", "lora_gaa", "misspelled method"),
+        _override_case("method.settings.rank", "4", "settings given to a method that has none of its own"),
         BadInput("config", "LoRA rank above the weights' size",
                  lambda ws: base_overrides(ws, "method.name=lora", "method.lora.rank=100000"), mentions=("rank",)),
         BadInput("config", "BOFT block that does not divide the features",
