@@ -1,7 +1,7 @@
 """GRPO inside `python -m hyjax.train` (`train.objective: grpo`): its step (the rollout stage: sample the
 prompts' completions and reward them; then `num_iterations` of the run plan's update on GRPO's
-objective, `RunPlan.train_step`), as `hyjax.training.loop.fit` runs it; the prompts come from `hyjax.rl.prompts`, the objective's
-arithmetic from `hyjax.rl`.
+objective, `RunPlan.train_step`), as `hyjax.training.loop.fit` runs it; the prompts come from
+`hyjax.rl.prompts`, the objective's arithmetic from `hyjax.rl`.
 
 Every process samples every completion of a step (keys from (step, prompt, sample), the same values
 anywhere) and trains on its share of the rows, so a run of any number of processes, and a resumed run,

@@ -5,8 +5,8 @@ and the benchmarks alike: the run's method and adapter spec, the adapted tree (a
 trainable / frozen / own-weights split, the objective (the supervised answer loss, or GRPO's on the
 rollout batches its sampling stage produces before each step), the optimizer and schedule, the
 shardings of every array, and the jitted step: one accumulate-clip-update of the objective's
-micro-batch sums for every objective and method. Loading real weights is a separate step on top of it (`hyjax.training.setup`),
-so the planner compiles exactly the program a run executes.
+micro-batch sums for every objective and method. Loading real weights is a separate step on top of it
+(`hyjax.training.setup`), so the planner compiles exactly the program a run executes.
 
     plan = plan_run(config, model_config, layout, total_steps=1000)
     compiled = plan.train_step().lower(*plan.abstract_arguments()).compile()   # no weight read
