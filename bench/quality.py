@@ -603,8 +603,11 @@ def main() -> None:
                                                "eval_rows": args.gsm8k_eval_examples, "seeds": args.gsm8k_seeds,
                                                "max_new_tokens": args.max_new_tokens}}},
               "runs": [r for k, r in kept.items() if k not in todo]}  # earlier sittings' other runs
-    first_of_task = {task: next(((t, n, s) for t, n, s in todo if t == task and VARIANTS[n][0] == "hyjax"), None)
-                     for task in args.tasks}
+    # The pretrained model's row is the same for every method and seed: measured once, by the first hyjax run of
+    # a task, unless a kept run of the same settings already holds it.
+    measured = {task for (task, _, _), record in kept.items() if record.get("eval_before")}
+    first_of_task = {task: None if task in measured else next(
+        ((t, n, s) for t, n, s in todo if t == task and VARIANTS[n][0] == "hyjax"), None) for task in args.tasks}
     print(f"{len(todo)} runs; work folder {args.work}", flush=True)
     free_cores = queue.Queue()
     for core in (sorted(os.sched_getaffinity(0))[:args.workers] if args.workers > 1 else [None]):
