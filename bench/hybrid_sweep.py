@@ -65,14 +65,14 @@ def hybrid(lora_ga_lr: float, boft_lr: float, *extra: str, mix: str = "update") 
             f'train.lr_multipliers=[[".*/boft_(r|s)$",{boft_lr / lora_ga_lr:g}]]', *extra]
 
 
-RAW_SUM = ("train.hybrid_weights.rule=raw", "train.hybrid_weights.shares=sum")
-NORMALIZED_UNIT = ("train.hybrid_weights.rule=normalized", "train.hybrid_weights.shares=unit")
+RAW_SUM = ("method.hybrid.lambdas.rule=raw", "method.hybrid.lambdas.shares=sum")
+NORMALIZED_UNIT = ("method.hybrid.lambdas.rule=normalized", "method.hybrid.lambdas.shares=unit")
 
 
 def frozen(lam: float) -> tuple[str, ...]:
     """lambda held at `lam` from the first step (the raw rule's computation, clipped to one value)."""
-    return ("train.hybrid_weights.rule=raw", "train.hybrid_weights.warmup_steps=0",
-            f"train.hybrid_weights.clip=[{lam:g},{lam:g}]", "train.hybrid_weights.shares=unit")
+    return ("method.hybrid.lambdas.rule=raw", "method.hybrid.lambdas.warmup_steps=0",
+            f"method.hybrid.lambdas.clip=[{lam:g},{lam:g}]", "method.hybrid.lambdas.shares=unit")
 
 
 # name -> (method, overrides).
@@ -113,10 +113,10 @@ def hybrid_settings(lora_ga_lr: float, boft_lr: float) -> dict:
         f"hybrid raw, sum ({rates})": ("hybrid", hybrid(lora_ga_lr, boft_lr, *RAW_SUM)),
         f"hybrid normalized, unit ({rates})": ("hybrid", hybrid(lora_ga_lr, boft_lr, *NORMALIZED_UNIT)),
         f"hybrid normalized, sum ({rates})": (
-            "hybrid", hybrid(lora_ga_lr, boft_lr, "train.hybrid_weights.rule=normalized",
-                             "train.hybrid_weights.shares=sum")),
+            "hybrid", hybrid(lora_ga_lr, boft_lr, "method.hybrid.lambdas.rule=normalized",
+                             "method.hybrid.lambdas.shares=sum")),
         f"hybrid handover 0.2-0.8, normalized, unit ({rates})": (
-            "hybrid", hybrid(lora_ga_lr, boft_lr, *NORMALIZED_UNIT, "train.hybrid_weights.handover=[0.2,0.8]")),
+            "hybrid", hybrid(lora_ga_lr, boft_lr, *NORMALIZED_UNIT, "method.hybrid.lambdas.handover=[0.2,0.8]")),
         f"hybrid fixed 0.5, unit ({rates})": ("hybrid", hybrid(lora_ga_lr, boft_lr, *frozen(0.5))),
         f"BOFT + plain LoRA, normalized, unit (LoRA 1e-3, BOFT {rate(boft_lr)})": (
             "hybrid", hybrid(1e-3, boft_lr, *NORMALIZED_UNIT, "method.hybrid.lora_start=zero")),
@@ -176,9 +176,9 @@ def budget(args, data: pathlib.Path, folder: pathlib.Path) -> list[str]:
 # What every setting of a method assumes unless it names it: the hybrid's YAML as the sweep began (raw rule,
 # summed shares, lambda within [0.05, 0.95] after 10 warm-up steps, one clipping norm), so the settings
 # keep their meaning now that configs/methods/hybrid.yaml ships the sweep's winner.
-ASSUMED = {"hybrid": ("train.grad_clip_per_group=false", "train.hybrid_weights.rule=raw",
-                      "train.hybrid_weights.shares=sum", "train.hybrid_weights.clip=[0.05,0.95]",
-                      "train.hybrid_weights.warmup_steps=10")}
+ASSUMED = {"hybrid": ("train.grad_clip_per_group=false", "method.hybrid.lambdas.rule=raw",
+                      "method.hybrid.lambdas.shares=sum", "method.hybrid.lambdas.clip=[0.05,0.95]",
+                      "method.hybrid.lambdas.warmup_steps=10")}
 
 
 def slug(name: str) -> str:

@@ -130,7 +130,9 @@ def fingerprint(name: str, task: str, seed: int, args) -> str:
 
 
 # Options added with a default other than what ran before them: a record without the key ran with this value.
-BEFORE_THE_OPTION = {"config.train.hybrid_weights.rule": "raw", "config.train.hybrid_weights.shares": "sum"}
+BEFORE_THE_OPTION = {"config.method.hybrid.lambdas.rule": "raw", "config.method.hybrid.lambdas.shares": "sum"}
+# Sections that moved since records were kept, old flat key prefix -> new (hyjax.config.loading.MOVED).
+MOVED = {"config.train.hybrid_weights.": "config.method.hybrid.lambdas."}
 
 
 def still_valid(record: dict, args) -> bool:
@@ -158,17 +160,18 @@ SECTIONS = {"full": (), "lora": ("lora",), "lora_ga": ("lora_ga",), "oft": ("bof
 
 
 def _relevant(flat: dict) -> dict:
-    """Recorded settings (flat) less the keys `_deciding` leaves out today (records kept more)."""
+    """Recorded settings (flat) less the keys `_deciding` leaves out today (records kept more), keys of
+    sections that moved since at their new names."""
     method = flat.get("config.method.name")
     out = {}
     for key, value in flat.items():
+        for before, now in MOVED.items():
+            key = now + key[len(before):] if key.startswith(before) else key
         parts = key.split(".")
         if parts[:3] == ["config", "eval", "every_steps"]:
             continue
         if method in SECTIONS and parts[:2] == ["config", "method"] and len(parts) > 3 \
                 and parts[2] not in SECTIONS[method]:
-            continue
-        if method != "hybrid" and parts[:3] == ["config", "train", "hybrid_weights"]:
             continue
         out[key] = value
     return out
@@ -176,8 +179,7 @@ def _relevant(flat: dict) -> dict:
 
 def _deciding(config) -> dict:
     """The resolved config less what cannot change a run's result: paths, logging, checkpointing, export,
-    when evaluations happen, the method sub-sections its method does not read and, but for the hybrid,
-    its lambda transform."""
+    when evaluations happen, and the method sub-sections its method does not read."""
     method = config.method.name
     config = config.to_dict()
     for section in ("logging", "checkpoint", "export"):
@@ -186,8 +188,6 @@ def _deciding(config) -> dict:
     config["eval"].pop("every_steps", None)
     for name in [k for k, v in config["method"].items() if isinstance(v, dict) and k not in SECTIONS[method]]:
         config["method"].pop(name)
-    if method != "hybrid":
-        config["train"].pop("hybrid_weights", None)
     for key in ("path", "eval_path"):
         if config["data"].get(key):
             config["data"][key] = pathlib.Path(config["data"][key]).name

@@ -51,7 +51,7 @@ def one_step(checkpoint: str, train_tsv: str, output: str, method: str, mesh: di
         "method.lora_ga.n_batches=2", "method.lora_ga.batch_size=8", "method.lora.rank=4", "method.lora_ga.rank=4",
         "method.zo_fo.learning_rate=1e-3", "method.hybrid_lora.n_batches=2", "method.hybrid_lora.batch_size=8",
         "export.peft_adapter=false",
-        "train.hybrid_weights.rule=raw", "train.hybrid_weights.warmup_steps=0", f"logging.output_dir={output}",
+        "method.hybrid.lambdas.rule=raw", "method.hybrid.lambdas.warmup_steps=0", f"logging.output_dir={output}",
         *(["method.boft.impl=pallas", "method.boft.interpret=true", "method.unitary.impl=pallas"] if pallas else []),
         *overrides])
     layout = run_layout(MeshSection(**mesh), devices=devices)

@@ -17,13 +17,16 @@ from hyjax.config import (
     METHODS,
     ConfigError,
     RunConfig,
-    UnitarySection,
     configs_dir,
     load_config,
     parse_value,
+    saved_tree,
 )
+from hyjax.config.methods import MethodFields
+from hyjax.config.typed import build
 
 from hyjax.methods import method_of
+from hyjax.methods.plain import UnitarySection
 from hyjax.optim import current_lambdas
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -86,9 +89,8 @@ def test_quickstart():
     assert config.train.global_batch_size == 16
     assert config.data.task_options()["answers"] == ((0, " negative"), (1, " positive"))
     hybrid = load_config("methods/hybrid")  # the quickstart keeps the hybrid's shipped settings
-    assert (config.method.hybrid, config.train.learning_rate, config.train.lr_multipliers,
-            config.train.hybrid_weights) == (hybrid.method.hybrid, hybrid.train.learning_rate,
-                                             hybrid.train.lr_multipliers, hybrid.train.hybrid_weights)
+    assert (config.method.hybrid, config.train.learning_rate, config.train.lr_multipliers) == \
+        (hybrid.method.hybrid, hybrid.train.learning_rate, hybrid.train.lr_multipliers)
     assert hybrid.method.hybrid.mix == "update" and hybrid.train.learning_rate == 5e-5
     assert hybrid.train.grad_clip_per_group and config.train.grad_clip_per_group
 
@@ -144,7 +146,7 @@ def test_include_errors(tmp_path):
     ("method.targets=layers/attn/q_proj", "method.targets", ("layers/attn/q_proj",)),
     ("train.lr_multipliers=[[layers/.*, 2.0], [embed.*, 0]]", "train.lr_multipliers",
      (("layers/.*", 2.0), ("embed.*", 0.0))),
-    ("train.hybrid_weights.clip=[0.1, 0.9]", "train.hybrid_weights.clip", (0.1, 0.9)),
+    ("method.hybrid.lambdas.clip=[0.1, 0.9]", "method.hybrid.lambdas.clip", (0.1, 0.9)),
     ("data.verbalizer=[[neg, ' no'], [pos, ' yes']]", "data.verbalizer", (("neg", " no"), ("pos", " yes"))),
     ("method.lora={rank: 4, dropout: 0.1}", "method.lora.rank", 4),
     ("method.lora={rank: 4, dropout: 0.1}", "method.lora.alpha", 16.0),
@@ -212,7 +214,7 @@ def test_unknown_key_in_file_names_the_file_and_the_closest(tmp_path):
     ("train.learning_rate=true", "train.learning_rate must be float, got True (bool)"),
     ("train.learning_rate=fast", "train.learning_rate must be float, got 'fast' (str)"),
     ("method.lora.rank=[4]", "method.lora.rank must be int, got [4] (list)"),
-    ("train.hybrid_weights.clip=[0.1]", "train.hybrid_weights.clip must have 2 items"),
+    ("method.hybrid.lambdas.clip=[0.1]", "method.hybrid.lambdas.clip must have 2 items"),
     ("train.lr_multipliers=[[layers, x]]", "train.lr_multipliers[0][1] must be float, got 'x' (str)"),
     ("method.lora=3", "method.lora must be a mapping"),
 ])
@@ -232,8 +234,8 @@ def test_type_errors_name_key_type_and_value(override, message):
     (["train.learning_rate=0"], "train.learning_rate=0.0 must be > 0"),
     (["train.b2=1.0"], "train.b2=1.0 must be in [0, 1)"),
     (["train.lr_multipliers=[['(', 1.0]]"], "train.lr_multipliers[0]='(' is not a valid regular expression"),
-    (["train.hybrid_weights.clip=[0.9, 0.1]"], "train.hybrid_weights.clip=[0.9, 0.1] must satisfy"),
-    (["train.hybrid_weights.direction=inverted"], "did you mean 'inverse'?"),
+    (["method.hybrid.lambdas.clip=[0.9, 0.1]"], "method.hybrid.lambdas.clip=[0.9, 0.1] must satisfy"),
+    (["method.hybrid.lambdas.direction=inverted"], "did you mean 'inverse'?"),
     (["data.eval_fraction=1.5"], "data.eval_fraction=1.5 must be in (0, 1)"),
     (["data.task=classify"], "data.task='classify' must be one of"),
     (["data.task=math", "data.verbalizer=[[0, a]]"], "only applies to task=classification"),
@@ -356,18 +358,18 @@ def test_methods_exist_in_adapters_and_have_a_yaml():
 
 def test_choices_come_from_the_modules_they_configure():
     from hyjax import data
-    from hyjax.config import sections
+    from hyjax.methods import hybrid
     import importlib
     hw = importlib.import_module("hyjax.optim.hybrid_weights")
 
-    assert sections.DIRECTIONS is hw.DIRECTIONS
+    assert hybrid.DIRECTIONS is hw.DIRECTIONS
     with pytest.raises(ConfigError, match=re.escape(f"data.task='gsm8' must be one of {list(data.TASKS)}; "
                                                     "did you mean 'gsm8k'?")):
         load_config(None, ["data.task=gsm8"])
     with pytest.raises(ConfigError, match=re.escape(f"data.format='tab' must be one of {list(data.FORMATS)}")):
         load_config(None, ["data.format=tab"])
     with pytest.raises(ConfigError, match=re.escape(f"must be one of {list(hw.DIRECTIONS)}")):
-        load_config(None, ["train.hybrid_weights.direction=both"])
+        load_config(None, ["method.hybrid.lambdas.direction=both"])
 
 
 def test_model_path_names_a_known_pretrained_checkpoint():
@@ -414,3 +416,35 @@ def test_check_model_reports_what_does_not_fit():
         load_config(None, ["method.targets=[nothing]"]).check_model()
     with pytest.raises(ConfigError, match="pass the checkpoint's LlamaConfig"):
         load_config(None, ["model.preset=null"]).check_model()
+
+
+def test_a_moved_section_is_refused_by_its_new_name(tmp_path):
+    """`train.hybrid_weights` is now `method.hybrid.lambdas`: a config naming the old place, in a file or an
+    override, is refused with the new one."""
+    with pytest.raises(ConfigError, match=re.escape("'train.hybrid_weights.ema' has moved to "
+                                                    "'method.hybrid.lambdas.ema'")):
+        load_config("methods/hybrid", ["train.hybrid_weights.ema=0.5"])
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  hybrid_weights:\n    clip: [0.5, 0.5]\n")
+    with pytest.raises(ConfigError, match=re.escape(f"'train.hybrid_weights' has moved to 'method.hybrid.lambdas' "
+                                                    f"(in {path})")):
+        load_config(path)
+
+
+def test_a_saved_config_is_read_with_its_moved_section_in_its_new_place():
+    config = load_config("methods/hybrid", ["method.hybrid.lambdas.ema=0.5"])
+    tree = config.to_dict()
+    tree["train"]["hybrid_weights"] = tree["method"]["hybrid"].pop("lambdas")  # as runs saved it before the move
+    assert build(RunConfig, saved_tree(tree)) == config
+    assert "hybrid_weights" in tree["train"]  # the saved tree itself is left as it was
+
+
+def test_the_method_section_holds_each_methods_own_sub_sections():
+    """Every sub-section of `method` is the dataclass a registered method brings (`Method.section_types`),
+    and every such dataclass is there."""
+    section = RunConfig().method
+    brought = {name: tp for method in METHODS.values() for name, tp in method.section_types.items()}
+    shared = {f.name for f in dataclasses.fields(MethodFields)}
+    assert {f.name for f in dataclasses.fields(section)} - shared == set(brought)
+    for name, tp in brought.items():
+        assert type(getattr(section, name)) is tp, name

@@ -85,6 +85,25 @@ def test_a_run_saved_by_older_code_restores_and_resumes(workplace, monkeypatch, 
                                    err_msg=f"{key} after resuming, saved with {RECORDED['run_commits'][name]}")
 
 
+def test_a_saved_run_resumes_with_a_setting_it_has_no_record_of_and_not_with_one_changed(workplace, monkeypatch):
+    """The hybrid's run was saved while its lambda rule was `train.hybrid_weights` (outside the method section,
+    so outside its fingerprint): now `method.hybrid.lambdas`, it is not compared, whatever its value; a setting
+    the run recorded still is."""
+    monkeypatch.chdir(workplace)
+    saved = json.loads((FIXTURES / "runs" / "hybrid" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert "lambdas" not in saved["fingerprint"]["method"]["hybrid"] and "hybrid_weights" in saved["config"]["train"]
+    changed = {"unrecorded": "method.hybrid.lambdas.ema=0.5", "recorded": "method.lora_ga.alpha=8.0"}
+    for kind, override in changed.items():
+        output = workplace / f"run_hybrid_{kind}"
+        shutil.copytree(FIXTURES / "runs" / "hybrid", output)
+        config = load_config(None, [*overrides("hybrid", output.name, 3), override])
+        if kind == "recorded":
+            with pytest.raises(CheckpointMismatchError, match=r"differ in method: .*this run .*'alpha': 8\.0"):
+                train(config, log=lambda text: None)
+        else:
+            assert train(config, log=lambda text: None).summary["steps"] == "3 of 3 (resumed at 2)"
+
+
 @pytest.fixture(scope="module")
 def model_alone(workplace, tmp_path_factory) -> pathlib.Path:
     """A folder holding the recorded runs' model and no data file: a run restored here cannot read its

@@ -112,7 +112,7 @@ def test_hybrid_runs_carry_lambdas_in_the_optimizer_state():
     # rank 3: the LoRA-GA branch's 3 x (32 + 32) gradient entries outnumber the rotation's 8 x 4 x 4, so with
     # all-ones gradients the two branch norms differ and lambda leaves 0.5
     config = _config("model.path=x.gguf", "method.name=hybrid", "method.boft.block_size=4",
-                     "method.lora_ga.rank=3", "train.hybrid_weights.rule=raw", "train.hybrid_weights.warmup_steps=0")
+                     "method.lora_ga.rank=3", "method.hybrid.lambdas.rule=raw", "method.hybrid.lambdas.warmup_steps=0")
     spec = method_of(config).adapter_spec(config)
     gradients = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
     trainable = A.split_trainable(A.apply(spec, params, jax.random.key(1), gradients=gradients))[0]
@@ -132,7 +132,7 @@ def test_hybrid_lambda_rule_reads_the_branches_unclipped_gradient_norms(per_grou
     read them clipped per group, each branch would be scaled by its own factor and lambda would differ."""
     params = M.init_params(CONFIG, jax.random.key(0))
     config = _config("model.path=x.gguf", "method.name=hybrid", "method.hybrid.mix=update", "method.boft.block_size=4",
-                     "method.lora_ga.rank=3", "train.hybrid_weights.rule=raw", "train.hybrid_weights.warmup_steps=0",
+                     "method.lora_ga.rank=3", "method.hybrid.lambdas.rule=raw", "method.hybrid.lambdas.warmup_steps=0",
                      "train.grad_clip_norm=1.0", f"train.grad_clip_per_group={per_group}",
                      'train.lr_multipliers=[[".*/boft_(r|s)$",4]]')
     spec = method_of(config).adapter_spec(config)

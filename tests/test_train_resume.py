@@ -24,7 +24,7 @@ STEPS = 40
 # (the rng), lambdas in the optimizer state.
 HYBRID = ["method.name=hybrid", "method.boft.dropout=0.1", "method.lora_ga.rank=2", "method.lora_ga.n_batches=2",
           f"train.steps={STEPS}", "checkpoint.every_steps=3", "eval.num_examples=4", "eval.before_training=false",
-          "eval.generation_samples=0", "train.hybrid_weights.warmup_steps=2"]
+          "eval.generation_samples=0", "method.hybrid.lambdas.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")

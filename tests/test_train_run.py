@@ -147,7 +147,7 @@ def test_a_hybrid_run_logs_every_layers_lambda_with_its_spread(tiny_checkpoint, 
     output = tmp_path / "hybrid"
     config = load_config(None, tiny_run_overrides(tiny_checkpoint, sentiment_data, output, "method.name=hybrid",
                                                   "method.hybrid.mix=update", "method.lora_ga.n_batches=2",
-                                                  "train.hybrid_weights.warmup_steps=2", "train.hybrid_weights.ema=0.0",
+                                                  "method.hybrid.lambdas.warmup_steps=2", "method.hybrid.lambdas.ema=0.0",
                                                   "eval.num_examples=4", "eval.generation_samples=0"))
     result = train(config, log=lambda text: None)
     records = [r for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "lambda" in r]

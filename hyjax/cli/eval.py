@@ -44,7 +44,7 @@ def evaluate(args) -> dict:
     import jax
 
     from hyjax import adapters
-    from hyjax.config import ConfigError, RunConfig, apply_override, load_config
+    from hyjax.config import ConfigError, RunConfig, apply_override, load_config, saved_tree
     from hyjax.config.typed import build
     from hyjax.data import held_out_rows
     from hyjax.hub import resolve_model
@@ -68,7 +68,7 @@ def evaluate(args) -> dict:
         if files:
             raise ConfigError(f"a run folder evaluates with its own config; give overrides, not {files[0]!r}")
         run = restore(model_path, step=args.step)
-        tree = json.loads(json.dumps(run.meta["config"]))
+        tree = saved_tree(json.loads(json.dumps(run.meta["config"])))
         for override in overrides:
             apply_override(tree, override)
         config = build(RunConfig, tree)

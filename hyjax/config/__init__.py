@@ -6,14 +6,21 @@ into frozen typed sections before anything is loaded or compiled.
     config.save(f"{config.logging.output_dir}/config.yaml")   # load_config(that file) == config
 """
 
-from hyjax.config.loading import ENV_CONFIGS, apply_override, configs_dir, find_config, load_config, parse_value
-from hyjax.config.methods import METHODS, HybridSection, MethodSection, UnitarySection
+from hyjax.config.loading import (
+    ENV_CONFIGS,
+    apply_override,
+    configs_dir,
+    find_config,
+    load_config,
+    parse_value,
+    saved_tree,
+)
+from hyjax.config.methods import METHODS, MethodSection
 from hyjax.config.run import RunConfig
 from hyjax.config.sections import (
     CheckpointSection,
     EvalSection,
     ExportSection,
-    HybridWeightsSection,
     LoggingSection,
     MeshSection,
     ModelSection,
@@ -23,7 +30,6 @@ from hyjax.config.typed import ConfigError
 
 __all__ = [
     "ENV_CONFIGS", "METHODS", "CheckpointSection", "ConfigError", "EvalSection", "ExportSection",
-    "HybridSection", "HybridWeightsSection", "LoggingSection", "MeshSection", "MethodSection", "ModelSection",
-    "RunConfig", "TrainSection", "UnitarySection", "apply_override", "configs_dir", "find_config", "load_config",
-    "parse_value",
+    "LoggingSection", "MeshSection", "MethodSection", "ModelSection", "RunConfig", "TrainSection",
+    "apply_override", "configs_dir", "find_config", "load_config", "parse_value", "saved_tree",
 ]

@@ -27,9 +27,14 @@ import yaml
 
 from hyjax.config.run import RunConfig
 from hyjax.config.typed import ConfigError, build, check_keys, check_path, convert
+from hyjax.methods import METHODS
 
 ENV_CONFIGS = "HYJAX_CONFIGS"
 INCLUDE_KEYS = ("include", "defaults")
+# Settings that moved, old dotted key -> new (`Method.moved_settings`): a config that names the old one is
+# refused with the new name; a run saved before the move (its checkpoints' metadata) is read with it moved
+# (`saved_tree`).
+MOVED = {old: new for method in METHODS.values() for old, new in method.moved_settings.items()}
 
 
 class _Loader(yaml.SafeLoader):
@@ -145,6 +150,7 @@ def read_yaml(path: pathlib.Path, _stack: tuple[pathlib.Path, ...] = ()) -> dict
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key} in {path} must be a file name or a list of them, got {value!r}")
         includes += value
+    refuse_moved(dotted_keys(data), str(path))
     check_keys(data, RunConfig, source=str(path))
     tree: dict = {}
     for name in includes:
@@ -153,22 +159,41 @@ def read_yaml(path: pathlib.Path, _stack: tuple[pathlib.Path, ...] = ()) -> dict
     return tree
 
 
-def apply_override(tree: dict, override: str) -> None:
-    """Sets `dotted.key=value` in `tree` (value parsed by `parse_value`), checking the key first."""
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} must look like dotted.key=value (e.g. train.learning_rate=3e-4)")
-    source = f"override {override!r}"
-    tp = check_path(RunConfig, key, source=source)
-    value = parse_value(text)
-    try:
-        convert(tp, value, key)
-    except ConfigError:
-        try:  # e.g. `data.template=Review: {text}` is a YAML mapping but meant as the string
-            value = convert(tp, text, key)
-        except ConfigError:
-            pass  # `build` reports the type error
+def dotted_keys(tree: Mapping, prefix: str = "") -> list[str]:
+    """Every key of `tree` and of its mappings, dotted (`train`, `train.learning_rate`, ...)."""
+    out = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        out.append(dotted)
+        if isinstance(value, Mapping):
+            out += dotted_keys(value, dotted + ".")
+    return out
+
+
+def refuse_moved(keys: Iterable[str], source: str) -> None:
+    """Raises `ConfigError` for the first of `keys` under a section that moved (`MOVED`), naming its new place."""
+    for key in keys:
+        for old, new in MOVED.items():
+            if key == old or key.startswith(old + "."):
+                raise ConfigError(f"{key!r} has moved to {new + key[len(old):]!r} (in {source}); write it there")
+
+
+def saved_tree(tree: Mapping) -> dict:
+    """A config tree that a run saved (its checkpoints' metadata) as today's layout: the sections that
+    moved since it was saved (`MOVED`) taken from their old place to their new one."""
+    tree = copy.deepcopy(dict(tree))
+    for old, new in MOVED.items():
+        *parents, last = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            set_dotted(tree, new, node.pop(last))
+    return tree
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Sets the dotted `key` of `tree` to `value`, merging into a mapping already there."""
     *parents, last = key.split(".")
     node = tree
     for part in parents:
@@ -179,6 +204,26 @@ def apply_override(tree: dict, override: str) -> None:
         deep_merge(node[last], value)
     else:
         node[last] = value
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Sets `dotted.key=value` in `tree` (value parsed by `parse_value`), checking the key first."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like dotted.key=value (e.g. train.learning_rate=3e-4)")
+    source = f"override {override!r}"
+    refuse_moved([key], source)
+    tp = check_path(RunConfig, key, source=source)
+    value = parse_value(text)
+    try:
+        convert(tp, value, key)
+    except ConfigError:
+        try:  # e.g. `data.template=Review: {text}` is a YAML mapping but meant as the string
+            value = convert(tp, text, key)
+        except ConfigError:
+            pass  # `build` reports the type error
+    set_dotted(tree, key, value)
 
 
 def deep_merge(into: dict, update: Mapping) -> dict:

@@ -13,7 +13,6 @@ import dataclasses
 from hyjax.adapters.targets import DEFAULT_TARGETS
 from hyjax.model import presets
 from hyjax.model.config import DTYPES, REMAT_POLICIES
-from hyjax.optim.hybrid_weights import DIRECTIONS, RULES, SHARES
 from hyjax.optim.optimizers import OPTIMIZERS
 from hyjax.optim.schedule import SCHEDULES
 from hyjax.pretrained import SMOLLM2_135M_INSTRUCT, is_known
@@ -67,40 +66,6 @@ class ModelSection:
         return presets.preset(self.preset, param_dtype=self.param_dtype, dtype=self.dtype, remat=self.remat)
 
 
-@dataclasses.dataclass(frozen=True)
-class HybridWeightsSection:
-    """The Optax transform that sets each hybrid layer's lambda (hyjax.optim.hybrid_weights); its `mix`
-    is `method.hybrid.mix`."""
-
-    rule: str = "normalized"  # normalized: each branch's gradient norm over its own warm-up mean | raw
-    direction: str = "proportional"  # proportional: the branch with the larger signal gets more | inverse
-    temperature: float = 1.0  # tau > 0 of the norm ratio
-    ema: float = 0.9  # beta in [0, 1) of the moving average of the target share
-    clip: tuple[float, float] = (0.05, 0.95)  # [lo, hi] within [0, 1]
-    warmup_steps: int = 10  # lambda stays at the prior for this many steps (the normalized rule's scales)
-    share_correction: bool | None = None  # divide each branch's norm by its share; null: when mix=weight
-    shares: str = "unit"  # mix=update: branch updates x 2 lam, 2 (1 - lam) (unit) | x lam, 1 - lam (sum)
-    handover: tuple[float, float] | None = None  # prior lambda from [first, last] over the run; null: 0.5
-
-    def __post_init__(self):
-        one_of("rule", self.rule, RULES)
-        one_of("shares", self.shares, SHARES)
-        one_of("direction", self.direction, DIRECTIONS)
-        if self.handover is not None and not (len(self.handover) == 2 and all(0 < p < 1 for p in self.handover)):
-            raise ValueError(f"handover={list(self.handover)} must be [first, last], two lambdas strictly between "
-                             "0 and 1, or null")
-        if self.rule == "normalized" and self.warmup_steps < 1:
-            raise ValueError("warmup_steps=0: the normalized rule measures each branch's scale over the warm-up "
-                             "steps, so it needs at least 1 (or rule: raw)")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0")
-        in_range("ema", self.ema, 0, 1, high_open=True)
-        lo, hi = self.clip
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"clip={list(self.clip)} must satisfy 0 <= lo <= hi <= 1")
-        at_least("warmup_steps", self.warmup_steps, 0)
-
-
 OBJECTIVES = ("sft", "grpo")  # what train.objective takes
 
 
@@ -124,7 +89,8 @@ class TrainSection:
     grad_clip_norm: float | None = 1.0  # clip the global gradient norm to this; null: no clipping
     # Clip each lr_multipliers group's gradient by its own norm instead of one norm over all of them, so a
     # large gradient in one group (the hybrid's LoRA-GA branch) does not scale down another's (its BOFT branch).
-    # Per group the clipping comes after the hybrid's lambda rule, which then sees unclipped norms.
+    # Per group the clipping comes after what a method adds before the base optimizers (the hybrid's lambda
+    # rule, which then sees unclipped norms).
     grad_clip_per_group: bool = False
     # Ordered (regex over parameter paths, learning-rate multiplier) table, first match wins;
     # multiplier 0 freezes. E.g. [["layers/.*/boft_.*", 10.0]]. Unmatched parameters: 1.
@@ -133,7 +99,6 @@ class TrainSection:
     # A step whose gradient is not finite (NaN/inf) is skipped and reported; this many in a row stop the run.
     max_skipped_steps: int = 10
     objective: str = "sft"  # sft: the answer tokens' cross-entropy | grpo: rewards of sampled completions (grpo:)
-    hybrid_weights: HybridWeightsSection = HybridWeightsSection()
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -274,7 +239,7 @@ class LoggingSection:
     """Where a run writes and how often it reports."""
 
     output_dir: str = "runs/default"  # run folder: resolved config.yaml, metrics, checkpoints, exports
-    every_steps: int = 10  # log learning rate, throughput (and hybrid lambdas) every N steps; the loss every step
+    every_steps: int = 10  # log learning rate, throughput (and what the method logs) every N steps; the loss every step
     tensorboard: bool = False  # also write TensorBoard event files
     progress_bar: bool = True  # a tqdm progress bar on the terminal
 
@@ -289,7 +254,7 @@ class ExportSection:
     peft_adapter: bool = True  # Hugging Face PEFT adapter (adapter_config.json + adapter_model.safetensors)
     merged_model: bool = False  # the merged model as a Hugging Face safetensors folder
     gguf: str | None = None  # the merged model as one GGUF file (llama.cpp, ollama): f32, f16, bf16 or q8_0
-    gguf_lora: bool = False  # the LoRA adapter as a GGUF LoRA file (llama.cpp's --lora); method lora only
+    gguf_lora: bool = False  # the LoRA adapter as a GGUF LoRA file (llama.cpp's --lora); plain LoRA only
 
     def __post_init__(self):
         if self.gguf is not None:

@@ -42,6 +42,14 @@ class Method:
     name: ClassVar[str]  # method.name
     # The method sub-sections (`method.lora`, ...) whose settings it reads: they identify its runs.
     sections: ClassVar[tuple[str, ...]] = ()
+    # The sub-sections it brings, by name, as the frozen dataclasses their YAML is read into (LoRA's
+    # `{"lora": LoRAConfig}`); the config's `method` section holds those of every method registered
+    # when hyjax.config is imported. A method added later keeps its own in `method.settings`.
+    section_types: ClassVar[dict[str, type]] = {}
+    # Its settings that moved since runs were saved with them, old dotted key -> new (the hybrid's lambda rule
+    # from `train.hybrid_weights` to `method.hybrid.lambdas`): a config naming the old key is refused with the
+    # new one, and saved runs are read with them moved (`hyjax.config.saved_tree`).
+    moved_settings: ClassVar[dict[str, str]] = {}
     # Starts from the full gradient of the pretrained model, averaged over a few batches (LoRA-GA and
     # the hybrid initialise from it, Hybrid-LoRA scores its modules with it); `from_gradients` may
     # depend on the method's settings.

@@ -4,13 +4,64 @@ layer by lambdas that the `hybrid_weights` Optax transform computes from the bra
 
 from __future__ import annotations
 
+import dataclasses
+
 from hyjax.adapters import HybridConfig
 from hyjax.adapters.boft import FLAT_BLOCKS_FORM
-from hyjax.adapters.hybrid import WEIGHT_MIX_FORM, set_lambdas
+from hyjax.adapters.hybrid import LORA_STARTS, MIXES, WEIGHT_MIX_FORM, set_lambdas
 from hyjax.methods.base import Method
 from hyjax.methods.hybrid_report import lambda_heatmap, lambda_metrics
 from hyjax.optim import current_lambdas, hybrid_weights
-from hyjax.optim.hybrid_weights import STATE_FORM
+from hyjax.optim.hybrid_weights import DIRECTIONS, RULES, SHARES, STATE_FORM
+from hyjax.validation import at_least, in_range, one_of
+
+
+@dataclasses.dataclass(frozen=True)
+class LambdaSection:
+    """`method.hybrid.lambdas`: how the `hybrid_weights` Optax transform (hyjax.optim.hybrid_weights) sets
+    each hybrid layer's lambda; its `mix` is `method.hybrid.mix`."""
+
+    rule: str = "normalized"  # normalized: each branch's gradient norm over its own warm-up mean | raw
+    direction: str = "proportional"  # proportional: the branch with the larger signal gets more | inverse
+    temperature: float = 1.0  # tau > 0 of the norm ratio
+    ema: float = 0.9  # beta in [0, 1) of the moving average of the target share
+    clip: tuple[float, float] = (0.05, 0.95)  # [lo, hi] within [0, 1]
+    warmup_steps: int = 10  # lambda stays at the prior for this many steps (the normalized rule's scales)
+    share_correction: bool | None = None  # divide each branch's norm by its share; null: when mix=weight
+    shares: str = "unit"  # mix=update: branch updates x 2 lam, 2 (1 - lam) (unit) | x lam, 1 - lam (sum)
+    handover: tuple[float, float] | None = None  # prior lambda from [first, last] over the run; null: 0.5
+
+    def __post_init__(self):
+        one_of("rule", self.rule, RULES)
+        one_of("shares", self.shares, SHARES)
+        one_of("direction", self.direction, DIRECTIONS)
+        if self.handover is not None and not (len(self.handover) == 2 and all(0 < p < 1 for p in self.handover)):
+            raise ValueError(f"handover={list(self.handover)} must be [first, last], two lambdas strictly between "
+                             "0 and 1, or null")
+        if self.rule == "normalized" and self.warmup_steps < 1:
+            raise ValueError("warmup_steps=0: the normalized rule measures each branch's scale over the warm-up "
+                             "steps, so it needs at least 1 (or rule: raw)")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        in_range("ema", self.ema, 0, 1, high_open=True)
+        lo, hi = self.clip
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"clip={list(self.clip)} must satisfy 0 <= lo <= hi <= 1")
+        at_least("warmup_steps", self.warmup_steps, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridSection:
+    """`method.hybrid`: the hybrid BOFT + LoRA-GA method; its branches are `method.boft` and `method.lora_ga`."""
+
+    mix: str = "weight"  # weight: lambda weights the branch outputs | update: lambda scales their updates
+    # gradient: the LoRA branch is LoRA-GA (method.lora_ga) | zero: plain LoRA (method.lora; B = 0), a control
+    lora_start: str = "gradient"
+    lambdas: LambdaSection = LambdaSection()
+
+    def __post_init__(self):
+        one_of("mix", self.mix, MIXES)
+        one_of("lora_start", self.lora_start, LORA_STARTS)
 
 
 class Hybrid(Method):
@@ -18,6 +69,8 @@ class Hybrid(Method):
 
     name = "hybrid"
     sections = ("boft", "lora_ga", "lora", "hybrid")
+    section_types = {"hybrid": HybridSection}
+    moved_settings = {"train.hybrid_weights": "method.hybrid.lambdas"}
 
     def adapter_config(self, section) -> HybridConfig:
         return HybridConfig(boft=section.boft, lora_ga=section.lora_ga, lora=section.lora, mix=section.hybrid.mix,
@@ -37,7 +90,7 @@ class Hybrid(Method):
     def optimizer(self, config, grouped, total_updates):
         """`hybrid_weights` sets lambda from the gradients before the base optimizers see them; with
         mix="update" it wraps them instead and scales their updates by lambda."""
-        hw = config.train.hybrid_weights
+        hw = config.method.hybrid.lambdas
         mix = config.method.hybrid.mix
         options = dict(rule=hw.rule, direction=hw.direction, temperature=hw.temperature, ema=hw.ema,
                        clip=tuple(hw.clip), warmup_steps=hw.warmup_steps, mix=mix,

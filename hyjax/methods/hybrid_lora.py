@@ -36,6 +36,7 @@ from hyjax.adapters.lora_ga import randomized_svd
 from hyjax.adapters.targets import iter_paths, stacked_axes
 from hyjax.methods.base import Method
 from hyjax.model import abstract_params
+from hyjax.validation import at_least, in_range, one_of
 
 SCORES = ("grad_norm_x_residual", "grad_norm", "residual_share", "residual_norm", "random")
 EXACT_SVD_LIMIT = 4096  # matrices whose smaller side is larger get a randomized SVD
@@ -211,12 +212,35 @@ def module_sizes(gradients: dict) -> dict[str, int]:
     return {path: math.prod(gradient.shape[-2:]) for path, gradient in iter_paths(gradients)}
 
 
+@dataclasses.dataclass(frozen=True)
+class HybridLoRASection:
+    """`method.hybrid_lora`: a scoring pass over the pretrained model picks the target modules (one
+    projection of one layer each) to fine-tune fully; the rest get LoRA (method.lora). See
+    `module_scores`."""
+
+    fraction: float = 0.1  # share of the target modules fully fine-tuned (rounded down, at least one)
+    max_params: int | None = None  # instead of fraction: fully fine-tuned parameters at most (best modules that fit)
+    score: str = "grad_norm_x_residual"  # grad_norm_x_residual | grad_norm | residual_share | residual_norm | random
+    rank: int | None = None  # r of the residual energy (outside the best rank-r approximation); null: method.lora.rank
+    n_batches: int = 16  # batches the scoring gradient is averaged over...
+    batch_size: int = 2  # ...of this many sequences each
+
+    def __post_init__(self):
+        in_range("fraction", self.fraction, 0, 1)
+        at_least("max_params", self.max_params, 0, allow_none=True)
+        one_of("score", self.score, SCORES)
+        at_least("rank", self.rank, 1, allow_none=True)
+        at_least("n_batches", self.n_batches, 1)
+        at_least("batch_size", self.batch_size, 1)
+
+
 class HybridLoRA(Method):
     """Hybrid-LoRA: the best-scored modules fully fine-tuned, LoRA (method.lora) on the rest
     (method.hybrid_lora)."""
 
     name = "hybrid_lora"
     sections = ("hybrid_lora", "lora")
+    section_types = {"hybrid_lora": HybridLoRASection}
     starts_from_gradients = True
     SELECTION_KEY = "module_selection"
 

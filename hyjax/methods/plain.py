@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from hyjax.adapters import BOFTConfig, FullConfig, UnitaryConfig
+from hyjax.adapters import BOFTConfig, FullConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig
 from hyjax.adapters.boft import FLAT_BLOCKS_FORM
 from hyjax.adapters.unitary_full import Orthogonal
 from hyjax.methods.base import Method
+from hyjax.model.config import DTYPES
 from hyjax.optim.stiefel import cayley_retraction
 from hyjax.optim.unit_norm import unit_norm_projection
+from hyjax.validation import at_least, one_of
+from pallas_kernels.dispatch import IMPLS
 
 
 class Full(Method):
@@ -27,6 +30,7 @@ class LoRA(Method):
 
     name = "lora"
     sections = ("lora",)
+    section_types = {"lora": LoRAConfig}
 
     def adapter_config(self, section):
         return section.lora
@@ -43,6 +47,7 @@ class LoRAGA(Method):
 
     name = "lora_ga"
     sections = ("lora_ga",)
+    section_types = {"lora_ga": LoRAGAConfig}
     starts_from_gradients = True
 
     def adapter_config(self, section):
@@ -54,6 +59,7 @@ class BOFT(Method):
 
     name = "boft"
     sections = ("boft",)
+    section_types = {"boft": BOFTConfig}
 
     def adapter_config(self, section) -> BOFTConfig:
         return section.boft
@@ -79,11 +85,32 @@ class OFT(BOFT):
         return section.boft
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitarySection:
+    """`method.unitary`: `hyjax.adapters.UnitaryConfig`'s fields (see its docstring). The section mirrors
+    them because `UnitaryConfig` asks JAX for its backend when built, which must not happen before
+    `jax.distributed.initialize` (a test keeps the two in step); `Unitary.adapter_config` builds the real one."""
+
+    impl: str = "auto"  # auto (Pallas on TPU/GPU, XLA on CPU) | xla | pallas
+    full_capacity: bool = False  # a dense d_in x d_in orthogonal matrix instead (small d_in only)
+    max_full_capacity_dim: int = 1024  # full_capacity is refused above this d_in
+    perm_seed: int = 0  # seed of the fixed permutation Pi
+    dtype: str = "float32"  # dtype of the trainable parameters
+
+    def __post_init__(self):
+        one_of("impl", self.impl, IMPLS)
+        if self.max_full_capacity_dim < 1:
+            raise ValueError(f"max_full_capacity_dim={self.max_full_capacity_dim} must be >= 1")
+        at_least("perm_seed", self.perm_seed, 0)
+        one_of("dtype", self.dtype, DTYPES)
+
+
 class Unitary(Method):
     """The uRNN-style unitary adapter (method.unitary)."""
 
     name = "unitary"
     sections = ("unitary",)
+    section_types = {"unitary": UnitarySection}
 
     def adapter_config(self, section) -> UnitaryConfig:
         return UnitaryConfig(**dataclasses.asdict(section.unitary))

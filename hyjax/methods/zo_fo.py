@@ -10,6 +10,35 @@ from hyjax.methods.base import Method
 from hyjax.methods.plain import BOFT, OFT, LoRA, Unitary
 from hyjax.optim.schedule import learning_rate_schedule
 from hyjax.optim.zeroth_order import ZerothOrder
+from hyjax.validation import at_least, one_of, valid_regex
+
+# The first-order adapters zo_fo can carry (`method.zo_fo.adapter`): methods that need no gradient at the start.
+ADAPTERS = {method.name: method for method in (LoRA(), OFT(), BOFT(), Unitary())}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZerothOrderSection:
+    """`method.zo_fo`: base weights trained by two-point SPSA (MeZO), an adapter by backprop, at the same
+    point each step (see hyjax.optim.zeroth_order)."""
+
+    adapter: str = "lora"  # the first-order adapter: lora | oft | boft | unitary (its own sub-section)
+    learning_rate: float = 1e-6  # peak learning rate of the SPSA updates (train.learning_rate: the adapter's)
+    mu: float = 1e-3  # perturbation scale
+    directions: int = 1  # SPSA directions averaged per step, two forward passes each
+    weight_decay: float = 0.0  # decoupled weight decay of the SPSA-trained weights
+    targets: tuple[str, ...] = (".*",)  # regexes over weight paths trained by SPSA (default: every weight)
+
+    def __post_init__(self):
+        one_of("adapter", self.adapter, list(ADAPTERS))
+        for name in ("learning_rate", "mu"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        at_least("directions", self.directions, 1)
+        at_least("weight_decay", self.weight_decay, 0)
+        if not self.targets:
+            raise ValueError("targets is empty: give at least one regex of weights to train by SPSA, e.g. ['.*']")
+        for i, pattern in enumerate(self.targets):
+            valid_regex(f"targets[{i}]", pattern)
 
 
 class ZerothOrderFirstOrder(Method):
@@ -17,11 +46,10 @@ class ZerothOrderFirstOrder(Method):
 
     name = "zo_fo"
     sections = ("zo_fo", "lora", "boft", "unitary")  # its own and those of the adapters it can carry
-    # The first-order adapters it can carry (`method.zo_fo.adapter`): methods that need no gradient at the start.
-    ADAPTERS = {method.name: method for method in (LoRA(), OFT(), BOFT(), Unitary())}
+    section_types = {"zo_fo": ZerothOrderSection}
 
     def _adapter_method(self, section) -> Method:
-        return self.ADAPTERS[section.zo_fo.adapter]
+        return ADAPTERS[section.zo_fo.adapter]
 
     def adapter_config(self, section):
         return self._adapter_method(section).adapter_config(section)

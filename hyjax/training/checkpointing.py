@@ -46,6 +46,18 @@ class CheckpointWriteError(RuntimeError):
     checkpoints already on disk are intact."""
 
 
+def recorded_only(ours: dict, theirs: dict) -> dict:
+    """`ours` less the settings inside its sections that the saved fingerprint `theirs` has no record of
+    (options added, or sections moved, since that run was saved): they are not compared, whatever their
+    value. Top-level keys stay (a missing model or method section is a difference)."""
+    def within(mine, saved):
+        if not (isinstance(mine, dict) and isinstance(saved, dict)):
+            return mine
+        return {key: within(value, saved[key]) for key, value in mine.items() if key in saved}
+
+    return {key: within(value, theirs.get(key)) for key, value in ours.items()}
+
+
 class RunCheckpointer:
     """Saves and restores one run's checkpoints in `directory`.
 
@@ -143,7 +155,7 @@ class RunCheckpointer:
         step, damaged = self.newest_intact_step(warn)
         theirs = self.read_meta(step).get("fingerprint", {})
         check_form(self.directory, step, theirs, self.fingerprint)
-        theirs, ours = self.comparable(theirs), self.comparable(self.fingerprint)
+        theirs, ours = self.comparable(theirs), self.comparable(recorded_only(self.fingerprint, theirs))
         if theirs != ours:
             differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {ours.get(key)!r}"
                            for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]

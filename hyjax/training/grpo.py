@@ -21,14 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyjax import adapters
 from hyjax.rl.rewards import resolve_reward
 from hyjax.rl.rollout import completion_keys, rollout_batch, sample_rollout
 from hyjax.rl.step import token_log_probs
 from hyjax.sampling import SamplingConfig
 from hyjax.sharding import activation_sharding
 from hyjax.training import distributed
-from hyjax.training.step import TrainState
+from hyjax.training.step import TrainState, policy_params
 
 
 class ReferencePolicy(NamedTuple):
@@ -49,9 +48,7 @@ class ReferencePolicy(NamedTuple):
 
     def params(self, plan, frozen: dict) -> dict:
         """The reference model's parameter tree under `plan` (the run's `RunPlan`), dropout off."""
-        if plan.own_weights is not None:
-            frozen = plan.own_weights.join(self.base, frozen)
-        return plan.method.with_forward_state(adapters.combine(self.trainable, frozen), self.forward_state)
+        return policy_params(self.trainable, self.base, self.forward_state, frozen, plan.method, plan.own_weights)
 
 
 class GRPOStep:

@@ -15,7 +15,7 @@ import pathlib
 import warnings
 from typing import Any
 
-from hyjax.config import MeshSection, RunConfig
+from hyjax.config import MeshSection, RunConfig, saved_tree
 from hyjax.config.typed import build
 from hyjax.methods import method_of
 from hyjax.model.config import LlamaConfig
@@ -86,7 +86,7 @@ def restore(path: str | os.PathLike, step: int | None = None, mesh: dict | None 
         raise CheckpointDamagedError(f"checkpoint step {step} in {folder} is damaged: {'; '.join(problems)} "
                                      f"(the folder has steps {sorted(available)})")
     meta = checkpointer.read_meta(step)
-    config = build(RunConfig, meta["config"])
+    config = build(RunConfig, saved_tree(meta["config"]))
     check_form(folder, step, meta.get("fingerprint", {}), fingerprint(config))
     config = dataclasses.replace(config, mesh=MeshSection(**{"data": -1, **(mesh or {})}))
     layout, selection = run_layout(config.mesh), saved_selection(config, meta)

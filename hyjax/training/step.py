@@ -65,12 +65,21 @@ def forward_params(trainable, frozen, opt_state, key: jax.Array | None, method: 
     return params
 
 
-def state_params(state: TrainState, frozen: dict, method: Method | None, own_weights: OwnWeights | None) -> dict:
-    """The adapted parameter tree of a state, dropout off (for evaluation and export); `frozen` lacks
-    the method's own weights (`state.base`) when it has some."""
+def policy_params(trainable, base, forward_state, frozen: dict, method: Method | None,
+                  own_weights: OwnWeights | None) -> dict:
+    """The adapted parameter tree of a policy, dropout off: its trainable values joined with `frozen`
+    and with the method's own weights `base` (which `frozen` lacks when it has some), its forward state
+    set into it. A state's (`state_params`) and GRPO's reference policy's."""
     if own_weights is not None:
-        frozen = own_weights.join(state.base, frozen)
-    return forward_params(state.trainable, frozen, state.opt_state, None, method)
+        frozen = own_weights.join(base, frozen)
+    params = adapters.with_rng(adapters.combine(trainable, frozen), None)
+    return params if method is None else method.with_forward_state(params, forward_state)
+
+
+def state_params(state: TrainState, frozen: dict, method: Method | None, own_weights: OwnWeights | None) -> dict:
+    """The adapted parameter tree of a state, dropout off (for evaluation and export)."""
+    forward_state = None if method is None else method.forward_state(state.opt_state)
+    return policy_params(state.trainable, state.base, forward_state, frozen, method, own_weights)
 
 
 def answer_nll_sum(model_config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
