@@ -82,3 +82,33 @@ def test_roofline_takes_the_longer_of_compute_and_memory():
     assert bound["step_s"] == max(bound["compute_s"], bound["memory_s"])
     assert bound["flop_utilization"] == pytest.approx(cost.flops / bound["step_s"] / 459e12)
     assert 0 < bound["flop_utilization"] <= 1
+
+
+def test_a_pallas_kernel_counts_the_work_its_estimate_gives():
+    """XLA cannot see inside a Pallas kernel: compiled for TPU, a kernel that doubles its input but declares
+    123,456,789 FLOPs, 4,321 transcendentals and 987,654,321 bytes counts them (its backend config, which
+    the compiled text prints over several lines, is read whole)."""
+    pytest.importorskip("libtpu")
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def double(x_ref, out_ref):
+        out_ref[...] = x_ref[...] * 2
+
+    def declared(x):
+        return pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              cost_estimate=pl.CostEstimate(flops=123_456_789, transcendentals=4_321,
+                                                            bytes_accessed=987_654_321))(x)
+
+    mesh = topologies.make_mesh(topologies.get_topology_desc("v5p:2x2x1", "tpu"), (4,), ("data",))
+    step = jax.shard_map(declared, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False)
+    x = jax.ShapeDtypeStruct((1024, 128), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    cost = program_cost(jax.jit(step).lower(x).compile().as_text())
+    assert cost.custom_calls == 1
+    assert 123_456_789 <= cost.flops < 123_456_789 + 1e5  # the kernel's, and nothing of size around it
+    assert cost.transcendentals == 4_321
+    assert 987_654_321 <= cost.bytes < 987_654_321 + 1e6

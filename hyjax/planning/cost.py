@@ -11,12 +11,15 @@ Per instruction, as XLA's own analysis counts them:
   * FLOPs: `dot`, 2 x output elements x contracted elements; `convolution` (TPU's form of most matmuls),
     2 x output elements x kernel elements per output feature; 1 per output element of arithmetic
     elementwise ops and per input element of a reduction. Transcendentals (exp, log, tanh, ...) are
-    counted apart. Custom calls (Pallas kernels) are opaque: their traffic is counted, their FLOPs
-    are not, and `Cost.custom_calls` says how many ran.
+    counted apart. A Pallas kernel (a custom call) counts what its own `pl.CostEstimate` says, which
+    XLA cannot see inside it; a custom call without one counts no FLOPs. `Cost.custom_calls` says how
+    many ran.
   * Bytes: every array read and written by an instruction of a non-fused computation, with the TPU tile
     padding of its layout (`hyjax.planning.hlo.hbm_bytes`); a fusion operand that is only sliced
     inside (a layer's weights taken from the stacked weights) counts its slices, and an in-place
-    `dynamic-update-slice` counts the update, not the whole buffer.
+    `dynamic-update-slice` counts the update, not the whole buffer. A kernel counts its estimate's
+    `bytes_accessed` when that is more than its operands and results (it reads some tiles more than
+    once); a kernel with its inputs fused into it counts its fusion's boundary.
 
 An estimate for a roofline, not a simulation: it does not model overlap, caches or collectives' links.
 """
@@ -94,11 +97,11 @@ class _Program:
                 total += self._fused(fused) + Cost(bytes=self._fusion_traffic(instruction, instructions, fused))
             else:
                 total += self._arithmetic(instruction, instructions)
-                if op == "custom-call":
-                    total.custom_calls += 1
                 if op not in _NO_TRAFFIC and not op.endswith("-done"):
-                    total.bytes += instruction.bytes + sum(instructions[o].bytes for o in instruction.operands
-                                                           if o in instructions and not op.endswith("-start"))
+                    traffic = instruction.bytes + sum(instructions[o].bytes for o in instruction.operands
+                                                      if o in instructions and not op.endswith("-start"))
+                    estimate = instruction.kernel_cost or {}
+                    total.bytes += max(traffic, estimate.get("bytes_accessed", 0))
         return total
 
     @functools.cache
@@ -115,6 +118,10 @@ class _Program:
 
     def _arithmetic(self, instruction: Instruction, scope: dict[str, Instruction]) -> Cost:
         op = instruction.opcode
+        if op == "custom-call":
+            estimate = instruction.kernel_cost or {}
+            return Cost(flops=float(estimate.get("flops", 0)), transcendentals=float(estimate.get("transcendentals", 0)),
+                        custom_calls=1)
         if op == "dot":
             lhs = _dims(scope, instruction.operands[0])
             contracted = math.prod(lhs[i] for i in _int_list(instruction.attributes, "lhs_contracting_dims"))

@@ -7,6 +7,8 @@ An instruction line is `%name = SHAPE opcode(OPERANDS), attributes`: SHAPE is on
 `{1,0:T(8,128)(2,1)}`: the two minor dimensions are padded to whole tiles (128 lanes; 8 sublanes of
 32-bit words, so 16 rows of bfloat16), and a `[..., 16, 16]` float32 array takes 8x its element count;
 `S(n)` (n > 0) in a layout places the array in another memory space (TPU's on-chip memories), not HBM.
+An instruction may run over several lines (a Pallas kernel's backend config printed as indented JSON):
+until its braces close, the lines that follow belong to it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ _CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations)=(\{
 _MEMORY_SPACE = re.compile(r"S\([1-9]\d*\)")
 _TILE = re.compile(r"^([\d,]+)(?::T\((\d+),(\d+)\))?")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# A Pallas kernel's own estimate in its custom call's backend config (numbers quoted or not, by JAX version).
+_KERNEL_COST = re.compile(r'"cost_estimate"\s*:\s*\{([^}]*)\}')
+_KERNEL_COST_FIELD = re.compile(r'"(\w+)"\s*:\s*"?(\d+)"?')
 ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
             "f64": 8, "s64": 8, "u64": 8, "c64": 8}
 
@@ -73,6 +78,13 @@ class Instruction:
         return sum(math.prod(dims) for _, dims, _ in self.arrays)
 
     @property
+    def kernel_cost(self) -> dict[str, int] | None:
+        """A Pallas kernel's own estimate of its work (`flops`, `transcendentals`, `bytes_accessed`: what its
+        `pl.CostEstimate` said), from a custom call's backend config; None where there is none."""
+        found = _KERNEL_COST.search(self.attributes)
+        return None if found is None else {key: int(value) for key, value in _KERNEL_COST_FIELD.findall(found.group(1))}
+
+    @property
     def source(self) -> str:
         """The JAX operation it came from (its `op_name` metadata), "" if none."""
         found = _OP_NAME.search(self.attributes)
@@ -93,7 +105,7 @@ class Module:
         computations: dict[str, dict[str, Instruction]] = {}
         roots: dict[str, str] = {}
         entry = current = None
-        for line in hlo_text.splitlines():
+        for line in _joined_lines(hlo_text):
             header = _HEADER.match(line)
             if header and not line.startswith(" "):
                 current = header.group(1)
@@ -115,6 +127,26 @@ class Module:
         """Every instruction of every computation (fused ones included)."""
         for instructions in self.computations.values():
             yield from instructions.values()
+
+
+def _joined_lines(hlo_text: str):
+    """The text's lines, each instruction on one: an instruction whose braces are still open at the end of
+    its line (a backend config printed as indented JSON) continues on the next lines until they close."""
+    pending, depth = None, 0
+    for line in hlo_text.splitlines():
+        if pending is not None:
+            pending += " " + line.strip()
+        elif _NAME.match(line):
+            pending = line
+        else:
+            yield line
+            continue
+        depth += line.count("{") - line.count("}")
+        if depth <= 0:
+            yield pending
+            pending, depth = None, 0
+    if pending is not None:
+        yield pending
 
 
 def parse_instruction(line: str) -> Instruction:
