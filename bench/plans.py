@@ -151,7 +151,8 @@ def write(rows: list[dict], out: pathlib.Path) -> None:
               "(`hyjax.planning.cost`: XLA's `cost_analysis()` counts a scanned layer once): its FLOPs at v5p's "
               "459 TFLOP/s bfloat16 peak and its HBM traffic (tile-padded arrays read and written) at 2,765 GB/s, "
               "whichever is longer. A lower bound: it assumes perfect overlap and ignores collectives' links; "
-              "Pallas kernels' FLOPs are not counted (their traffic is). FLOPs busy: compute time / bound.", "",
+              "a Pallas kernel counts its own cost estimate (rows planned before commit 2b932ed counted its "
+              "traffic at its operands and results, and none of its FLOPs). FLOPs busy: compute time / bound.", "",
               "| model | method | TFLOP | HBM GB | compute ms | memory ms | step >= ms | vs full | FLOPs busy |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     full_step = {r["model"]: r["roofline"]["step_s"] for r in rows if r["method"] == "full" and "roofline" in r}
