@@ -34,7 +34,8 @@ mean final accuracy; wall time, peak host memory. Curves (training loss, dev acc
 logging, or PEFT's budget) equal this invocation's (options added to the config since, at their defaults,
 aside), so the benchmark continues across sittings and machines from its committed JSON (`--rerun` runs the
 named ones again all the same, e.g. for step times on this machine); the JSON and table are rewritten after
-every run. Run it when nothing else uses the CPU: one run takes 11-50 minutes on the
+every run, and a run that finished in `--work` without being recorded (the script stopped first) is read from
+its folder rather than run again. Run it when nothing else uses the CPU: one run takes 11-50 minutes on the
 2-core machine (HF PEFT LoRA 11 and the hybrid 24 minutes on a quiet day, the sweep's LoRA 41 beside other
 work and hybrid 38 on a slow day; step times there vary up to 4x from day to day), so the whole default set
 (30 SST-2 runs, 3 GSM8K runs) takes 10-25 hours, over several sittings; `--methods` and `--seeds` choose a
@@ -54,6 +55,7 @@ import os
 import pathlib
 import platform
 import queue
+import re
 import shutil
 import statistics
 import subprocess
@@ -213,13 +215,28 @@ def pinned(core: int | None) -> list[str]:
     return [] if core is None else ["taskset", "-c", str(core)]
 
 
+def hyjax_command(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_before: bool) -> list[str]:
+    """The `python -m hyjax.train` command of one run."""
+    _, method, extra = VARIANTS[name]
+    return [sys.executable, "-m", "hyjax.train", f"methods/{method}", *overrides(task, seed, args, folder, eval_before),
+            *extra]
+
+
+def finished_in(folder: pathlib.Path, command: list[str]) -> bool:
+    """Whether `folder` holds a finished run of `command` (on whichever core): with `--resume`, a run that
+    finished but was not recorded (this script stopped first) is read instead of run again."""
+    recorded, summary = folder / "command.txt", folder / "summary.json"
+    if not (recorded.is_file() and summary.is_file()):
+        return False
+    text = re.sub(r"^taskset -c \d+ ", "", recorded.read_text().strip())
+    return text == " ".join(command) and json.loads(summary.read_text()).get("status") == "finished"
+
+
 def run_hyjax(name: str, task: str, seed: int, args, folder: pathlib.Path, eval_before: bool,
               core: int | None = None) -> dict:
     """`python -m hyjax.train` in its own process (on `core` alone when given); what its folder holds
     afterwards."""
-    _, method, extra = VARIANTS[name]
-    command = [*pinned(core), sys.executable, "-m", "hyjax.train", f"methods/{method}",
-               *overrides(task, seed, args, folder, eval_before), *extra]
+    command = [*pinned(core), *hyjax_command(name, task, seed, args, folder, eval_before)]
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     with open(folder / "train.log", "w") as log:
         code = subprocess.run(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -305,6 +322,11 @@ def peft_child(args) -> None:
 
 def launch(name: str, task: str, seed: int, args, eval_before: bool, core: int | None = None) -> dict:
     folder = pathlib.Path(args.work).resolve() / task / name / f"seed{seed}"
+    if args.resume and VARIANTS[name][0] == "hyjax" and \
+            finished_in(folder, hyjax_command(name, task, seed, args, folder, eval_before)):
+        finished = datetime.datetime.fromtimestamp((folder / "summary.json").stat().st_mtime, datetime.timezone.utc)
+        return {**read_run(folder, eval_before), "finished": finished.isoformat(timespec="seconds"),
+                "loadavg_end": None, "read_from": str(folder)}
     shutil.rmtree(folder, ignore_errors=True)  # a fresh measurement: hyjax would resume an old checkpoint
     folder.mkdir(parents=True)
     if VARIANTS[name][0] == "peft":
