@@ -133,8 +133,6 @@ def fingerprint(name: str, task: str, seed: int, args) -> str:
 
 # Options added with a default other than what ran before them: a record without the key ran with this value.
 BEFORE_THE_OPTION = {"config.method.hybrid.lambdas.rule": "raw", "config.method.hybrid.lambdas.shares": "sum"}
-# Sections that moved since records were kept, old flat key prefix -> new (hyjax.config.loading.MOVED).
-MOVED = {"config.train.hybrid_weights.": "config.method.hybrid.lambdas."}
 
 
 def still_valid(record: dict, args) -> bool:
@@ -164,10 +162,13 @@ SECTIONS = {"full": (), "lora": ("lora",), "lora_ga": ("lora_ga",), "oft": ("bof
 def _relevant(flat: dict) -> dict:
     """Recorded settings (flat) less the keys `_deciding` leaves out today (records kept more), keys of
     sections that moved since at their new names."""
+    from hyjax.config.loading import MOVED
+
     method = flat.get("config.method.name")
+    moved = {f"config.{old}.": f"config.{new}." for old, new in MOVED.items()}  # as flat record keys
     out = {}
     for key, value in flat.items():
-        for before, now in MOVED.items():
+        for before, now in moved.items():
             key = now + key[len(before):] if key.startswith(before) else key
         parts = key.split(".")
         if parts[:3] == ["config", "eval", "every_steps"]:
