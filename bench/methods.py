@@ -258,7 +258,7 @@ def peft_model(method: str, folder: pathlib.Path):
 
 def segment_mask(segment_ids):
     """`[B, 1, T, T]` boolean attention mask of the packed batch: causal, within a segment (as our model's
-    `causal_segment_mask`); a padding position attends to itself only, so no row is empty."""
+    `AttentionMask.causal` at real positions); a padding position attends to itself only, so no row is empty."""
     import torch
 
     seq = segment_ids.shape[1]

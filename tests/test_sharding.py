@@ -139,10 +139,11 @@ PROJECT = pathlib.Path(__file__).resolve().parents[1]
 
 # The structured adapters (XLA and Pallas in interpret mode) on the mesh that splits o_proj's and down_proj's
 # d_in over tensor (two butterfly factors: each device keeps its windows of those features), and, for the
-# trainable bytes per device, on fsdp 8.
+# trainable bytes per device, on fsdp 8; flash attention (splash in interpret mode) with every axis split.
 STRUCTURED = ["boft@fsdp8+fsdp4_tensor2", "unitary@fsdp8+fsdp4_tensor2",
               "boft:pallas%method.boft.n_factors=2@fsdp4_tensor2",
-              "hybrid:pallas%method.boft.n_factors=2@fsdp4_tensor2", "unitary:pallas@fsdp4_tensor2"]
+              "hybrid:pallas%method.boft.n_factors=2@fsdp4_tensor2", "unitary:pallas@fsdp4_tensor2",
+              "lora%model.attention=pallas@data2_fsdp2_tensor2"]
 # Every method on the mesh that splits all three axes at once, and on one more mesh, so that each mesh of
 # one axis (and fsdp4 x tensor2) is checked by at least one method.
 MIXED_AND_ONE_AXIS = ["lora@data2_fsdp2_tensor2+data8", "full@data2_fsdp2_tensor2+fsdp8",
@@ -187,14 +188,20 @@ def test_one_step_on_8_devices_matches_one_device(tiny_checkpoint, sentiment_dat
                 assert run["max_base_update_difference"] < 1e-3 * reference["base_update_scale"], (mesh, run)
 
 
-def test_butterfly_kernel_keeps_each_devices_windows_of_tensor_split_features():
-    """The Pallas butterfly under `on_local_tokens`, features split over tensor: each device keeps its 32
-    features when they are whole windows (m = 2: windows of 16), and gathers them otherwise (m = 4: 64);
-    both equal one device's rotation."""
+def test_pallas_kernels_run_on_each_devices_part():
+    """Pallas kernels in interpret mode under `shard_map`, against one device's XLA reference. The butterfly
+    (`on_local_tokens`), features split over tensor: each device keeps its 32 features when they are whole
+    windows (m = 2: windows of 16), and gathers them otherwise (m = 4: 64). Flash attention
+    (`on_local_heads`) on each device's rows and heads: key/value heads split with the query heads, repeated
+    up to them, or all heads gathered; the same outputs at real positions, the same gradients."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, str(PROJECT / "tests" / "local_tokens_check.py")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(PROJECT / "tests" / "per_device_kernels_check.py")], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
-    assert results["2"]["activation_gathers"] == 0 and results["4"]["activation_gathers"] >= 1
-    assert max(r["max_difference"] for r in results.values()) < 1e-5
+    butterfly, flash = results["butterfly"], results["attention"]
+    assert butterfly["2"]["activation_gathers"] == 0 and butterfly["4"]["activation_gathers"] >= 1
+    assert max(r["max_difference"] for r in butterfly.values()) < 1e-5
+    assert set(flash) == {"kv_split", "kv_repeated", "heads_gathered"}
+    for case, run in flash.items():
+        assert run["max_difference"] < 1e-5 and run["max_gradient_difference"] < 1e-4, (case, run)

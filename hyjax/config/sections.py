@@ -22,6 +22,7 @@ from hyjax.sharding.mesh import check_sizes
 from hyjax.weights.gguf_writer import GGUF_FILE_TYPES
 from hyjax.sharding.rules import Rules
 from hyjax.validation import at_least, in_range, one_of, valid_regex
+from pallas_kernels.dispatch import IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,8 @@ class ModelSection:
     param_dtype: str = "float32"  # storage dtype of the frozen weights
     dtype: str = "float32"  # dtype of matmuls and activations (norms, softmax, logits stay float32)
     remat: str = "none"  # what the scanned layers save for backward: none | full | dots | dots_no_batch
+    # Attention kernels: auto (flash attention through Pallas on TPU and GPU, XLA on CPU) | xla | pallas
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.preset is None and self.path is None:
@@ -53,6 +56,7 @@ class ModelSection:
         one_of("param_dtype", self.param_dtype, DTYPES)
         one_of("dtype", self.dtype, DTYPES)
         one_of("remat", self.remat, REMAT_POLICIES)
+        one_of("attention", self.attention, IMPLS)
 
     @property
     def pretrained(self) -> bool:
@@ -60,10 +64,15 @@ class ModelSection:
         return is_known(self.path)
 
     def preset_config(self):
-        """The preset's `LlamaConfig` with this section's dtypes and remat (None without a preset)."""
+        """The preset's `LlamaConfig` with this section's computation settings (None without a preset)."""
         if self.preset is None:
             return None
-        return presets.preset(self.preset, param_dtype=self.param_dtype, dtype=self.dtype, remat=self.remat)
+        return presets.preset(self.preset, **self.computation)
+
+    @property
+    def computation(self) -> dict:
+        """The `LlamaConfig` fields this section sets on any architecture: dtypes, remat, attention."""
+        return dict(param_dtype=self.param_dtype, dtype=self.dtype, remat=self.remat, attention=self.attention)
 
 
 OBJECTIVES = ("sft", "grpo")  # what train.objective takes

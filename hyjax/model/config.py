@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import IMPLS
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")  # of parameters and computation
 # The architecture's sizes: whole numbers >= 1 (head_dim may be None: hidden_size / num_heads).
@@ -43,6 +45,8 @@ class LlamaConfig:
     computed in (normalisation, softmax and logits always run in float32). `remat` chooses what the
     scanned layers save for the backward pass: "none" (save everything), "full" (recompute everything),
     "dots" (save matmul outputs), "dots_no_batch" (save matmul outputs without batch dimensions).
+    `attention` picks the attention kernels: "auto" (flash attention through Pallas on TPU and GPU,
+    XLA on CPU), "pallas" or "xla" (see `hyjax.model.attention`); it changes no result beyond rounding.
     `scan_unroll` layers run per iteration of the layer scan: 1 keeps one loop body (the smallest
     program), `num_layers` unrolls every layer (XLA's cost analysis, which counts a loop body once, then
     counts the whole model).
@@ -65,6 +69,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
     scan_unroll: int = 1
 
     def __post_init__(self):
@@ -88,6 +93,8 @@ class LlamaConfig:
             raise UnsupportedConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in IMPLS:
+            raise ValueError(f"attention={self.attention!r} is not one of {IMPLS}")
         if not 1 <= self.scan_unroll <= self.num_layers:
             raise ValueError(f"scan_unroll={self.scan_unroll} must be in [1, num_layers={self.num_layers}]")
         for name in ("param_dtype", "dtype"):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from hyjax.model.attention import attention, cached_mask, causal_segment_mask
+from hyjax.model.attention import AttentionMask, attention
 from hyjax.model.config import LlamaConfig
 from hyjax.model.linear import dense, linear
 from hyjax.model.rope import apply_rope, inverse_frequencies
@@ -74,7 +74,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=c.attention)
         return linear(out.reshape(batch, seq, -1), self.o_proj.get_value(), "heads"), kv
 
 
@@ -172,7 +172,7 @@ class Llama(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((batch, seq), jnp.int32)
         x = constrain(self._embed(tokens), ("batch", "seq", "embed"))
-        x, _ = self._run_layers(x, positions, causal_segment_mask(segment_ids), kv=None, cache_index=None)
+        x, _ = self._run_layers(x, positions, AttentionMask.causal(segment_ids), kv=None, cache_index=None)
         if logit_positions is not None:
             x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)
         return self._logits(x)
@@ -188,7 +188,7 @@ class Llama(nnx.Module):
         seq = tokens.shape[1]
         valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
         slots = cache.index + jnp.arange(seq)
-        mask = cached_mask(valid, jnp.broadcast_to(slots, tokens.shape))
+        mask = AttentionMask.cached(valid, token_valid, jnp.broadcast_to(slots, tokens.shape))
         x, (k, v) = self._run_layers(self._embed(tokens), positions, mask, (cache.k, cache.v), cache.index)
         if last_only:
             x = x[:, -1:]

@@ -7,7 +7,8 @@ nothing. Without the marks XLA's propagation may split the hidden dimension like
 weights instead of the batch, multiplying activation memory.
 
 Pallas kernels are custom calls the partitioner cannot split: `on_local_tokens` runs one under
-`shard_map`, each device applying it to its own rows of the batch.
+`shard_map`, each device applying it to its own rows of the batch; `on_local_heads` runs attention on
+each device's rows and heads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import contextvars
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 _ACTIVE = contextvars.ContextVar("hyjax_activation_layout", default=None)
@@ -78,3 +80,27 @@ def on_local_tokens(fn, x: jax.Array, *whole: jax.Array, window: int | None = No
     whole_specs = [P() if features is None or axis is None else P(*(None,) * axis, features) for axis in axes]
     return jax.shard_map(fn, mesh=layout.mesh, in_specs=(rows, *whole_specs), out_specs=rows,
                          check_vma=False)(x, *whole)
+
+
+def on_local_heads(fn, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """`fn(q, k, v, segment_ids)` for attention (`q [batch, seq, heads, head_dim]`, `k, v [batch, seq,
+    kv_heads, head_dim]`, `segment_ids [batch, seq]`), each device computing its own rows and heads.
+
+    Inside `activation_sharding` this is a `shard_map`: rows split like the batch, query heads like
+    "heads", the sequence whole on every device. Key/value heads split with the query heads when each
+    device's query heads are whole groups of its own key/value heads; otherwise they are first repeated
+    up to one per query head (O(seq) memory), so every device holds the ones its query heads use.
+    Outside a layout, `fn(q, k, v, segment_ids)`.
+    """
+    layout = _ACTIVE.get()
+    if layout is None:
+        return fn(q, k, v, segment_ids)
+    batch, heads = layout.spec(("batch", "heads"))
+    ways = layout.ways_of(heads)
+    if q.shape[2] % ways:
+        heads = None  # gathered
+    elif k.shape[2] % ways:
+        k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
+    per_head = P(batch, None, heads, None)
+    return jax.shard_map(fn, mesh=layout.mesh, in_specs=(per_head, per_head, per_head, P(batch, None)),
+                         out_specs=per_head, check_vma=False)(q, k, v, segment_ids)

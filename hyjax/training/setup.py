@@ -156,7 +156,6 @@ def load_model(config: RunConfig, layout):
     """`(model_config, params, tokenizer, checkpoint path)` of `config.model`, the weights placed on
     `layout`'s devices as they are read: each process reads only the slices its devices hold."""
     section = config.model
-    dtypes = dict(param_dtype=section.param_dtype, dtype=section.dtype, remat=section.remat)
     path = None
     if section.path is None:
         model_config = section.preset_config()
@@ -164,7 +163,8 @@ def load_model(config: RunConfig, layout):
             model_config, jax.random.key(config.train.seed))
     else:
         path = resolve_model(section.path)
-        model_config, params = load_checkpoint_sharded(path, lambda found: base_shardings(layout, found), **dtypes)
+        model_config, params = load_checkpoint_sharded(path, lambda found: base_shardings(layout, found),
+                                                        **section.computation)
         expected = section.preset_config()
         if expected is not None and _architecture(expected) != _architecture(model_config):
             raise ConfigError(f"model.path={section.path!r} is not a {section.preset!r} model: "
