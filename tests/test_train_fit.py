@@ -8,6 +8,7 @@ import os
 import signal
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from hyjax.training.callbacks import (
@@ -62,7 +63,8 @@ def test_fit_runs_the_steps_asked_and_tells_every_callback_after_each():
     state, stopped = fit(counting_step, 0, {}, batches(), range(2, 5), total=5, callbacks=[first, second])
     assert stopped is None and state == 1 + 2 + 3  # three batches, in order
     assert [e.step for e in first.events] == [3, 4, 5] and [e.step for e in second.events] == [3, 4, 5]
-    assert [e.state for e in first.events] == [1, 3, 6] and [e.final for e in first.events] == [False, False, True]
+    # the state of a step whose successor took it is not passed on (no callback asked for it)
+    assert [e.state for e in first.events] == [None, None, 6] and [e.final for e in first.events] == [False, False, True]
     assert first.events[1].metrics == {"loss": pytest.approx(10.0 / 3), "skipped": False,
                                        "learning_rate": pytest.approx(1e-3)}
     assert all(type(value) in (float, bool) for value in first.events[1].metrics.values())  # host values
@@ -74,6 +76,67 @@ def test_fit_stops_after_the_step_a_callback_asks_to_stop_at_and_says_why():
     state, stopped = fit(counting_step, 0, {}, batches(), range(0, 5), total=5, callbacks=[asking, other])
     assert stopped == "asked" and state == 1 + 2
     assert [e.step for e in other.events] == [1, 2] and [e.stop for e in other.events] == [False, True]
+
+
+class TracedValue:
+    """A metric whose reading by the host (`jax.device_get`) is written to `trace`."""
+
+    def __init__(self, step: int, trace: list):
+        self.step, self.trace = step, trace
+
+    def __array__(self, dtype=None, copy=None):
+        self.trace.append(("read", self.step))
+        return np.asarray(float(self.step), dtype=np.float32)
+
+
+class StateReader(Recorder):
+    """Reads the state after every `every`-th step."""
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = every
+
+    def needs_state(self, step, total):
+        return step % self.every == 0
+
+
+@pytest.mark.parametrize("every", [None, 2])
+def test_next_step_is_dispatched_before_the_loop_waits_for_a_steps_metrics(every):
+    """Step k+1 is dispatched before step k's metrics are read, except after a step whose state a callback
+    reads (step k+1 would take it): there step k is finished first, and the callback gets its state."""
+    trace = []
+
+    def traced_step(state, frozen, batch):
+        state = state + batch["value"]
+        trace.append(("dispatch", batch["value"]))
+        return state, {"loss": TracedValue(batch["value"], trace)}
+
+    reader = StateReader(every) if every else Recorder()
+    state, stopped = fit(traced_step, 0, {}, batches(), range(0, 5), total=5, callbacks=[reader])
+    assert stopped is None and state == 15
+    if every is None:
+        assert trace == [("dispatch", 1), ("dispatch", 2), ("read", 1), ("dispatch", 3), ("read", 2),
+                         ("dispatch", 4), ("read", 3), ("dispatch", 5), ("read", 4), ("read", 5)]
+        assert [e.state for e in reader.events] == [None, None, None, None, 15]
+    else:
+        assert trace == [("dispatch", 1), ("dispatch", 2), ("read", 1), ("read", 2), ("dispatch", 3),
+                         ("dispatch", 4), ("read", 3), ("read", 4), ("dispatch", 5), ("read", 5)]
+        assert [e.state for e in reader.events] == [None, 3, None, 10, 15]
+
+
+def test_several_processes_agree_on_a_stop_only_every_few_steps(monkeypatch):
+    """With several processes a stop request is read (a collective) only at multiples of stop_check_every:
+    asked from step 1 on, the run stops after step 3."""
+    from hyjax.training import distributed
+
+    agreed = []
+    monkeypatch.setattr("jax.process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "any_process", lambda flag: agreed.append(flag) or flag)
+    asking = Recorder(stop_at=1)
+    state, stopped = fit(counting_step, 0, {}, batches(), range(0, 8), total=8, callbacks=[asking],
+                         stop_check_every=3)
+    assert stopped == "asked" and state == 1 + 2 + 3
+    assert agreed == [True] and [e.stop for e in asking.events] == [False, False, True]
 
 
 def test_skipped_steps_are_counted_reset_by_a_good_step_and_stop_the_run_at_the_limit():

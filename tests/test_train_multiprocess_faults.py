@@ -90,7 +90,9 @@ def test_sigterm_reaches_the_training_children(tiny_checkpoint, sentiment_data, 
     """Preemption: SIGTERM to each command (the supervising parent) reaches its training child once, so
     both save a checkpoint of the same finished step and exit 0."""
     output = tmp_path / "run"
-    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, output, *STEPS)
+    # agreed on after every step, as a run whose steps are seconds long would want (the default, every 4
+    # steps, would leave 8 steps of milliseconds no step but 4 to stop at before the end)
+    overrides = tiny_run_overrides(tiny_checkpoint, sentiment_data, output, *STEPS, "checkpoint.stop_check_every=1")
     processes, logs = _start_two_processes(overrides, tmp_path, HEARTBEAT_TIMEOUT)
     for process in processes:
         process.send_signal(signal.SIGTERM)

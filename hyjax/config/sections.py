@@ -218,10 +218,14 @@ class CheckpointSection:
     keep: int | None = 3  # keep the last K checkpoints; null: all
     async_save: bool = True  # write in the background while training continues
     resume: bool = True  # continue from the latest checkpoint in dir when there is one
+    # With several processes, steps between agreements on a stop request (a collective; one process alone
+    # reads its own every step): a SIGTERM is honoured, and its checkpoint saved, within this many steps.
+    stop_check_every: int = 4
 
     def __post_init__(self):
         at_least("every_steps", self.every_steps, 0)
         at_least("keep", self.keep, 1, allow_none=True)
+        at_least("stop_check_every", self.stop_check_every, 1)
 
 
 @dataclasses.dataclass(frozen=True)

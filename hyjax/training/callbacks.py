@@ -2,8 +2,10 @@
 steps, the progress bar, metrics, periodic evaluation and checkpoints.
 
 `hyjax.training.loop.fit` calls, for every callback in order, `on_step(event)` after each step, and
-asks `stop_requested()` before that (on every process; one process asking stops them all after the
-same step). `train` composes them; a notebook or benchmark can compose others.
+asks `stop_requested()` before it dispatches the next (on every process; one process asking stops them
+all after the same step). The next step is usually dispatched before a step's callbacks run, and takes
+that step's state: a callback that reads `event.state` says at which steps in `needs_state`. `train`
+composes them; a notebook or benchmark can compose others.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class StepEnd:
 
     step: int  # steps done (the one just taken, 1-based)
     total: int  # steps of the run
-    state: TrainState  # after the step
+    state: TrainState | None  # after the step; None where no callback `needs_state` (the next step took it)
     metrics: dict[str, float]  # the step's metrics (loss, grad_norm, learning_rate, skipped, ...)
     seconds: float  # wall time of the step
     tokens: int  # real tokens of the step's global batch
@@ -45,6 +47,11 @@ class Callback:
     def stop_requested(self) -> str | None:
         """Why the run should stop after the current step (e.g. "SIGTERM"), or None."""
         return None
+
+    def needs_state(self, step: int, total: int) -> bool:
+        """Whether `on_step` reads `event.state` after `step` (besides the last step and a stop, where the
+        state is always given): the loop then waits for that step before it dispatches the next."""
+        return False
 
     def on_step(self, event: StepEnd) -> None:
         pass
@@ -131,6 +138,9 @@ class MetricsLogging(Callback):
     def __init__(self, metrics_log: reporting.MetricsLog, every: int, method: Method | None = None):
         self.metrics_log, self.every, self.method = metrics_log, every, method
 
+    def needs_state(self, step: int, total: int) -> bool:
+        return self.method is not None and step % self.every == 0
+
     def on_step(self, event: StepEnd) -> None:
         if event.step % self.every and not event.final:
             self.metrics_log.write(event.step, {"loss": event.metrics["loss"]})
@@ -152,6 +162,9 @@ class Checkpoints(Callback):
         self.checkpointer, self.every, self.position, self.record = checkpointer, every, position, record
         self.start = start
 
+    def needs_state(self, step: int, total: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
     def on_step(self, event: StepEnd) -> None:
         if event.stop or event.final or (self.every and event.step % self.every == 0):
             meta = {"data_position": self.position(), "metrics": event.metrics, **self.record}
@@ -168,6 +181,9 @@ class PeriodicEvaluation(Callback):
     def __init__(self, every: int, evaluate: Callable[[TrainState, int], dict[str, Any]]):
         self.every, self.evaluate = every, evaluate
         self.last: dict[str, Any] = {}
+
+    def needs_state(self, step: int, total: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step != total
 
     def on_step(self, event: StepEnd) -> None:
         if self.every and event.step % self.every == 0 and not event.final and not event.stop:

@@ -66,25 +66,79 @@ class RunResult:
 
 
 def fit(step_fn, state: TrainState, frozen: dict, batches: Iterator[tuple[dict, int]], steps: range, total: int,
-        callbacks: Sequence[Callback]) -> tuple[TrainState, str | None]:
+        callbacks: Sequence[Callback], stop_check_every: int = 1) -> tuple[TrainState, str | None]:
     """Runs `step_fn(state, frozen, batch)` for `steps`, each on `next(batches)` (a global batch and
     its real-token count), telling `callbacks` after each step. Returns the last state and why the
-    run stopped early (a callback's `stop_requested`, on any process), or None."""
+    run stopped early (a callback's `stop_requested`, on any process), or None.
+
+    Two steps are in flight: step k+1 is dispatched before the loop waits for step k's metrics, so the
+    device never idles while the host reads them. Dispatching k+1 takes step k's state (the step donates
+    it), so the loop first finishes step k wherever a callback reads that state (`Callback.needs_state`),
+    and the callbacks are otherwise told `state=None`. Stop requests are read before each dispatch; with
+    several processes they are agreed on (a collective) every `stop_check_every` steps, so every process
+    stops after the same step.
+    """
+    in_flight = None  # the step dispatched last, not yet told to the callbacks
+    finished_at = time.perf_counter()
     for step in steps:
-        tick = time.perf_counter()
+        if in_flight is not None:
+            reason = _stop_reason(callbacks, in_flight.step, stop_check_every)
+            if reason is not None:
+                _tell_callbacks(in_flight, callbacks, finished_at, stop=True)
+                return in_flight.state, reason
+            if any(c.needs_state(in_flight.step, total) for c in callbacks):
+                finished_at = _tell_callbacks(in_flight, callbacks, finished_at)
+                in_flight = None
         batch, tokens = next(batches)
         state, metrics = step_fn(state, frozen, batch)
-        metrics = {key: value.item() for key, value in jax.device_get(metrics).items()}
-        seconds = time.perf_counter() - tick
-        reasons = [reason for reason in (c.stop_requested() for c in callbacks) if reason]
-        stop = distributed.any_process(bool(reasons))
-        event = StepEnd(step=step + 1, total=total, state=state, metrics=metrics, seconds=seconds, tokens=tokens,
-                        stop=stop)
-        for callback in callbacks:
-            callback.on_step(event)
-        if stop:
-            return state, reasons[0] if reasons else "another process"
-    return state, None
+        if in_flight is not None:
+            finished_at = _tell_callbacks(in_flight.without_state(), callbacks, finished_at)
+        in_flight = _InFlight(step=step + 1, total=total, state=state, metrics=metrics, tokens=tokens)
+    if in_flight is None:
+        return state, None
+    reason = _stop_reason(callbacks, in_flight.step, stop_check_every, last=True)
+    _tell_callbacks(in_flight, callbacks, finished_at, stop=reason is not None)
+    return state, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step: its number, the state it returns (None once the next step has taken it), its
+    metrics on the device."""
+
+    step: int
+    total: int
+    state: TrainState | None
+    metrics: dict
+    tokens: int
+
+    def without_state(self) -> "_InFlight":
+        return dataclasses.replace(self, state=None)
+
+
+def _tell_callbacks(done: _InFlight, callbacks: Sequence[Callback], previous_finish: float,
+                    stop: bool = False) -> float:
+    """Waits for `done`'s metrics and tells the callbacks; returns when it finished. A step's seconds run
+    from the previous step's finish (the device's time per step while two are in flight)."""
+    metrics = {key: value.item() for key, value in jax.device_get(done.metrics).items()}
+    finished = time.perf_counter()
+    event = StepEnd(step=done.step, total=done.total, state=done.state, metrics=metrics,
+                    seconds=finished - previous_finish, tokens=done.tokens, stop=stop)
+    for callback in callbacks:
+        callback.on_step(event)
+    return finished
+
+
+def _stop_reason(callbacks: Sequence[Callback], step: int, every: int, last: bool = False) -> str | None:
+    """Why the run stops after `step`: a callback's request on this process, or "another process".
+    With several processes the requests are only read at steps that are multiples of `every` (and after
+    the last step), where every process reads them together."""
+    if jax.process_count() > 1 and step % every and not last:
+        return None
+    reasons = [reason for reason in (c.stop_requested() for c in callbacks) if reason]
+    if distributed.any_process(bool(reasons)):
+        return reasons[0] if reasons else "another process"
+    return None
 
 
 def open_checkpoints(config: RunConfig, log: Callable[[str], None]) -> tuple[RunCheckpointer, int | None]:
@@ -178,7 +232,8 @@ def train(config: RunConfig, log: Callable[[str], None] | None = None) -> RunRes
         with StopSignals() as signals:
             state, interrupted = fit(step_fn, state, frozen, batches,
                                      range(start_step, setup.total_steps), setup.total_steps,
-                                     [signals, skipped, progress, metrics, checkpoints, periodic])
+                                     [signals, skipped, progress, metrics, checkpoints, periodic],
+                                     stop_check_every=config.checkpoint.stop_check_every)
     finally:
         progress.close()
         checkpoints.close()
