@@ -128,7 +128,7 @@ def write(rows: list[dict], out: pathlib.Path) -> None:
              "host through libtpu)", "",
              "Per-chip memory from XLA's `memory_analysis()` of the compiled step (arguments + temporaries + "
              "outputs - donated), against 95 GiB of v5p HBM, with the kernels a TPU run picks (`impl=auto`: "
-             "Pallas for BOFT and the unitary adapter); bfloat16 weights, remat full, AdamW, sequences of "
+             "Pallas for BOFT, the unitary adapter and attention, splash attention); bfloat16 weights, remat full, AdamW, sequences of "
              "2048 tokens (the CI row: 256). Hybrid-LoRA is planned at its largest: its budget (10% of the modules) "
              "filled with the largest modules, the MLP projections (`python -m hyjax.plan --selection "
              "module_selection.json` plans the modules a run chose). The GRPO row compiles GRPO's own update and "
@@ -151,8 +151,10 @@ def write(rows: list[dict], out: pathlib.Path) -> None:
               "(`hyjax.planning.cost`: XLA's `cost_analysis()` counts a scanned layer once): its FLOPs at v5p's "
               "459 TFLOP/s bfloat16 peak and its HBM traffic (tile-padded arrays read and written) at 2,765 GB/s, "
               "whichever is longer. A lower bound: it assumes perfect overlap and ignores collectives' links; "
-              "a Pallas kernel counts its own cost estimate (rows planned before commit 2b932ed counted its "
-              "traffic at its operands and results, and none of its FLOPs). FLOPs busy: compute time / bound.", "",
+              "a Pallas kernel counts its own cost estimate. The 8B and 70B rows were planned before commit bc8afff: "
+              "their kernels counted only their operands' and results' traffic and no FLOPs, and their attention "
+              "was XLA's, its [seq, seq] scores in HBM; the others run splash attention (flash attention, O(seq) "
+              "memory). FLOPs busy: compute time / bound.", "",
               "| model | method | TFLOP | HBM GB | compute ms | memory ms | step >= ms | vs full | FLOPs busy |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     full_step = {r["model"]: r["roofline"]["step_s"] for r in rows if r["method"] == "full" and "roofline" in r}
