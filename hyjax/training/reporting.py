@@ -11,10 +11,7 @@ import sys
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
-
-from hyjax.adapters.targets import iter_paths
 
 METRICS_FILE = "metrics.jsonl"
 
