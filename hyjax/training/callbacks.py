@@ -166,7 +166,7 @@ class Checkpoints(Callback):
         return bool(self.every) and step % self.every == 0
 
     def on_step(self, event: StepEnd) -> None:
-        if event.stop or event.final or (self.every and event.step % self.every == 0):
+        if event.stop or event.final or self.needs_state(event.step, event.total):
             meta = {"data_position": self.position(), "metrics": event.metrics, **self.record}
             self.checkpointer.save(event.step, event.state, meta, start=self.start, force=True)
 
@@ -186,5 +186,5 @@ class PeriodicEvaluation(Callback):
         return bool(self.every) and step % self.every == 0 and step != total
 
     def on_step(self, event: StepEnd) -> None:
-        if self.every and event.step % self.every == 0 and not event.final and not event.stop:
+        if self.needs_state(event.step, event.total) and not event.stop:
             self.last = self.evaluate(event.state, event.step)
